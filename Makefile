@@ -1,0 +1,40 @@
+# One entry point per thing a user does. Every target sets up .venv first.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/toy.yaml
+
+# One torch thread per process: on 2 cores, 2 threads under contention ran 10x slower.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"' && $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v 'is ignored' || true
+	$(PY) -m pip install --quiet "$(TORCH)" 2>&1 | grep -v 'is ignored' || true
+	$(PY) -c 'import torch'
+	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v 'is ignored' || true
+	$(PY) -c 'import rlheal, tasks, flows, prefect, trl, transformers, peft, datasets, polars, pyarrow'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(PY) -m pytest -m slow -q
+
+demo: setup
+	$(VENV)/bin/rlheal run $(CONFIG)
+
+bench: setup
+	$(PY) benchmarks/bench_verifier.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

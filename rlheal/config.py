@@ -1,0 +1,217 @@
+"""The study config: one YAML file, one pydantic model, every default declared here.
+
+Section names are the stage names used everywhere else (store folders, table
+prefixes, Prefect task names): `data`, `sft`, `eval`, ...
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message names the file and the field; the CLI exits with status 2."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently fall back to a default);
+    # frozen so a validated config cannot drift while a study runs.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _increasing(values: list[int]) -> list[int]:
+    """Reject negative or non-increasing step lists, naming the offending index."""
+    for i, v in enumerate(values):
+        if v < 0:
+            raise ValueError(f"[{i}]: must be >= 0, got {v}")
+        if i and v <= values[i - 1]:
+            raise ValueError(f"[{i}]: must be greater than {values[i - 1]}")
+    return values
+
+
+class TinyModel(Section):
+    """The embedded Llama-architecture default (training.md §1)."""
+
+    hidden_size: int = Field(64, ge=8, description="width; divisible by num_attention_heads")
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1, description="< heads gives non-square k/v (GQA)")
+    intermediate_size: int = Field(172, ge=8)
+    max_position_embeddings: int = Field(1024, ge=64)
+    tie_word_embeddings: bool = True
+    seed: int = Field(0, description="initialisation seed; the model is built deterministically")
+
+    @model_validator(mode="after")
+    def _heads(self) -> TinyModel:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size: must be divisible by num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_key_value_heads: must divide num_attention_heads")
+        return self
+
+
+class ModelSection(Section):
+    """Where the starting model comes from: exactly one of `builtin` and `name_or_path`."""
+
+    builtin: Literal["tiny"] | None = None
+    name_or_path: str | None = Field(None, description="HF directory or hub id (read from the local cache only)")
+    trust_remote_code: bool = False
+    tiny: TinyModel = TinyModel()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.builtin is None) == (self.name_or_path is None):
+            raise ValueError("set exactly one of model.builtin and model.name_or_path")
+        return self
+
+
+class ChatSection(Section):
+    date_string: str | None = Field(
+        "26 Jul 2024", description="fixed date for templates that insert one (GP §4); null = today"
+    )
+
+
+class VerifierSection(Section):
+    mode: Literal["exact", "reference"] = Field("exact", description="arithmetic of the verifier (GP §7.3)")
+    verify_iter: int = Field(5, ge=1, le=20, description="graded attempts per episode (GP §8)")
+
+
+class DataSection(Section):
+    """The data stage: SFT rows and the fixed evaluation hands (GP §2, §5)."""
+
+    train_seed: int = Field(0, ge=0, description="seed of the SFT training-hand stream")
+    train_size: int = Field(10_240, ge=1, description="rows of sft_train")
+    eval_seed: int = Field(42, ge=0, description="seed of the evaluation hands")
+    eval_size: int = Field(234, ge=1, description="evaluation hands per split")
+    overlap: Literal["ordered", "multiset"] = "ordered"
+    answer: Literal["reference", "first"] = Field(
+        "reference",
+        description="SFT target formula: the dealt reference (GP §2.4) or the first canonical solution",
+    )
+    multi_turn_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of multi-turn SFT rows (GP §5)")
+
+    @model_validator(mode="after")
+    def _disjoint_streams(self) -> DataSection:
+        if self.train_seed == self.eval_seed:
+            raise ValueError(f"train_seed: must differ from eval_seed ({self.eval_seed}) so the hand streams are disjoint")
+        return self
+
+
+class SftSection(Section):
+    """Supervised fine-tuning (training.md §2)."""
+
+    save_steps: list[int] = Field([0, 10, 20, 40, 80], min_length=1, description="checkpoint steps; 0 = the base")
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_schedule: Literal["log_warmup_constant", "cosine", "constant", "linear_warmup_constant"] = "log_warmup_constant"
+    warmup_steps: int = Field(376, ge=0)
+    batch_size: int = Field(64, ge=1, description="global batch = per_device_batch_size x accumulation x devices")
+    per_device_batch_size: int = Field(16, ge=1)
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.98, gt=0, lt=1)
+    adam_epsilon: float = Field(1e-7, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = False
+    log_every: int = Field(1, ge=1)
+    ce_every: int = Field(10, ge=1)
+    lora: bool = False
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    @field_validator("save_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        return _increasing(v)
+
+    @model_validator(mode="after")
+    def _batch(self) -> SftSection:
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError("batch_size: must be a multiple of per_device_batch_size")
+        return self
+
+    @property
+    def max_steps(self) -> int:
+        return self.save_steps[-1]
+
+
+class StudyConfig(Section):
+    """A whole study. `store` is where every artifact lives (created on first run)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+    store: str = "store"
+    model: ModelSection = ModelSection(builtin="tiny")
+    chat: ChatSection = ChatSection()
+    verifier: VerifierSection = VerifierSection()
+    data: DataSection = DataSection()
+    sft: SftSection = SftSection()
+
+    @model_validator(mode="after")
+    def _sft_fits_data(self) -> StudyConfig:
+        needed = self.sft.max_steps * self.sft.batch_size
+        if needed > self.data.train_size:
+            raise ValueError(
+                f"data.train_size: {self.data.train_size} rows cannot feed {self.sft.max_steps} SFT steps "
+                f"at batch {self.sft.batch_size} (needs {needed}); hands are used once, in index order"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = _field_path(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        # Validators report a sub-location as a "[i]: ..." or "field: ..." prefix.
+        if m := re.match(r"^(\[\d+\]|[a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S):
+            sub, msg = m.groups()
+            path = path + sub if sub.startswith("[") else (f"{path}.{sub}" if path else sub)
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> StudyConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"{source}: invalid study config\n{format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path, store: str | Path | None = None) -> StudyConfig:
+    """Read and validate a study YAML; `store` overrides the file's store location."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    cfg = parse_config(data, str(path))
+    if store is not None:
+        cfg = cfg.model_copy(update={"store": str(store)})
+    return cfg

@@ -1,0 +1,225 @@
+"""The artifact store: the cache that makes resume work.
+
+Every stage output is a directory `<root>/<stage>/<key>/`, where `key` hashes the
+stage's own config, the keys of its inputs and the stage's code version. A
+directory is built in a temporary sibling, sealed by `manifest.json` (every file
+with size and sha256), then renamed into place in one atomic step; so after a
+kill at any moment an artifact is either complete or absent. A sealed artifact
+whose files no longer match the manifest is reported and rebuilt, never used.
+
+Per-study views: `<root>/studies/<name>/tables/<table>.parquet` are relative
+symlinks to the sealed Parquet files, so `pl.scan_parquet(".../tables/*.parquet")`
+reads a whole study at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from filelock import FileLock
+
+log = logging.getLogger("rlheal.store")
+
+MANIFEST = "manifest.json"
+_TMP, _LOCKS = ".tmp", ".locks"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (unwritable root, foreign files); the CLI exits with status 2."""
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """Short content hash of JSON-able data; key order never matters."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_parquet(df: pl.DataFrame, path: Path) -> Path:
+    """Write Parquet atomically: a reader sees the old file, the new file, or nothing."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    df.write_parquet(tmp, compression="zstd", statistics=True)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Address of one stage output. `path` is where it lives once sealed."""
+
+    root: Path
+    stage: str
+    key: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.stage / self.key
+
+    @property
+    def id(self) -> str:
+        return f"{self.stage}-{self.key}"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        # (file, size, mtime_ns) already hashed in this process: large checkpoints are
+        # verified once per process, not on every cache look-up.
+        self._verified: set[tuple[str, int, int]] = set()
+
+    # ------------------------------------------------------------------ addressing
+    def artifact(self, stage: str, config: Mapping[str, Any], inputs: Iterable[str] = (), version: str = "1") -> Artifact:
+        key = stable_hash({"stage": stage, "version": version, "config": config, "inputs": sorted(inputs)})
+        return Artifact(self.root, stage, key)
+
+    @staticmethod
+    def from_path(path: str | Path) -> Artifact:
+        p = Path(path)
+        return Artifact(p.parent.parent, p.parent.name, p.name)
+
+    def check_writable(self) -> None:
+        """Fail early, before any work, if the store cannot be used."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise StoreError(f"{self.root}: store is not writable ({err.strerror or err})") from None
+
+    # ------------------------------------------------------------------ validity
+    def problem(self, art: Artifact | Path) -> str | None:
+        """Why the artifact cannot be used (None = sealed and intact)."""
+        path = art.path if isinstance(art, Artifact) else Path(art)
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            return "missing" if not path.exists() else "no manifest"
+        try:
+            files = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return "unreadable manifest"
+        for rel, meta in files.items():
+            f = path / rel
+            try:
+                st = f.stat()
+            except OSError:
+                return f"missing file {rel}"
+            if st.st_size != meta["size"]:
+                return f"size of {rel} is {st.st_size}, manifest says {meta['size']}"
+            stamp = (str(f), st.st_size, st.st_mtime_ns)
+            if stamp not in self._verified:
+                if sha256_file(f) != meta["sha256"]:
+                    return f"checksum of {rel} does not match the manifest"
+                self._verified.add(stamp)
+        return None
+
+    def is_sealed(self, art: Artifact | Path) -> bool:
+        return self.problem(art) is None
+
+    def manifest(self, art: Artifact | Path) -> dict[str, Any]:
+        path = art.path if isinstance(art, Artifact) else Path(art)
+        return json.loads((path / MANIFEST).read_text())
+
+    # ------------------------------------------------------------------ building
+    def lock(self, art: Artifact) -> FileLock:
+        d = self.root / art.stage / _LOCKS
+        d.mkdir(parents=True, exist_ok=True)
+        return FileLock(d / f"{art.key}.lock")
+
+    def build(
+        self,
+        art: Artifact,
+        builder: Callable[[Path], Mapping[str, Any] | None],
+        config: Mapping[str, Any] | None = None,
+        inputs: Iterable[str] = (),
+    ) -> Path:
+        """Return the sealed artifact, building it with `builder(tmp_dir)` if needed.
+
+        A file lock makes concurrent processes build each artifact once; the loser
+        of the race finds it sealed. `builder` may return extra manifest fields.
+        """
+        with self.lock(art):
+            why = self.problem(art)
+            if why is None:
+                return art.path
+            if why != "missing":
+                log.warning("artifact %s is damaged (%s): rebuilding it", art.path, why)
+                shutil.rmtree(art.path, ignore_errors=True)
+            tmp_root = self.root / art.stage / _TMP
+            # Leftovers of a killed build of this key: safe to remove while we hold its lock.
+            for stale in tmp_root.glob(f"{art.key}-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = tmp_root / f"{art.key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                t0 = time.time()
+                extra = builder(tmp)
+                extra = extra if isinstance(extra, Mapping) else {}
+                self._seal(tmp, art, config or {}, list(inputs), time.time() - t0, extra)
+                os.rename(tmp, art.path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            return art.path
+
+    def _seal(self, tmp: Path, art: Artifact, config: Mapping[str, Any], inputs: list[str], seconds: float, extra: Mapping[str, Any]) -> None:
+        files = {}
+        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            rel = f.relative_to(tmp).as_posix()
+            digest = sha256_file(f)
+            files[rel] = {"size": f.stat().st_size, "sha256": digest}
+        manifest = {
+            "stage": art.stage,
+            "key": art.key,
+            "config": config,
+            "inputs": inputs,
+            "files": files,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "build_seconds": round(seconds, 3),
+            **extra,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+
+    # ------------------------------------------------------------------ study views
+    def study_dir(self, study: str) -> Path:
+        return self.root / "studies" / study
+
+    def publish(self, study: str, table: str, file: Path) -> Path:
+        """Expose a sealed Parquet file as `studies/<study>/tables/<table>.parquet` (atomic symlink swap)."""
+        tables = self.study_dir(study) / "tables"
+        tables.mkdir(parents=True, exist_ok=True)
+        link = tables / f"{table}.parquet"
+        tmp = tables / f".{table}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        os.symlink(os.path.relpath(Path(file).absolute(), tables), tmp)
+        os.replace(tmp, link)
+        return link
+
+    def publish_all(self, study: str, artifact_dir: Path, tables: Iterable[str]) -> None:
+        for table in tables:
+            self.publish(study, table, Path(artifact_dir) / f"{table}.parquet")
+
+    def table(self, study: str, table: str) -> pl.LazyFrame:
+        return pl.scan_parquet(self.study_dir(study) / "tables" / f"{table}.parquet")

@@ -1,0 +1,36 @@
+"""Shared test setup: offline, one torch thread, an isolated Prefect home, and one
+Prefect API server for the whole session (it takes ~15 s to start)."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_home = Path(tempfile.mkdtemp(prefix="rlheal-prefect-home-"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["PREFECT_HOME"] = str(_home)
+os.environ.pop("RLHEAL_FAULT", None)
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect API for the session; yields its URL (for subprocesses)."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture
+def cli_env(prefect_api, tmp_path):
+    """Environment for `rlheal` subprocesses: the session's API, offline, one thread."""
+    env = dict(os.environ)
+    env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(_home), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return env
