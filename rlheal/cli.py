@@ -31,6 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     open_store(cfg.store).check_writable()
     # Stage modules log through the standard library; let Prefect forward them to the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.study import study
 
     state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, return_state=True)
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "validate":
             _validate(args)

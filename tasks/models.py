@@ -1,0 +1,218 @@
+"""Stage `model`: where the starting model comes from (training.md §1).
+
+- `model.builtin: tiny` builds the embedded default: a small Llama with grouped-query
+  attention (so k/v projections are non-square, as in real models) and a word-level
+  tokenizer over the benchmark's own text, saved as an ordinary HF directory.
+- `model.name_or_path` resolves a local directory or a model already in the local HF
+  cache; the hub is never contacted.
+Every later stage loads either through `load_model` / `load_tokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from prefect import task
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rlheal.config import ConfigError, ModelSection, StudyConfig
+from rlheal.faults import maybe_fail
+from rlheal.store import Artifact, Store, sha256_file
+from tasks.generalpoints.cards import DISPLAY, SPLITS, make_hand
+from tasks.generalpoints.prompt import FACE, answer_block, card_list, failure_message, render_prompt
+
+VERSION = "1"
+SOURCE = "source.json"
+log = logging.getLogger("rlheal.model")
+
+# ---------------------------------------------------------------------------- tokenizer
+
+SPECIAL = {"pad": "<|pad|>", "unk": "<|unk|>", "eos": "<|end|>"}
+ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+# Reason texts of the verifier (GP §7.1), in the pieces that do not vary.
+REASON_PHRASES = (
+    "Correct solution.", "partial solution.", "illegal characters.", "invalid sequence after number",
+    "invalid sequence after operator", "invalid sequence before '('", "unmatched closing parenthesis",
+    "invalid sequence after ')'", "you used invalid numbers: ", "you used numbers: ", " too many times",
+    "you didn't use numbers: ", " is partially correct but the full formula does not match any solution",
+    "your formula does not match any solution", "step_limit_reached",
+)
+
+
+def benchmark_phrases() -> list[str]:
+    """Fixed chunks of the benchmark's text: prompt template pieces, answer-block keys,
+    the failure prefix, verifier reasons, quoted cards and every word (issue 11: one
+    token per fixed chunk, the face sentence word by word so an unseen rule stays readable)."""
+    hand = make_hand(["A", "A", "A", "A"], "id")
+    cards = card_list(hand.cards)
+    pieces: set[str] = set()
+    for split in SPLITS:
+        text = render_prompt(make_hand(hand.cards, split)).replace(FACE[split], "\0").replace(cards, "\0")
+        pieces.update(text.split("\0"))
+    pieces.update(answer_block(hand.cards, hand.numbers, "\0").replace(cards, "\0").replace("[1, 1, 1, 1]", "\0").split("\0"))
+    pieces.add(failure_message(""))
+    pieces.update(REASON_PHRASES)
+    pieces.update(f"'{c}'" for c in DISPLAY.values())
+    pieces.update((", ", "=24"))
+    words = set(re.findall(r"[A-Za-z]+", " ".join([*pieces, *FACE.values()])))
+    return sorted(p for p in pieces | words if p)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level vocabulary: every printable ASCII character, every 1- and 2-digit
+    string (card values and 24 are one token each), plus the benchmark phrases as
+    added tokens. Any text made of ASCII round-trips exactly, so a model's raw output
+    can be fed back into the conversation losslessly (GP §8)."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    digits = [f"{i:02d}" for i in range(100)]
+    vocab = {tok: i for i, tok in enumerate([SPECIAL["unk"], *dict.fromkeys(chars + digits)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d{1,2}|[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_tokens([AddedToken(p, normalized=False, single_word=False) for p in benchmark_phrases()])
+    specials = [SPECIAL["pad"], SPECIAL["eos"], *(f"<|{r}|>" for r in ROLES)]
+    tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token=SPECIAL["unk"],
+        pad_token=SPECIAL["pad"],
+        eos_token=SPECIAL["eos"],
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """Load a checkpoint's tokenizer. Word-level tokenizers saved as plain
+    `PreTrainedTokenizerFast` are loaded as such: AutoTokenizer may rebuild them for the
+    model type (e.g. as byte-level BPE for `qwen2`) and silently return garbage."""
+    cfg_file = Path(path) / "tokenizer_config.json"
+    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
+    if cls == "PreTrainedTokenizerFast":
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def build_tiny(out: Path, section: ModelSection) -> dict:
+    """Build the embedded default deterministically from its seed and save it as an HF directory."""
+    tok = build_tokenizer()
+    t = section.tiny
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(t.seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("built tiny model: %d parameters, vocabulary %d", n, len(tok))
+    return {"parameters": n, "vocab_size": len(tok)}
+
+
+def resolve_pretrained(section: ModelSection) -> Path:
+    """A local directory, or a model already in the local HF cache; never a download."""
+    name = section.name_or_path
+    if Path(name).expanduser().is_dir():
+        path = Path(name).expanduser().absolute()
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(name, local_files_only=True))
+        except Exception:
+            raise ConfigError(
+                f"model.name_or_path: {name!r} is neither a directory nor a model in the local Hugging Face "
+                f"cache (rlheal never downloads at run time; fetch it first, e.g. `hf download {name}`)"
+            ) from None
+    if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
+        raise ConfigError(f"model.name_or_path: {path} has no config.json or *.safetensors weights")
+    return path
+
+
+def weights_hash(path: Path) -> str:
+    """Content hash of a model directory's weights (all safetensors files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def key_config(cfg: StudyConfig) -> dict:
+    m = cfg.model
+    return {"builtin": m.tiny.model_dump()} if m.builtin else {"name_or_path": m.name_or_path}
+
+
+def artifact(store: Store, cfg: StudyConfig) -> Artifact:
+    return store.artifact("model", key_config(cfg), version=VERSION)
+
+
+def build(out: Path, cfg: StudyConfig) -> dict:
+    if cfg.model.builtin:
+        extra = build_tiny(out, cfg.model)
+        return {**extra, "weights_sha256": weights_hash(out)}
+    src = resolve_pretrained(cfg.model)
+    digest = weights_hash(src)
+    (out / SOURCE).write_text(json.dumps({"path": str(src), "weights_sha256": digest}))
+    return {"weights_sha256": digest}
+
+
+def model_dir(art_path: str | Path) -> Path:
+    """The HF directory behind a model artifact (itself, or the external model it points to)."""
+    p = Path(art_path)
+    return Path(json.loads((p / SOURCE).read_text())["path"]) if (p / SOURCE).is_file() else p
+
+
+def run(store: Store, cfg: StudyConfig) -> Path:
+    if cfg.model.name_or_path:
+        resolve_pretrained(cfg.model)  # fail fast, before taking any lock
+    art = artifact(store, cfg)
+    return store.build(art, lambda tmp: build(tmp, cfg), config=key_config(cfg))
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM from safetensors only (no pickle), in `dtype` on `device`."""
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True
+    )
+    return model.to(device)
+
+
+@task(name="model", task_run_name="model")
+def stage(artifact: str, cfg: StudyConfig) -> str:
+    maybe_fail("model")
+    from rlheal.caching import open_store
+
+    return str(run(open_store(Store.from_path(artifact).root), cfg))

@@ -1,0 +1,293 @@
+"""Stage `sft`: supervised fine-tuning with TRL, checkpoints at listed steps (training.md §2, §5).
+
+Store layout for one SFT run (key K = model, data, sft and chat config):
+- `sft/K-s<step>/`: one sealed, standalone HF checkpoint per listed step > 0;
+- `sft/.work/K/checkpoint-<step>/`: the latest trainer state (optimizer, scheduler,
+  RNG), the resume point after a kill; deleted once the run is sealed;
+- `sft/K/`: the sealed run, tables `checkpoints` and `sft_log`.
+Step 0 is the starting model itself: registered with its path and hash, not copied.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import torch
+from datasets import Dataset
+from prefect import task
+from transformers import TrainerCallback
+
+from rlheal.config import SftSection, StudyConfig
+from rlheal.faults import maybe_fail
+from rlheal.store import Artifact, Store, write_parquet
+from tasks import models
+from tasks.chat import prompt_completion_ids
+from tasks.evaluate import reference_ce
+
+VERSION = "1"
+TABLES = ("checkpoints", "sft_log")
+DONE = ".complete"
+CE_HANDS = 100
+# Files of a trainer checkpoint that belong to the resume point, not to the model.
+TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin", "scaler.pt", DONE}
+log = logging.getLogger("rlheal.sft")
+
+
+# ---------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, cfg: SftSection) -> float:
+    """Multiplier of the learning rate at optimizer step `step` (0-based)."""
+    w = cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    if cfg.lr_schedule == "log_warmup_constant":
+        # The authors' effective DeepSpeed schedule: lr * ln(s + 1) / ln W, step 0 at lr 0.
+        return 1.0 if w <= 1 else min(1.0, math.log(step + 1) / math.log(w))
+    if cfg.lr_schedule == "linear_warmup_constant":
+        return 1.0 if w == 0 else min(1.0, step / w)
+    # cosine with linear warm-up: what the authors' script asked for
+    if step < w:
+        return step / w
+    span = max(1, cfg.max_steps - w)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / span)))
+
+
+def make_optimizer(model, cfg: SftSection):
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        weight_decay=cfg.weight_decay,
+    )
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def tokenized_rows(tok, table: pl.DataFrame, n_rows: int, date_string: str | None) -> Dataset:
+    """`input_ids` + `completion_mask` for the first `n_rows` rows: step s consumes rows
+    [B*s, B*(s+1)) because the sampler is sequential (training.md §2.2)."""
+    ids, masks = [], []
+    for prompt, completion in zip(table["prompt"].head(n_rows).to_list(), table["completion"].head(n_rows).to_list()):
+        seq, n_prompt = prompt_completion_ids(tok, prompt, completion, date_string)
+        ids.append(seq)
+        masks.append([0] * n_prompt + [1] * (len(seq) - n_prompt))
+    return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def step_artifact(run: Artifact, step: int) -> Artifact:
+    return Artifact(run.root, run.stage, f"{run.key}-s{step}")
+
+
+def work_dir(run: Artifact) -> Path:
+    return run.root / run.stage / ".work" / run.key
+
+
+def merged_copy(model):
+    """Full fp32 weights of a (possibly LoRA-wrapped) model: the analysis needs full matrices."""
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    return copy.deepcopy(model).float().merge_and_unload()
+
+
+def export_checkpoint(src: Path, dst: Path, model=None) -> None:
+    """Copy a trainer checkpoint's model and tokenizer files (not its optimizer state);
+    a LoRA model is merged in fp32 and saved whole instead of its adapter."""
+    if model is not None and hasattr(model, "merge_and_unload"):
+        merged_copy(model).save_pretrained(dst, safe_serialization=True)
+        skip = TRAINER_FILES | {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    else:
+        skip = TRAINER_FILES
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+
+
+class StepCheckpoints(TrainerCallback):
+    """Save at exactly the listed steps, seal each into the store, keep one resume point."""
+
+    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float):
+        self.store, self.run, self.steps, self.started = store, run, set(steps), started
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_save = state.global_step in self.steps
+
+    def on_save(self, args, state, control, model=None, **kw):
+        src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        losses = [e["loss"] for e in state.log_history if "loss" in e]
+        extra = {"step": state.global_step, "train_loss": losses[-1] if losses else None, "wall_seconds": time.time() - self.started}
+        art = step_artifact(self.run, state.global_step)
+        self.store.build(art, lambda tmp: (export_checkpoint(src, tmp, model), extra)[1], config={"run": self.run.key, "step": state.global_step})
+        (src / DONE).touch()
+        for old in Path(args.output_dir).glob("checkpoint-*"):
+            if old != src:
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("sft step=%d sealed at %s (train loss %s)", state.global_step, art.path, extra["train_loss"])
+
+
+class ReferenceLoss(TrainerCallback):
+    """Every `ce_every` steps: teacher-forced CE of the OOD and ID reference answers (§7.3),
+    kept in the trainer's log history so it survives a resume."""
+
+    def __init__(self, tok, tables: dict[str, pl.DataFrame], every: int, date_string: str | None):
+        self.tok, self.tables, self.every, self.date = tok, tables, every, date_string
+
+    def _measure(self, state, model):
+        row = {"step": state.global_step}
+        for split, table in self.tables.items():
+            row[f"ce_{split}"] = reference_ce(model, self.tok, table, CE_HANDS, self.date)
+        state.log_history.append(row)
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        if state.global_step == 0:
+            self._measure(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        if state.global_step % self.every == 0:
+            self._measure(state, model)
+
+
+class LogProgress(TrainerCallback):
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            log.info("sft step %d/%d loss %.4f lr %.3g", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")))
+
+
+def last_complete(out: Path) -> Path | None:
+    done = [p for p in out.glob("checkpoint-*") if (p / DONE).exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
+    """Train to the largest listed step, resuming from the last complete trainer state."""
+    from peft import LoraConfig, get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    s = cfg.sft
+    todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(step_artifact(run, k))]
+    if not todo:
+        return
+    cuda = torch.cuda.is_available()
+    tok = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = models.load_model(model_path, torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
+    if s.lora:
+        targets = [t for t in s.lora_targets if any(name.endswith(t) for name, _ in model.named_modules())]
+        if not targets:
+            raise ValueError(f"sft.lora_targets: none of {s.lora_targets} matches a module of {model_path}")
+        model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    train_rows = pl.read_parquet(data_path / "sft_train.parquet")
+    dataset = tokenized_rows(tok, train_rows, s.max_steps * s.batch_size, cfg.chat.date_string)
+    longest = max(len(x) for x in dataset["input_ids"])
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and longest > limit:
+        raise ValueError(f"an SFT row has {longest} tokens, more than the model's {limit} positions")
+    evals = {split: pl.read_parquet(data_path / f"eval_{split}.parquet") for split in ("ood", "id")}
+
+    out = work_dir(run)
+    out.mkdir(parents=True, exist_ok=True)
+    args = SFTConfig(
+        output_dir=str(out),
+        max_steps=s.max_steps,
+        per_device_train_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=s.batch_size // s.per_device_batch_size,
+        learning_rate=s.learning_rate,
+        max_grad_norm=s.max_grad_norm,
+        logging_steps=s.log_every,
+        save_strategy="no",  # saves come from StepCheckpoints at the listed steps
+        report_to="none",
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=s.gradient_checkpointing,
+        train_sampling_strategy="sequential",
+        completion_only_loss=True,
+        max_length=None,
+        seed=cfg.data.train_seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    opt, sched = make_optimizer(model, s)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        optimizers=(opt, sched),
+        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time()), ReferenceLoss(tok, evals, s.ce_every, cfg.chat.date_string), LogProgress()],
+    )
+    resume = last_complete(out)
+    if resume:
+        log.info("sft resumes from %s", resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+
+def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`checkpoints` (one row per listed step) and `sft_log` (one row per logged step)."""
+    rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(model_path), "content_hash": model_hash, "train_loss": None, "wall_seconds": 0.0}]
+    history: list[dict] = []
+    for step in cfg.sft.save_steps:
+        if step == 0:
+            continue
+        art = step_artifact(run, step)
+        m = store.manifest(art)
+        rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": models.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
+    state_file = max(work_dir(run).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
+    if state_file is not None:
+        import json
+
+        history = json.loads(state_file.read_text())["log_history"]
+    logs = pl.DataFrame(
+        [{"step": e["step"], "train_loss": e.get("loss"), "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm"), "ce_id": e.get("ce_id"), "ce_ood": e.get("ce_ood")} for e in history if "step" in e and ("loss" in e or "ce_id" in e)],
+        schema={"step": pl.Int32, "train_loss": pl.Float64, "learning_rate": pl.Float64, "grad_norm": pl.Float64, "ce_id": pl.Float64, "ce_ood": pl.Float64},
+    )
+    # one row per step: loss and CE logged at the same step are merged
+    logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step")
+    ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32, "parent": pl.String, "train_loss": pl.Float64, "wall_seconds": pl.Float64})
+    return ckpts, logs
+
+
+def key_config(cfg: StudyConfig) -> dict:
+    return {"sft": cfg.sft.model_dump(), "chat": cfg.chat.model_dump(), "ce_hands": CE_HANDS, "seed": cfg.data.train_seed}
+
+
+def artifact(store: Store, cfg: StudyConfig, model_art: Artifact, data_art: Artifact) -> Artifact:
+    return store.artifact("sft", key_config(cfg), inputs=[model_art.id, data_art.id], version=VERSION)
+
+
+def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -> Path:
+    model_path = models.model_dir(model_art_path)
+    run_art = artifact(store, cfg, Store.from_path(model_art_path), Store.from_path(data_path))
+    model_hash = store.manifest(model_art_path)["weights_sha256"]
+
+    def build(tmp: Path) -> dict:
+        train(store, run_art, cfg, model_path, Path(data_path))
+        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash)
+        write_parquet(ckpts, tmp / "checkpoints.parquet")
+        write_parquet(logs, tmp / "sft_log.parquet")
+        return {"steps": cfg.sft.save_steps}
+
+    path = store.build(run_art, build, config=key_config(cfg), inputs=[str(model_art_path), str(data_path)])
+    shutil.rmtree(work_dir(run_art), ignore_errors=True)
+    return path
+
+
+@task(name="sft", task_run_name="sft steps={cfg.sft.save_steps}")
+def stage(artifact: str, cfg: StudyConfig, model: str, data: str) -> str:
+    maybe_fail("sft")
+    from rlheal.caching import open_store
+
+    return str(run(open_store(Store.from_path(artifact).root), cfg, Path(model), Path(data)))
