@@ -16,12 +16,11 @@ export TOKENIZERS_PARALLELISM := false
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"' && $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip 2>&1 | grep -v 'is ignored' || true
-	$(PY) -m pip install --quiet "$(TORCH)" 2>&1 | grep -v 'is ignored' || true
-	$(PY) -c 'import torch'
-	$(PY) -m pip install --quiet -e ".[dev]" 2>&1 | grep -v 'is ignored' || true
-	$(PY) -c 'import rlheal, tasks, flows, prefect, trl, transformers, peft, datasets, polars, pyarrow'
+	@test -x $(PY) || { $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rlheal needs Python >= 3.11"' && $(PYTHON) -m venv $(VENV); }
+	# torch first, pinned: an unpinned resolve pulls a multi-GB CUDA build.
+	$(PY) -m pip install -qq "$(TORCH)"
+	$(PY) -m pip install -qq -e ".[dev]"
+	$(PY) -c 'import torch, rlheal, tasks, flows, prefect, trl, transformers, peft, datasets, polars, pyarrow'
 	touch $(STAMP)
 
 test: setup

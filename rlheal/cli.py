@@ -26,6 +26,10 @@ def _validate(args: argparse.Namespace) -> StudyConfig:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store)
+    if cfg.model.name_or_path:  # a missing model is bad input: fail before anything is written
+        from tasks.models import resolve_pretrained
+
+        resolve_pretrained(cfg.model)
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()

@@ -141,6 +141,44 @@ class SftSection(Section):
         return self.save_steps[-1]
 
 
+DECODING_PRESETS: dict[str, dict[str, Any]] = {
+    # training.md §6; top_k 0 = off. Sampling presets reproduce the authors' effective settings.
+    "greedy": {"do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 256},
+    "authors_eval_llama": {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 256},
+    "authors_eval_qwen": {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 256},
+    "authors_rl_llama": {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 512},
+    "authors_rl_qwen": {"do_sample": True, "temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 512},
+    "rl_default": {"do_sample": True, "temperature": 0.2, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 512},
+}
+
+
+class DecodingSection(Section):
+    """Generation settings, always explicit (training.md §6): a preset, then any field set here
+    overrides it. A checkpoint's generation_config.json is never consulted."""
+
+    preset: Literal[tuple(DECODING_PRESETS)] = "greedy"  # type: ignore[valid-type]
+    do_sample: bool | None = None
+    temperature: float | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    seed: int = Field(42, description="torch generator seed per evaluation call (sampling only)")
+
+    def resolved(self) -> dict[str, Any]:
+        values = dict(DECODING_PRESETS[self.preset])
+        values.update({k: v for k, v in self.model_dump(exclude={"preset", "seed"}).items() if v is not None})
+        return {**values, "seed": self.seed, "preset": self.preset}
+
+
+class EvalSection(Section):
+    """Evaluation of every checkpoint on both splits (training.md §7)."""
+
+    batch_size: int = Field(64, ge=1, description="episodes generated together; halved automatically on out-of-memory")
+    ce_hands: int = Field(100, ge=0, description="hands per split for the reference-answer cross-entropy (§7.3)")
+    decoding: DecodingSection = DecodingSection()
+
+
 class StudyConfig(Section):
     """A whole study. `store` is where every artifact lives (created on first run)."""
 
@@ -151,6 +189,7 @@ class StudyConfig(Section):
     verifier: VerifierSection = VerifierSection()
     data: DataSection = DataSection()
     sft: SftSection = SftSection()
+    eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
     def _sft_fits_data(self) -> StudyConfig:

@@ -99,7 +99,7 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     model type (e.g. as byte-level BPE for `qwen2`) and silently return garbage."""
     cfg_file = Path(path) / "tokenizer_config.json"
     cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
-    if cls == "PreTrainedTokenizerFast":
+    if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
         tok = PreTrainedTokenizerFast.from_pretrained(path)
     else:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

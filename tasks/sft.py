@@ -33,7 +33,6 @@ from tasks.evaluate import reference_ce
 VERSION = "1"
 TABLES = ("checkpoints", "sft_log")
 DONE = ".complete"
-CE_HANDS = 100
 # Files of a trainer checkpoint that belong to the resume point, not to the model.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin", "scaler.pt", DONE}
 log = logging.getLogger("rlheal.sft")
@@ -141,13 +140,13 @@ class ReferenceLoss(TrainerCallback):
     """Every `ce_every` steps: teacher-forced CE of the OOD and ID reference answers (§7.3),
     kept in the trainer's log history so it survives a resume."""
 
-    def __init__(self, tok, tables: dict[str, pl.DataFrame], every: int, date_string: str | None):
-        self.tok, self.tables, self.every, self.date = tok, tables, every, date_string
+    def __init__(self, tok, tables: dict[str, pl.DataFrame], every: int, hands: int, date_string: str | None):
+        self.tok, self.tables, self.every, self.hands, self.date = tok, tables, every, hands, date_string
 
     def _measure(self, state, model):
         row = {"step": state.global_step}
         for split, table in self.tables.items():
-            row[f"ce_{split}"] = reference_ce(model, self.tok, table, CE_HANDS, self.date)
+            row[f"ce_{split}"] = reference_ce(model, self.tok, table, self.hands, self.date)
         state.log_history.append(row)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -173,10 +172,36 @@ def last_complete(out: Path) -> Path | None:
 # ---------------------------------------------------------------------------- training
 
 
+def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
+    from trl import SFTConfig
+
+    s = cfg.sft
+    return SFTConfig(
+        output_dir=str(out),
+        max_steps=s.max_steps,
+        per_device_train_batch_size=s.per_device_batch_size,
+        gradient_accumulation_steps=s.batch_size // s.per_device_batch_size,
+        learning_rate=s.learning_rate,
+        max_grad_norm=s.max_grad_norm,
+        logging_steps=s.log_every,
+        save_strategy="no",  # saves come from StepCheckpoints at the listed steps
+        report_to="none",
+        bf16=cuda,
+        use_cpu=not cuda,
+        gradient_checkpointing=s.gradient_checkpointing,
+        train_sampling_strategy="sequential",
+        completion_only_loss=True,
+        max_length=None,
+        seed=cfg.data.train_seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
 def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
     """Train to the largest listed step, resuming from the last complete trainer state."""
     from peft import LoraConfig, get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     s = cfg.sft
     todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(step_artifact(run, k))]
@@ -200,26 +225,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
 
     out = work_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    args = SFTConfig(
-        output_dir=str(out),
-        max_steps=s.max_steps,
-        per_device_train_batch_size=s.per_device_batch_size,
-        gradient_accumulation_steps=s.batch_size // s.per_device_batch_size,
-        learning_rate=s.learning_rate,
-        max_grad_norm=s.max_grad_norm,
-        logging_steps=s.log_every,
-        save_strategy="no",  # saves come from StepCheckpoints at the listed steps
-        report_to="none",
-        bf16=cuda,
-        use_cpu=not cuda,
-        gradient_checkpointing=s.gradient_checkpointing,
-        train_sampling_strategy="sequential",
-        completion_only_loss=True,
-        max_length=None,
-        seed=cfg.data.train_seed,
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    args = trainer_args(cfg, out, cuda)
     opt, sched = make_optimizer(model, s)
     trainer = SFTTrainer(
         model=model,
@@ -227,7 +233,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
         train_dataset=dataset,
         processing_class=tok,
         optimizers=(opt, sched),
-        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time()), ReferenceLoss(tok, evals, s.ce_every, cfg.chat.date_string), LogProgress()],
+        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time()), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
     )
     resume = last_complete(out)
     if resume:
@@ -261,7 +267,7 @@ def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, mode
 
 
 def key_config(cfg: StudyConfig) -> dict:
-    return {"sft": cfg.sft.model_dump(), "chat": cfg.chat.model_dump(), "ce_hands": CE_HANDS, "seed": cfg.data.train_seed}
+    return {"sft": cfg.sft.model_dump(), "chat": cfg.chat.model_dump(), "ce_hands": cfg.eval.ce_hands, "seed": cfg.data.train_seed}
 
 
 def artifact(store: Store, cfg: StudyConfig, model_art: Artifact, data_art: Artifact) -> Artifact:
