@@ -11,6 +11,7 @@ Step 0 is the starting model itself: registered with its path and hash, not copi
 from __future__ import annotations
 
 import copy
+import os
 import logging
 import math
 import shutil
@@ -180,7 +181,8 @@ def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
         output_dir=str(out),
         max_steps=s.max_steps,
         per_device_train_batch_size=s.per_device_batch_size,
-        gradient_accumulation_steps=s.batch_size // s.per_device_batch_size,
+        # global batch = per-device batch x accumulation x data-parallel processes
+        gradient_accumulation_steps=max(1, s.batch_size // (s.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1")))),
         learning_rate=s.learning_rate,
         max_grad_norm=s.max_grad_norm,
         logging_steps=s.log_every,
