@@ -179,6 +179,126 @@ class EvalSection(Section):
     decoding: DecodingSection = DecodingSection()
 
 
+KSpec = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)]
+
+
+class PpoSection(Section):
+    """The authors' PPO, our implementation (training.md §3); defaults are theirs."""
+
+    num_envs: int = Field(64, ge=1, description="E: environments advanced together per rollout round")
+    steps_per_env: int = Field(8, ge=1, description="T: rounds per update -> E*T samples")
+    epochs: int = Field(4, ge=1)
+    minibatch_size: int | None = Field(None, ge=1, description="samples per optimizer step; null = all E*T")
+    micro_batch_size: int = Field(8, ge=1, description="samples per forward/backward (gradient accumulation)")
+    clip: float = Field(0.1, gt=0)
+    value_clip: float = Field(0.1, gt=0)
+    value_coef: float = Field(0.5, ge=0)
+    max_grad_norm: float = Field(0.01, gt=0)
+    gamma: float = Field(0.9, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    learning_rate: float = Field(1e-6, gt=0)
+    lr_min: float = Field(1e-9, ge=0)
+    lr_t_max: int | None = Field(None, ge=1, description="cosine period in updates; null = rl.num_updates")
+    adam_epsilon: float = Field(1e-7, gt=0)
+    thought_coef: float = Field(0.5, ge=0, description="weight of the text before the formula key")
+    cut_gae_at_truncation: bool = False
+    compute_dtype: Literal["float32", "bf16"] = "float32"
+
+
+class GrpoSection(Section):
+    """TRL's GRPOTrainer (training.md §4)."""
+
+    reward: Literal["table", "binary"] = "table"
+    learning_rate: float = Field(1e-6, gt=0)
+    beta: float = Field(0.0, ge=0)
+    num_generations: int = Field(8, ge=2)
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_completion_length: int = Field(256, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    loss_type: str = "dapo"
+    epsilon: float = Field(0.2, gt=0)
+    scale_rewards: str = "group"
+    num_iterations: int = Field(1, ge=1)
+    lora: bool = False
+    lora_r: int = Field(64, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> GrpoSection:
+        if (self.per_device_batch_size * self.gradient_accumulation_steps) % self.num_generations:
+            raise ValueError("num_generations: must divide per_device_batch_size x gradient_accumulation_steps")
+        return self
+
+
+class RlSection(Section):
+    """RL from SFT checkpoints (training.md §3-§5)."""
+
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    from_steps: Literal["all"] | list[int] = Field("all", description="SFT steps RL starts from")
+    seed: int = Field(0, ge=0, description="training-hand stream of the rollouts")
+    save_steps: list[int] = Field([0, 5, 10, 20], min_length=1, description="updates to save; the run lasts to the last")
+    decoding: DecodingSection = DecodingSection(preset="rl_default")
+    adv_hist_bins: int = Field(40, ge=2)
+    adv_hist_range: float = Field(10.0, gt=0)
+    ppo: PpoSection = PpoSection()
+    grpo: GrpoSection = GrpoSection()
+
+    @field_validator("save_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        return _increasing(v)
+
+    @property
+    def num_updates(self) -> int:
+        return self.save_steps[-1]
+
+
+class RolesSection(Section):
+    """Checkpoint roles of the analysis (analysis.md §1.2)."""
+
+    b_step: int | None = Field(None, ge=1, description="override of B (default: the SFT step with the best OOD accuracy)")
+    rl_start: int | None = Field(None, ge=0, description="SFT step whose RL run gives R (default: the last SFT step)")
+
+
+class SvdSection(Section):
+    """SVD measurements (analysis.md §1-§3)."""
+
+    include: list[str] = [
+        r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|cross_attn|mlp)\.(?P<module>q|k|v|o|gate|up|down)_proj\.weight"
+    ]
+    exclude: list[str] = []
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+    k: list[KSpec] = Field([0.0625, 0.125, 0.25], min_length=1, description="k-specs: int = absolute, float in (0,1] = fraction of r")
+    columns: Literal["needed", "all"] = "needed"
+    batch_memory_gib: float = Field(4.0, gt=0)
+    noise_control: bool = True
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for i, pattern in enumerate(v):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"[{i}]: not a regular expression ({err})") from None
+        return v
+
+
+class RunnerSection(Section):
+    """Where tasks run: in the flow's process (local) or on a Dask cluster via prefect-dask."""
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = Field(None, description="scheduler address of an existing Dask cluster; null = start a LocalCluster")
+    n_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1)
+    gpus_per_task: int = Field(0, ge=0, description="GPU work is pinned through the worker resource GPU")
+
+
 class StudyConfig(Section):
     """A whole study. `store` is where every artifact lives (created on first run)."""
 
@@ -190,6 +310,24 @@ class StudyConfig(Section):
     data: DataSection = DataSection()
     sft: SftSection = SftSection()
     eval: EvalSection = EvalSection()
+    rl: RlSection = RlSection()
+    roles: RolesSection = RolesSection()
+    svd: SvdSection = SvdSection()
+    runner: RunnerSection = RunnerSection()
+
+    @model_validator(mode="after")
+    def _relations(self) -> StudyConfig:
+        if self.rl.seed == self.data.eval_seed:
+            raise ValueError(f"rl.seed: must differ from data.eval_seed ({self.data.eval_seed}) so the hand streams are disjoint")
+        if self.rl.from_steps != "all":
+            for i, step in enumerate(self.rl.from_steps):
+                if step not in self.sft.save_steps:
+                    raise ValueError(f"rl.from_steps[{i}]: {step} is not one of sft.save_steps {self.sft.save_steps}")
+        if self.roles.b_step is not None and self.roles.b_step not in self.sft.save_steps:
+            raise ValueError(f"roles.b_step: {self.roles.b_step} is not one of sft.save_steps")
+        if self.roles.rl_start is not None and self.roles.rl_start not in self.sft.save_steps:
+            raise ValueError(f"roles.rl_start: {self.roles.rl_start} is not one of sft.save_steps")
+        return self
 
     @model_validator(mode="after")
     def _sft_fits_data(self) -> StudyConfig:
@@ -218,10 +356,11 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        path = _field_path(e["loc"])
+        # drop pydantic's union-member tags ("constrained-int", "literal['all']") from the path
+        path = _field_path(tuple(p for p in e["loc"] if isinstance(p, int) or p.isidentifier()))
         msg = e["msg"].removeprefix("Value error, ")
         # Validators report a sub-location as a "[i]: ..." or "field: ..." prefix.
-        if m := re.match(r"^(\[\d+\]|[a-z_]+(?:\.[a-z_]+)*): (.*)$", msg, re.S):
+        if m := re.match(r"^(\[\d+\]|[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*|\[\d+\])*): (.*)$", msg, re.S):
             sub, msg = m.groups()
             path = path + sub if sub.startswith("[") else (f"{path}.{sub}" if path else sub)
         lines.append(f"{path or '<root>'}: {msg}")
