@@ -11,7 +11,10 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow demo bench clean
+PREFECT_PORT ?= 4200
+POOL ?= rlheal
+
+.PHONY: setup test test-slow demo bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -34,6 +37,18 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/bench_verifier.py
+
+# Prefect server on loopback only; SQLite under PREFECT_HOME by default. For PostgreSQL set
+# PREFECT_SERVER_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect.
+server: setup
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: setup
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect work-pool create $(POOL) --type process --overwrite
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api RLHEAL_HOME=$(CURDIR) $(VENV)/bin/prefect deploy --prefect-file deployments.yaml --all --no-prompt
+
+worker: setup
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect worker start --pool $(POOL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,6 +24,51 @@ def _validate(args: argparse.Namespace) -> StudyConfig:
     return cfg
 
 
+STAGES = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_study_config(cfg: StudyConfig, force: bool) -> None:
+    """A study name in a store stands for one config: a changed config is refused (its
+    tables would mix with the old ones) unless --force relinks the study to it."""
+    import json
+
+    from rlheal.caching import open_store
+
+    record = open_store(cfg.store).study_dir(cfg.name) / "config.json"
+    now = cfg.model_dump(mode="json", exclude={"store"})
+    if record.is_file() and not force:
+        before = json.loads(record.read_text())
+        a, b = _flatten(before), _flatten(now)
+        changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if changed:
+            raise ConfigError(
+                f"{record}: study {cfg.name!r} was run with another config; changed: " + "; ".join(changed[:8])
+                + ". Use a new study name, or --force to point the study at this config."
+            )
+    record.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(now, indent=1, sort_keys=True))
+    os.replace(tmp, record)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rlheal.caching import open_store
+    from rlheal.progress import Progress, format_status
+
+    cfg = load_config(args.config, args.store)
+    study_dir = open_store(cfg.store).study_dir(cfg.name)
+    print(format_status(cfg.name, Progress(study_dir, cfg.name).summary(), STAGES))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store)
     if cfg.model.name_or_path:  # a missing model is bad input: fail before anything is written
@@ -33,6 +78,7 @@ def _run(args: argparse.Namespace) -> int:
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()
+    check_study_config(cfg, args.force)
     # Stage modules log through the standard library; let Prefect forward them to the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -54,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("config")
     r.add_argument("--store", help="artifact store directory (overrides the config's `store`)")
+    r.add_argument("--force", action="store_true", help="run even if the study was started with another config")
+    st = sub.add_parser("status", help="progress of a study, read from the store (no server needed)")
+    st.add_argument("config")
+    st.add_argument("--store")
     return p
 
 
@@ -66,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             _validate(args)
             return 0
-        return _run(args)
+        return _status(args) if args.command == "status" else _run(args)
     except (ConfigError, StoreError) as err:
         print(f"rlheal: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

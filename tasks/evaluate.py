@@ -1,15 +1,369 @@
-"""Stage `eval`: ID and OOD evaluation of checkpoints (training.md §7).
+"""Stage `eval`: ID and OOD evaluation of checkpoints (training.md §7, GP §8, §9).
 
-This module starts with the teacher-forced cross-entropy of reference answers
-(training.md §7.3), which SFT also logs while it trains.
+One artifact per (checkpoint, split, evaluation config), `<store>/eval/<key>/`, holding
+- `eval_attempts`: one row per graded attempt (ATTEMPTS_SCHEMA);
+- `eval_summary`: one row per checkpoint x split (GP §9 metrics, Wilson intervals,
+  the reference-answer CE of §7.3, and the decoding that produced them).
+
+The episode loop (`play`) is pure bookkeeping over any `generate` callable, so it is
+tested with a scripted double; `ModelGenerator` is the real one (batched, left padded,
+KV cache, explicit decoding). `evaluate_model` takes an in-memory model so later stages
+(editing) can evaluate a model they never wrote to disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
 import polars as pl
 import torch
+from prefect import task
+from transformers import GenerationConfig
 
-from tasks.chat import prompt_completion_ids
+from rlheal.config import StudyConfig
+from rlheal.faults import maybe_fail
+from rlheal.store import Artifact, Store, stable_hash, write_parquet
+from tasks import models
+from tasks.chat import encode, prompt_completion_ids, render, stop_token_ids
+from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
+
+VERSION = "1"
+TABLES = ("eval_attempts", "eval_summary")
+log = logging.getLogger("rlheal.eval")
+
+Messages = list[dict[str, str]]
+
+ATTEMPTS_SCHEMA = {
+    "ckpt_id": pl.String,
+    "split": pl.String,
+    "hand_index": pl.Int64,
+    "attempt": pl.Int32,  # 1-based
+    "response": pl.String,  # raw decoded output, special tokens skipped
+    "formula": pl.String,
+    "extracted": pl.Boolean,
+    "format_error": pl.Boolean,
+    "reward": pl.Float64,  # configured verifier mode
+    "reward_other_mode": pl.Float64,
+    "outcome": pl.String,
+    "reason": pl.String,
+    "generated_tokens": pl.Int32,  # up to and including the stop token
+    "hit_max_new_tokens": pl.Boolean,
+}
+
+
+# ---------------------------------------------------------------------------- the episode loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One generated response: its text and how it ended."""
+
+    text: str
+    tokens: int = 0
+    hit_max_new_tokens: bool = False
+
+
+Generate = Callable[[list[Messages]], list[Generation]]
+
+
+@dataclasses.dataclass
+class Played:
+    """Finished episodes, the generation behind every recorded step, and the batch size
+    that was finally used (smaller than asked after an out-of-memory back-off)."""
+
+    episodes: list[Episode]
+    generations: list[list[Generation]]
+    batch_size: int
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
+
+
+def play(
+    hands: Sequence[Hand | Episode],
+    generate: Generate,
+    batch_size: int,
+    mode: str = "exact",
+    verify_iter: int = 5,
+    length: Callable[[Messages], int] | None = None,
+) -> Played:
+    """Drive multi-attempt episodes (GP §8) to the end with any generator.
+
+    Each round, every unfinished episode answers its current conversation: the
+    conversations are sorted by `length` (default: characters) so chunks of `batch_size`
+    pad little, and each chunk is one `generate` call. On out-of-memory the chunk is
+    halved and retried, and the smaller size is kept for the rest of the run (a sampled
+    run that backed off differs from one that did not: the failed call drew random numbers).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    episodes = [h if isinstance(h, Episode) else Episode(h, mode, verify_iter) for h in hands]
+    generations: list[list[Generation]] = [[] for _ in episodes]
+    length = length or (lambda messages: sum(len(m["content"]) for m in messages))
+    limit, rounds = batch_size, 0
+    while todo := [i for i, ep in enumerate(episodes) if not ep.done]:
+        rounds += 1
+        conversations = {i: episodes[i].messages() for i in todo}
+        order = sorted(todo, key=lambda i: (length(conversations[i]), i))
+        log.info("eval round %d: %d episodes to answer", rounds, len(order))
+        start = 0
+        while start < len(order):
+            chunk = order[start : start + limit]
+            try:
+                out = generate([conversations[i] for i in chunk])
+            except Exception as err:
+                if not is_oom(err):
+                    raise
+                if len(chunk) == 1:
+                    raise RuntimeError("out of memory while generating for a single episode; lower eval.decoding.max_new_tokens or use a larger device") from err
+                limit = len(chunk) // 2
+                log.warning("out of memory at a batch of %d: retrying with %d", len(chunk), limit)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            if len(out) != len(chunk):
+                raise RuntimeError(f"generate returned {len(out)} responses for {len(chunk)} conversations")
+            for i, g in zip(chunk, out):
+                episodes[i].record(g.text)
+                generations[i].append(g)
+            start += len(chunk)
+    return Played(episodes, generations, limit)
+
+
+# ---------------------------------------------------------------------------- the model generator
+
+
+def generation_config(decoding: dict[str, Any], tok) -> GenerationConfig:
+    """A complete GenerationConfig from the study's resolved decoding (training.md §6).
+
+    Sampling knobs are set only when sampling: greedy ignores them and transformers
+    warns about them. top_k 0 is passed as 0, which transformers treats as off (a None
+    would be filled with its default of 50)."""
+    values = {
+        "do_sample": decoding["do_sample"],
+        "repetition_penalty": decoding["repetition_penalty"],
+        "max_new_tokens": decoding["max_new_tokens"],
+        "num_beams": 1,
+        "eos_token_id": stop_token_ids(tok),
+        "pad_token_id": tok.pad_token_id,
+    }
+    if decoding["do_sample"]:
+        values.update(temperature=decoding["temperature"], top_p=decoding["top_p"], top_k=decoding["top_k"])
+    return GenerationConfig(**values)
+
+
+@contextlib.contextmanager
+def only(model, config: GenerationConfig):
+    """Make `config` the model's own generation config for the call: transformers fills
+    every field left None in the passed config from `model.generation_config` (the
+    checkpoint's generation_config.json), e.g. min_new_tokens or no_repeat_ngram_size."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class ModelGenerator:
+    """`Generate` for a Hugging Face causal LM: one left-padded batch per call, KV cache,
+    the study's decoding only. Conversations are rendered by the one renderer (GP §4)."""
+
+    def __init__(self, model, tok, decoding: dict[str, Any], date_string: str | None):
+        self.model, self.tok, self.date_string = model, tok, date_string
+        self.config = generation_config(decoding, tok)
+        self.stops = set(self.config.eos_token_id)
+        self.device = next(model.parameters()).device
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        return encode(self.tok, render(self.tok, messages, add_generation_prompt=True, date_string=self.date_string))
+
+    def length(self, messages: Messages) -> int:
+        return len(self.prompt_ids(messages))
+
+    @torch.no_grad()
+    def __call__(self, conversations: list[Messages]) -> list[Generation]:
+        prompts = [self.prompt_ids(m) for m in conversations]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with only(self.model, self.config):
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=self.config)
+        return [self._finish(row) for row in out[:, width:].tolist()]
+
+    def _finish(self, new: list[int]) -> Generation:
+        # Rows that stop early are padded after their stop token; count up to the stop.
+        end = next((t for t, tid in enumerate(new) if tid in self.stops), None)
+        body = new if end is None else new[:end]
+        text = self.tok.decode(body, skip_special_tokens=True)
+        return Generation(text, len(new) if end is None else end + 1, end is None)
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+def hands_from_table(table: pl.DataFrame) -> list[Hand]:
+    """The Hands of an `eval_<split>` table of the data stage, with their indices and references."""
+    return [
+        dataclasses.replace(make_hand(cards, split), reference=formula, index=index)
+        for split, index, cards, formula in zip(table["split"], table["index"], table["cards"].to_list(), table["formula"])
+    ]
+
+
+def attempts_table(played: Played, ckpt_id: str, split: str, other_mode: str) -> pl.DataFrame:
+    rows = {name: [] for name in ATTEMPTS_SCHEMA}
+    for ep, gens in zip(played.episodes, played.generations):
+        for attempt, (s, g) in enumerate(zip(ep.scores, gens), start=1):
+            values = {
+                "ckpt_id": ckpt_id,
+                "split": split,
+                "hand_index": ep.hand.index,
+                "attempt": attempt,
+                "response": g.text,
+                "formula": s.formula,
+                "extracted": s.extracted,
+                "format_error": s.format_error,
+                "reward": s.reward,
+                "reward_other_mode": score(g.text, ep.hand, other_mode).reward,
+                "outcome": s.outcome,
+                "reason": s.reason,
+                "generated_tokens": g.tokens,
+                "hit_max_new_tokens": g.hit_max_new_tokens,
+            }
+            for name, v in values.items():
+                rows[name].append(v)
+    return pl.DataFrame(rows, schema=ATTEMPTS_SCHEMA)
+
+
+def _wilson(k: str, n: str, name: str) -> list[pl.Expr]:
+    ci = pl.struct(k, n).map_elements(
+        lambda r: dict(zip(("low", "high"), wilson_interval(r[k], r[n]))),
+        return_dtype=pl.Struct({"low": pl.Float64, "high": pl.Float64}),
+    )
+    return [ci.struct.field("low").alias(f"{name}_ci_low"), ci.struct.field("high").alias(f"{name}_ci_high")]
+
+
+def summarize(attempts: pl.DataFrame) -> pl.DataFrame:
+    """GP §9 metrics per (ckpt_id, split) from `eval_attempts` rows."""
+    by = ["ckpt_id", "split"]
+    correct = pl.col("reward") == 5
+    first = pl.col("attempt") == 1
+    hands = (
+        attempts.group_by(*by, "hand_index")
+        .agg(success=correct.any(), first_success=(correct & first).any(), to_success=pl.col("attempt").filter(correct).min())
+        .group_by(by)
+        .agg(
+            n=pl.len().cast(pl.Int32),
+            k=pl.col("success").sum().cast(pl.Int32),
+            k_first=pl.col("first_success").sum().cast(pl.Int32),
+            mean_attempts_to_success=pl.col("to_success").cast(pl.Float64).mean(),
+        )
+    )
+    counts = attempts.group_by(by).agg(
+        attempts=pl.len().cast(pl.Int32),
+        format_error_rate=pl.col("format_error").mean(),
+        first_attempt_format_error_rate=pl.col("format_error").filter(first).mean(),
+        generated_tokens=pl.col("generated_tokens").sum().cast(pl.Int64),
+        *[(pl.col("outcome") == o).sum().alias(f"count_{o}") for o in OUTCOMES],
+    )
+    n, k, a = pl.col("n"), pl.col("k"), pl.col("attempts")
+    # The authors' logs also counted one -1 truncation step per failed hand (GP §9).
+    steps = a + n - k
+    authors = {f"authors_rate_{o}": (pl.col(f"count_{o}") + (n - k if o == "no_solution" else 0)) / steps for o in OUTCOMES}
+    authors["authors_rate_correct"] = k / n
+    return (
+        hands.join(counts, on=by)
+        .with_columns(accuracy=k / n, first_attempt_accuracy=pl.col("k_first") / n)
+        .with_columns(
+            *_wilson("k", "n", "accuracy"),
+            *_wilson("k_first", "n", "first_attempt_accuracy"),
+            *[(pl.col(f"count_{o}") / a).alias(f"rate_{o}") for o in OUTCOMES],
+            **authors,
+        )
+        .select(
+            *by, "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
+            "first_attempt_accuracy", "first_attempt_accuracy_ci_low", "first_attempt_accuracy_ci_high",
+            "mean_attempts_to_success", "attempts", "format_error_rate", "first_attempt_format_error_rate",
+            *[f"rate_{o}" for o in OUTCOMES], *authors, "generated_tokens",
+        )
+        .sort(by)
+    )  # fmt: skip
+
+
+def ce_by_split(summary: pl.DataFrame) -> pl.DataFrame:
+    """`ce_id` / `ce_ood` side by side, one row per checkpoint and evaluation config."""
+    index = ["ckpt_id", "config_hash"]
+    wide = summary.pivot(on="split", index=index, values="ce", aggregate_function="first")
+    return wide.rename({s: f"ce_{s}" for s in ("id", "ood") if s in wide.columns})
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _other_mode(mode: str) -> str:
+    return next(m for m in MODES if m != mode)
+
+
+@torch.no_grad()
+def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Evaluate an in-memory model on one split's hands; returns (eval_attempts, eval_summary)."""
+    splits = hands_table["split"].unique().to_list()
+    if len(splits) != 1:
+        raise ValueError(f"evaluate_model needs the hands of one split; got splits {splits}")
+    split = splits[0]
+    started = time.perf_counter()
+    decoding = cfg.eval.decoding.resolved()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    generator = ModelGenerator(model, tok, decoding, cfg.chat.date_string)
+    # One seed per evaluation call (training.md §6), without disturbing the caller's RNG.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(decoding["seed"])
+        played = play(hands_from_table(hands_table), generator, cfg.eval.batch_size, cfg.verifier.mode, cfg.verifier.verify_iter, generator.length)
+    attempts = attempts_table(played, ckpt["ckpt_id"], split, _other_mode(cfg.verifier.mode))
+    ce = reference_ce(model, tok, hands_table, cfg.eval.ce_hands, cfg.chat.date_string, batch_size=played.batch_size)
+    model.train(was_training)
+    meta = {
+        "stage": pl.lit(ckpt.get("stage"), pl.String),
+        "step": pl.lit(ckpt.get("step"), pl.Int32),
+        "content_hash": pl.lit(ckpt.get("content_hash"), pl.String),
+        "ce": pl.lit(ce, pl.Float64),
+        "eval_set_hash": pl.lit(hands_table["eval_set_hash"][0], pl.String),
+        "config_hash": pl.lit(config_hash(cfg), pl.String),
+        "preset": pl.lit(decoding["preset"], pl.String),
+        "do_sample": pl.lit(decoding["do_sample"], pl.Boolean),
+        "temperature": pl.lit(decoding["temperature"], pl.Float64),
+        "top_p": pl.lit(decoding["top_p"], pl.Float64),
+        "top_k": pl.lit(decoding["top_k"], pl.Int32),
+        "repetition_penalty": pl.lit(decoding["repetition_penalty"], pl.Float64),
+        "max_new_tokens": pl.lit(decoding["max_new_tokens"], pl.Int32),
+        "seed": pl.lit(decoding["seed"], pl.Int64),
+        "verifier_mode": pl.lit(cfg.verifier.mode, pl.String),
+        "verify_iter": pl.lit(cfg.verifier.verify_iter, pl.Int32),
+        "batch_size": pl.lit(cfg.eval.batch_size, pl.Int32),
+        "batch_size_used": pl.lit(played.batch_size, pl.Int32),
+        "n_params": pl.lit(sum(p.numel() for p in model.parameters()), pl.Int64),
+        "device": pl.lit(str(device), pl.String),
+        "seconds": pl.lit(time.perf_counter() - started, pl.Float64),
+    }
+    summary = summarize(attempts).with_columns(**meta)
+    front = ["ckpt_id", "stage", "step", "split"]
+    return attempts, summary.select(*front, pl.exclude(front))
+
+
+# ---------------------------------------------------------------------------- teacher-forced CE
 
 
 @torch.no_grad()
@@ -42,3 +396,104 @@ def reference_ce(model, tok, table: pl.DataFrame, n: int, date_string: str | Non
         per_hand += ((nll * target).sum(1) / target.sum(1)).tolist()
     model.train(was_training)
     return float(sum(per_hand) / len(per_hand)) if per_hand else float("nan")
+
+
+# ---------------------------------------------------------------------------- store and Prefect
+
+
+def decoding_key(cfg: StudyConfig) -> dict[str, Any]:
+    """The decoding values that can change the outputs. Greedy output does not depend on
+    the seed, the sampling knobs or the batch size; sampled output depends on all three
+    (the batch composition decides which random numbers each row gets; training.md §6)."""
+    d = cfg.eval.decoding.resolved()
+    if not d["do_sample"]:
+        return {k: d[k] for k in ("preset", "do_sample", "repetition_penalty", "max_new_tokens")}
+    return {**d, "batch_size": cfg.eval.batch_size}
+
+
+def config_hash(cfg: StudyConfig) -> str:
+    """Hash of the evaluation settings shared by both splits of a checkpoint."""
+    return stable_hash({"decoding": decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "date_string": cfg.chat.date_string})
+
+
+def key_config(cfg: StudyConfig, ckpt: dict, split: str, eval_set_hash: str) -> dict[str, Any]:
+    # The labels are in the key because they are written into the tables.
+    return {
+        "ckpt": {k: ckpt.get(k) for k in ("ckpt_id", "stage", "step", "content_hash")},
+        "split": split,
+        "eval_set_hash": eval_set_hash,
+        "decoding": decoding_key(cfg),
+        "verifier": cfg.verifier.model_dump(),
+        "ce_hands": cfg.eval.ce_hands,
+        "date_string": cfg.chat.date_string,
+    }
+
+
+def _hands(data_path: Path, split: str) -> pl.DataFrame:
+    path = Path(data_path) / f"eval_{split}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no evaluation table for split {split!r} (is {data_path} a data artifact?)")
+    return pl.read_parquet(path)
+
+
+def artifact(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Artifact:
+    set_hash = pl.read_parquet(Path(data_path) / f"eval_{split}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0]
+    return store.artifact("eval", key_config(cfg, ckpt, split, set_hash), version=VERSION)
+
+
+def run(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Path:
+    """Evaluate a stored checkpoint (a `checkpoints` row) on one split, or find the sealed result."""
+    hands = _hands(data_path, split)
+    art = artifact(store, cfg, ckpt, split, data_path)
+
+    def build(tmp: Path) -> dict:
+        cuda = torch.cuda.is_available()
+        tok = models.load_tokenizer(ckpt["path"], cfg.model.trust_remote_code)
+        model = models.load_model(ckpt["path"], torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
+        attempts, summary = evaluate_model(model, tok, hands, cfg, ckpt)
+        write_parquet(attempts, tmp / "eval_attempts.parquet")
+        write_parquet(summary, tmp / "eval_summary.parquet")
+        s = summary.row(0, named=True)
+        log.info("eval %s %s: accuracy %d/%d, first attempt %.3f, ce %.4f, %.1f s", ckpt["ckpt_id"], split, s["k"], s["n"], s["first_attempt_accuracy"], s["ce"], s["seconds"])
+        return {"accuracy": s["accuracy"], "batch_size_used": s["batch_size_used"], "stop_token_ids": stop_token_ids(tok)}
+
+    return store.build(art, build, config=key_config(cfg, ckpt, split, hands["eval_set_hash"][0]), inputs=[str(ckpt["path"]), str(data_path)])
+
+
+def collect(paths: Sequence[str | Path]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(eval_attempts, eval_summary) of many eval artifacts; the summary gains `ce_id` and
+    `ce_ood` of its checkpoint (null where that split was not evaluated)."""
+    attempts = pl.concat([pl.read_parquet(Path(p) / "eval_attempts.parquet") for p in paths], how="vertical")
+    summary = pl.concat([pl.read_parquet(Path(p) / "eval_summary.parquet") for p in paths], how="vertical")
+    wide = ce_by_split(summary)
+    for s in ("id", "ood"):
+        if f"ce_{s}" not in wide.columns:
+            wide = wide.with_columns(pl.lit(None, pl.Float64).alias(f"ce_{s}"))
+    return attempts, summary.join(wide, on=["ckpt_id", "config_hash"], how="left")
+
+
+@task(name="eval", task_run_name="eval {ckpt[ckpt_id]} {split}")
+def stage(artifact: str, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
+    maybe_fail("eval")
+    from rlheal.caching import open_store
+
+    return str(run(open_store(Store.from_path(artifact).root), cfg, ckpt, split, Path(data)))
+
+
+def collect_artifact(store: Store, paths: Sequence[str | Path]) -> Artifact:
+    """The study-wide tables: one artifact keyed by the per-(checkpoint, split) artifacts."""
+    return store.artifact("eval", {"collect": sorted(Store.from_path(p).key for p in paths)}, version=VERSION)
+
+
+@task(name="eval-tables", task_run_name="eval tables")
+def collect_stage(artifact: str, paths: list[str]) -> str:
+    from rlheal.caching import open_store
+
+    def build(tmp: Path) -> dict:
+        attempts, summary = collect(paths)
+        write_parquet(attempts, tmp / "eval_attempts.parquet")
+        write_parquet(summary, tmp / "eval_summary.parquet")
+        return {"rows": {"eval_attempts": attempts.height, "eval_summary": summary.height}}
+
+    art = Store.from_path(artifact)
+    return str(open_store(art.root).build(art, build, inputs=paths))

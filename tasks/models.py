@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from pathlib import Path
 
 import torch
@@ -202,11 +203,17 @@ def run(store: Store, cfg: StudyConfig) -> Path:
     return store.build(art, lambda tmp: build(tmp, cfg), config=key_config(cfg))
 
 
+# from_pretrained initialises on the meta device through process-global state: two
+# threads loading at once (parallel tasks on the thread runner) corrupt each other.
+_load_lock = threading.Lock()
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):
     """Load a causal LM from safetensors only (no pickle), in `dtype` on `device`."""
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True
-    )
+    with _load_lock:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True
+        )
     return model.to(device)
 
 

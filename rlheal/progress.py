@@ -1,0 +1,92 @@
+"""Study progress, kept in the store and mirrored to the Prefect UI.
+
+`studies/<name>/progress.json` holds done/total per stage (atomically replaced), so
+`rlheal status` needs no server; inside a flow run every update also refreshes one
+Prefect progress artifact per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+_lock = threading.Lock()
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow only lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class Progress:
+    def __init__(self, study_dir: Path, study: str):
+        self.file = Path(study_dir) / "progress.json"
+        self.study = study
+        self._artifacts: dict[str, Any] = {}
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write(self, state: dict) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".progress.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
+        os.replace(tmp, self.file)
+
+    def expect(self, stage: str, labels: list[str]) -> None:
+        """Declare the units of work of a stage (e.g. one per checkpoint and split)."""
+        with _lock:
+            state = self._read()
+            entry = state.setdefault(stage, {"done": []})
+            entry["total"] = sorted(set(labels))
+            entry["done"] = [d for d in entry["done"] if d in entry["total"]]
+            self._write(state)
+        self._publish(stage, state[stage])
+
+    def done(self, stage: str, label: str) -> None:
+        with _lock:
+            state = self._read()
+            entry = state.setdefault(stage, {"total": [label], "done": []})
+            if label not in entry["done"]:
+                entry["done"].append(label)
+            self._write(state)
+        self._publish(stage, state[stage])
+
+    def summary(self) -> dict[str, tuple[int, int]]:
+        return {stage: (len(e.get("done", [])), len(e.get("total", []))) for stage, e in self._read().items()}
+
+    def _publish(self, stage: str, entry: dict) -> None:
+        """Update the stage's Prefect progress artifact when running inside a flow."""
+        try:
+            from prefect.artifacts import create_progress_artifact, update_progress_artifact
+            from prefect.context import FlowRunContext
+
+            if FlowRunContext.get() is None:
+                return
+            pct = 100.0 * len(entry["done"]) / max(1, len(entry["total"]))
+            key = artifact_key(self.study, stage, "progress")
+            if stage not in self._artifacts:
+                self._artifacts[stage] = create_progress_artifact(pct, key=key, description=f"{self.study}: {stage} {len(entry['done'])}/{len(entry['total'])}")
+            else:
+                update_progress_artifact(self._artifacts[stage], pct, description=f"{self.study}: {stage} {len(entry['done'])}/{len(entry['total'])}")
+        except Exception:  # the UI mirror must never fail a study
+            pass
+
+
+def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[str]) -> str:
+    if not summary:
+        return f"study {study!r}: nothing run yet"
+    lines = [f"study {study!r}"]
+    for stage in order + sorted(set(summary) - set(order)):
+        if stage in summary:
+            done, total = summary[stage]
+            bar = "#" * round(20 * done / max(1, total))
+            lines.append(f"  {stage:<8} {bar:<20} {done}/{total}")
+    return "\n".join(lines)
