@@ -27,38 +27,6 @@ def _validate(args: argparse.Namespace) -> StudyConfig:
 STAGES = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
-def check_study_config(cfg: StudyConfig, force: bool) -> None:
-    """A study name in a store stands for one config: a changed config is refused (its
-    tables would mix with the old ones) unless --force relinks the study to it."""
-    import json
-
-    from rlheal.caching import open_store
-
-    record = open_store(cfg.store).study_dir(cfg.name) / "config.json"
-    now = cfg.model_dump(mode="json", exclude={"store"})
-    if record.is_file() and not force:
-        before = json.loads(record.read_text())
-        a, b = _flatten(before), _flatten(now)
-        changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        if changed:
-            raise ConfigError(
-                f"{record}: study {cfg.name!r} was run with another config; changed: " + "; ".join(changed[:8])
-                + ". Use a new study name, or --force to point the study at this config."
-            )
-    record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(now, indent=1, sort_keys=True))
-    os.replace(tmp, record)
-
-
 def _status(args: argparse.Namespace) -> int:
     from rlheal.caching import open_store
     from rlheal.progress import Progress, format_status
@@ -78,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()
-    check_study_config(cfg, args.force)
+    open_store(cfg.store).claim_study(cfg.name, cfg.model_dump(mode="json", exclude={"store"}), args.force)
     # Stage modules log through the standard library; let Prefect forward them to the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

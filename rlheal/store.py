@@ -63,6 +63,13 @@ def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     return path
 
 
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
 @dataclass(frozen=True)
 class Artifact:
     """Address of one stage output. `path` is where it lives once sealed."""
@@ -206,6 +213,23 @@ class Store:
     # ------------------------------------------------------------------ study views
     def study_dir(self, study: str) -> Path:
         return self.root / "studies" / study
+
+    def claim_study(self, study: str, config: Mapping[str, Any], force: bool = False) -> None:
+        """A study name in a store stands for one config: a changed config is refused (its
+        tables would mix with the old ones) unless `force` points the study at it."""
+        record = self.study_dir(study) / "config.json"
+        if record.is_file() and not force:
+            before, now = _flatten(json.loads(record.read_text())), _flatten(json.loads(json.dumps(config, default=str)))
+            changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            if changed:
+                raise StoreError(
+                    f"{record}: study {study!r} was run with another config; changed: " + "; ".join(changed[:8])
+                    + ". Use a new study name, or --force to point the study at this config."
+                )
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".config.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, record)
 
     def publish(self, study: str, table: str, file: Path) -> Path:
         """Expose a sealed Parquet file as `studies/<study>/tables/<table>.parquet` (atomic symlink swap)."""

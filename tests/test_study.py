@@ -1,0 +1,147 @@
+"""The whole study flow on the smoke config: resume after a fault at every stage, the
+report, and the same tables on a Dask cluster."""
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS
+
+STAGE_ORDER = ["data", "model", "sft", "eval", "report"]
+
+
+def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    cfg.update(name=name, store=str(tmp_path / "store"), **override)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task run name -> state name for the DAG subflow of a study flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as client:
+        parent = flow_state.state_details.flow_run_id
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+        ids = [parent, *(f.id for f in subflows)]
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
+    return {r.name: r.state.name for r in runs if not r.name.startswith("rlheal-stages")}
+
+
+def tables(store: Path, study: str) -> dict[str, pl.DataFrame]:
+    return {p.stem: pl.read_parquet(p) for p in (store / "studies" / study / "tables").glob("*.parquet")}
+
+
+def comparable(t: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """Tables without their run-dependent columns (paths, timings)."""
+    drop = {"path", "wall_seconds", "seconds", "device"}
+    return {k: v.drop([c for c in v.columns if c in drop]) for k, v in t.items()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(prefect_api, tmp_path_factory):
+    from flows.study import study
+
+    tmp = tmp_path_factory.mktemp("reference")
+    state = study(config_path=str(smoke_config(tmp)), return_state=True)
+    assert state.is_completed()
+    return tmp / "store"
+
+
+def test_fault_at_each_stage_then_resume(prefect_api, reference_run, tmp_path, monkeypatch):
+    """Inject a failure at each stage in turn on one store: every run fails at its stage,
+    computes the stage that failed last time, and finds every earlier stage Cached."""
+    from flows.study import study
+
+    cfg = str(smoke_config(tmp_path))
+    for i, faulty in enumerate([*STAGE_ORDER, None]):
+        if faulty:
+            monkeypatch.setenv("RLHEAL_FAULT", faulty)
+        else:
+            monkeypatch.delenv("RLHEAL_FAULT", raising=False)
+        state = study(config_path=cfg, return_state=True)
+        states = task_states(state)
+        assert state.is_completed() == (faulty is None), (faulty, states)
+        for done in STAGE_ORDER[: max(0, i - 1)]:
+            if done == "report":
+                continue  # never cached: it always reads the latest tables
+            names = [n for n in states if n.split()[0] == done]
+            assert names and all(states[n] == "Cached" for n in names), (faulty, done, states)
+        if faulty:
+            assert any(n.split()[0] == faulty and s == "Failed" for n, s in states.items()), states
+    ours, ref = comparable(tables(tmp_path / "store", "smoke")), comparable(tables(reference_run, "smoke"))
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert ours[name].equals(ref[name]), name
+
+
+def test_report_from_the_smoke_study(reference_run):
+    report = reference_run / "studies" / "smoke" / "report"
+    md = (report / "report.md").read_text()
+    pngs = list(report.glob("*.png"))
+    assert len(pngs) >= 3 and all(p.stat().st_size > 5000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    # every accuracy printed in the table is the Parquet value
+    summary = pl.read_parquet(reference_run / "studies" / "smoke" / "tables" / "eval_summary.parquet")
+    for r in summary.iter_rows(named=True):
+        line = next(l for l in md.splitlines() if l.startswith(f"| {r['ckpt_id']} | {r['step']} | {r['split']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert (int(cells[3]), int(cells[4])) == (r["n"], r["k"])
+        assert float(cells[5]) == pytest.approx(r["accuracy"], abs=5e-5)
+        assert float(cells[7]) == pytest.approx(r["accuracy_ci_high"], abs=5e-5)
+    assert "## Verdicts" in md and "RL recovery" in md
+
+
+def test_report_of_a_study_missing_stages_says_what_is_absent(reference_run, tmp_path):
+    from tasks import report
+
+    study = tmp_path / "partial"
+    (study / "tables").mkdir(parents=True)
+    for name in ("sft_train", "sft_log", "checkpoints"):
+        shutil.copy(reference_run / "studies" / "smoke" / "tables" / f"{name}.parquet", study / "tables")
+    out = report.run(study, "partial")
+    md = (out / "report.md").read_text()
+    assert md.count("*Absent: the tables it needs are not in this study yet.*") >= 5
+    assert (out / "fig3_losses.png").exists() and "no evaluation results" in md
+
+
+def test_status_reads_progress_from_the_store(reference_run):
+    import subprocess
+    import sys
+
+    cfg = reference_run.parent / "smoke.yaml"
+    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "status", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0
+    assert "eval" in r.stdout and "6/6" in r.stdout and "report" in r.stdout
+
+
+def test_changed_config_mid_study_is_refused(reference_run, tmp_path):
+    import subprocess
+    import sys
+
+    cfg = yaml.safe_load((reference_run.parent / "smoke.yaml").read_text())
+    cfg["sft"]["learning_rate"] = 0.5
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    before = sorted(p.name for p in (reference_run / "sft").iterdir())
+    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(changed)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "sft.learning_rate: 0.001 -> 0.5" in r.stderr
+    assert sorted(p.name for p in (reference_run / "sft").iterdir()) == before
+
+
+def test_dask_local_cluster_gives_identical_tables(prefect_api, reference_run, tmp_path):
+    from flows.study import study
+
+    cfg = smoke_config(tmp_path, runner={"kind": "dask", "n_workers": 2, "threads_per_worker": 1})
+    state = study(config_path=str(cfg), return_state=True)
+    assert state.is_completed()
+    ours, ref = comparable(tables(tmp_path / "store", "smoke")), comparable(tables(reference_run, "smoke"))
+    assert set(ours) == set(ref)
+    for name in ref:
+        assert ours[name].equals(ref[name]), name
