@@ -472,7 +472,20 @@ def collect(paths: Sequence[str | Path]) -> tuple[pl.DataFrame, pl.DataFrame]:
     return attempts, summary.join(wide, on=["ckpt_id", "config_hash"], how="left")
 
 
-@task(name="eval", task_run_name="eval {ckpt[ckpt_id]} {split}")
+def describe(ckpt: dict) -> str:
+    """A checkpoint as the Prefect UI names it: `base`, `sft step=80`, `rl from=80 upd=20`."""
+    if ckpt.get("stage") == "sft":
+        return f"sft step={ckpt['step']}"
+    if ckpt.get("stage") == "rl":
+        return f"rl from={ckpt.get('rl_start_step')} upd={ckpt['step']}"
+    return str(ckpt.get("ckpt_id", ckpt.get("stage")))
+
+
+def _run_name(parameters: dict) -> str:
+    return f"eval {describe(parameters['ckpt'])} {parameters['split']}"
+
+
+@task(name="eval", task_run_name=_run_name)
 def stage(artifact: str, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
     maybe_fail("eval")
     from rlheal.caching import open_store

@@ -171,8 +171,12 @@ def test_other_errors_are_not_swallowed():
 def test_prefect_task_run_name_names_the_checkpoint_and_split():
     from prefect._internal.engine import resolve_custom_task_run_name
 
-    name = resolve_custom_task_run_name(evaluate.stage, {"artifact": "x", "cfg": None, "ckpt": {"ckpt_id": "sft-10"}, "split": "ood", "data": "d"})
-    assert name == "eval sft-10 ood"
+    def name(ckpt):
+        return resolve_custom_task_run_name(evaluate.stage, {"artifact": "x", "cfg": None, "ckpt": ckpt, "split": "ood", "data": "d"})
+
+    assert name({"ckpt_id": "sft-10", "stage": "sft", "step": 10}) == "eval sft step=10 ood"
+    assert name({"ckpt_id": "rl-80-20", "stage": "rl", "step": 20, "rl_start_step": 80}) == "eval rl from=80 upd=20 ood"
+    assert name({"ckpt_id": "base", "stage": "base", "step": 0}) == "eval base ood"
 
 
 def test_batch_size_is_in_the_key_only_when_sampling():
