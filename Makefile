@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-slow demo bench server deploy worker clean
+.PHONY: setup test test-slow faults demo bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow and not faults" -q
+
+faults: setup
+	$(PY) -m pytest tests/faults -q
 
 test-slow: setup
 	$(PY) -m pytest -m slow -q

@@ -125,9 +125,15 @@ class Store:
         if not manifest.is_file():
             return "missing" if not path.exists() else "no manifest"
         try:
-            files = json.loads(manifest.read_text())["files"]
+            meta_all = json.loads(manifest.read_text())
+            files = meta_all["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return "unreadable manifest"
+        # Artifacts sealed separately but owned by this one (SFT checkpoints of a run):
+        # a damaged part makes the whole artifact unusable, so it is rebuilt with it.
+        for part in meta_all.get("parts", []):  # paths relative to the store root
+            if (why := self.problem(path.parent.parent / part)) is not None:
+                return f"part {Path(part).name}: {why}"
         for rel, meta in files.items():
             f = path / rel
             try:

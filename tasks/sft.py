@@ -286,7 +286,8 @@ def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -
         ckpts, logs = tables(store, run_art, cfg, model_path, model_hash)
         write_parquet(ckpts, tmp / "checkpoints.parquet")
         write_parquet(logs, tmp / "sft_log.parquet")
-        return {"steps": cfg.sft.save_steps}
+        parts = [f"{run_art.stage}/{step_artifact(run_art, k).key}" for k in cfg.sft.save_steps if k > 0]
+        return {"steps": cfg.sft.save_steps, "parts": parts}
 
     path = store.build(run_art, build, config=key_config(cfg), inputs=[str(model_art_path), str(data_path)])
     shutil.rmtree(work_dir(run_art), ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Shared helpers of the fault suite: run the smoke study as a real `rlheal` process."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+from rlheal.store import MANIFEST, Store
+from tests.conftest import CONFIGS
+
+
+def write_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    cfg.update(name=name, store=str(tmp_path / "store"), **override)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def rlheal(args, env, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rlheal.cli", *args], env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def start(args, env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "rlheal.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
+    """SIGKILL the whole process group after `seconds`; False if it had already finished."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def artifact_dirs(store: Path):
+    """Every artifact directory in the store (stage/<key>), not temp or lock folders."""
+    for stage in store.iterdir():
+        if stage.is_dir() and not stage.name.startswith(".") and stage.name != "studies":
+            yield from (d for d in stage.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def assert_sealed_or_absent(store: Path) -> int:
+    s = Store(store)
+    n = 0
+    for d in artifact_dirs(store):
+        assert (d / MANIFEST).is_file(), f"{d} is in place without a manifest"
+        assert s.problem(d) is None, f"{d}: {s.problem(d)}"
+        n += 1
+    return n
+
+
+def study_tables(store: Path, study: str = "smoke") -> dict[str, pl.DataFrame]:
+    drop = {"path", "wall_seconds", "seconds", "device"}
+    out = {}
+    for p in (store / "studies" / study / "tables").glob("*.parquet"):
+        t = pl.read_parquet(p)
+        out[p.stem] = t.drop([c for c in t.columns if c in drop])
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_store(tmp_path_factory, prefect_api):
+    """One uninterrupted smoke study, the yardstick of every fault test."""
+    tmp = tmp_path_factory.mktemp("faults-reference")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = rlheal(["run", str(write_config(tmp))], env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return tmp / "store"
