@@ -289,6 +289,43 @@ class SvdSection(Section):
         return v
 
 
+EditK = Annotated[int, Field(ge=0)] | Annotated[float, Field(gt=0, le=1)]
+Role = Literal["base", "B", "S", "R"]
+
+
+class EditVariant(Section):
+    """One rotation-editing variant (analysis.md §4.1)."""
+
+    method: Literal["copy", "swap_triplets", "swap_directions", "sv_only"] = "swap_directions"
+    k_top: EditK = Field(1.0, description="int = absolute (clamped per matrix), float = fraction of each matrix's r")
+    k_tail: EditK = 0
+    layers: str | None = Field(None, description='"0-9,20-29" (inclusive layer indices) or "0-0.25" (fractions of the layer count, half-open)')
+    modules: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = None
+    donor: Role = "B"
+    target: Role = "S"
+
+
+class EditingSection(Section):
+    """Rotation-editing experiments (analysis.md §4)."""
+
+    enabled: bool = True
+    grid: Literal["default", "authors", "small", "none"] = Field("default", description="built-in variant grid (§4.3); `none` = only `variants`")
+    variants: list[EditVariant] = Field([], description="variants added to the grid")
+    reference_compat: bool = Field(False, description="reproduce the authors' quirks (§4.2)")
+    keep_checkpoints: bool = Field(False, description="write every edited model as a full checkpoint")
+    bootstrap_resamples: int = Field(2000, ge=100)
+    bootstrap_seed: int = 0
+
+    @model_validator(mode="after")
+    def _compat_absolute(self) -> EditingSection:
+        if self.reference_compat:
+            for i, v in enumerate(self.variants):
+                for name in ("k_top", "k_tail"):
+                    if isinstance(getattr(v, name), float):
+                        raise ValueError(f"variants[{i}].{name}: reference_compat takes absolute k only (quirk 2), got {getattr(v, name)}")
+        return self
+
+
 class RunnerSection(Section):
     """Where tasks run: in the flow's process (local) or on a Dask cluster via prefect-dask."""
 
@@ -313,6 +350,7 @@ class StudyConfig(Section):
     rl: RlSection = RlSection()
     roles: RolesSection = RolesSection()
     svd: SvdSection = SvdSection()
+    editing: EditingSection = EditingSection()
     runner: RunnerSection = RunnerSection()
 
     @model_validator(mode="after")
