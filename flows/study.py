@@ -17,7 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import data, evaluate, models, report, sft
+from tasks import data, evaluate, models, report, sft, svd
 
 SPLITS = ("id", "ood")
 
@@ -59,11 +59,19 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     st.publish_all(cfg.name, Path(eval_dir), evaluate.TABLES)
     publish_summary(cfg.name, Path(eval_dir))
 
+    with stage("svd"), gpu_slot(cfg.runner):
+        ckpt_tables = [str(Path(sft_dir) / "checkpoints.parquet")]
+        summary = str(Path(eval_dir) / "eval_summary.parquet")
+        svd_art = svd.artifact(st, cfg, svd.artifact_inputs(cfg, svd.read_checkpoints(ckpt_tables), pl.read_parquet(summary)))
+        svd_dir = svd.stage.with_options(**cached)(artifact=str(svd_art), cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary)
+    st.publish_all(cfg.name, Path(svd_dir), svd.TABLES)
+    progress.done("svd", "svd")
+
     with stage("report"):
         report_dir = report.stage(study_dir=str(st.study_dir(cfg.name)), title=cfg.name)
     progress.done("report", "report")
 
-    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "eval": eval_dir, "report": report_dir}
+    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "eval": eval_dir, "svd": svd_dir, "report": report_dir}
 
 
 def publish_summary(study: str, eval_dir: Path) -> None:

@@ -39,10 +39,9 @@ def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store)
-    if cfg.model.name_or_path:  # a missing model is bad input: fail before anything is written
-        from tasks.models import resolve_pretrained
+    from rlheal import preflight
 
-        resolve_pretrained(cfg.model)
+    preflight.check(cfg)  # a missing model, a pattern or k that fits no matrix: before anything is written
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()

@@ -226,7 +226,8 @@ class Store:
         record = self.study_dir(study) / "config.json"
         if record.is_file() and not force:
             before, now = _flatten(json.loads(record.read_text())), _flatten(json.loads(json.dumps(config, default=str)))
-            changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+            # fields the record lacks came with a newer rlheal (new sections, new defaults): not a change
+            changed = [f"{k}: {before[k]!r} -> {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
             if changed:
                 raise StoreError(
                     f"{record}: study {study!r} was run with another config; changed: " + "; ".join(changed[:8])

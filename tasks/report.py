@@ -127,9 +127,10 @@ def fig_losses(sft_log: pl.DataFrame, acc: pl.DataFrame | None, out: Path) -> Pa
     return _save(fig, out, "fig3_losses")
 
 
-def fig_svd(pairs: pl.DataFrame, angles_col: str, out: Path) -> Path | None:
-    traj = pairs.filter((pl.col("comparison") == "weights") & pl.col("skip_reason").is_null())
-    if traj.is_empty() or "tgt_step" not in traj.columns:
+def fig_svd(pairs: pl.DataFrame, checkpoints: pl.DataFrame, angles_col: str, out: Path) -> Path | None:
+    steps = checkpoints.filter(pl.col("stage").is_in(["base", "sft"])).select(pl.col("ckpt_id").alias("tgt_id"), pl.col("step").alias("tgt_step"))
+    traj = pairs.filter((pl.col("comparison") == "weights") & pl.col("skip_reason").is_null()).join(steps, on="tgt_id")
+    if traj.is_empty():
         return None
     k0 = traj["k"].min()
     traj = traj.filter(pl.col("k") == k0)
@@ -231,12 +232,17 @@ def verdict_window(rec: pl.DataFrame | None) -> Verdict:
     return Verdict(finding, "; ".join(parts), verdict)
 
 
-def verdict_rotation(pairs: pl.DataFrame | None) -> Verdict:
+def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> Verdict:
+    """Judged on the forgetting segment B→S against its own noise control (analysis.md §3.8)."""
     finding = "Singular values barely move while singular vectors rotate"
-    if pairs is None:
+    if pairs is None or roles is None:
         return Verdict(finding, "no SVD results", "no data")
-    w = pairs.filter((pl.col("comparison") == "weights") & pl.col("skip_reason").is_null())
-    noise = pairs.filter((pl.col("comparison") == "noise_control") & pl.col("skip_reason").is_null())
+    ids = dict(zip(roles["role"], roles["ckpt_id"]))
+    if "B" not in ids or "S" not in ids or ids["B"] == ids["S"]:
+        return Verdict(finding, "B and S are not distinct checkpoints", "no data")
+    valid = pl.col("skip_reason").is_null() & (pl.col("ref_id") == ids["B"])
+    w = pairs.filter(valid & (pl.col("comparison") == "weights") & (pl.col("tgt_id") == ids["S"]))
+    noise = pairs.filter(valid & (pl.col("comparison") == "noise_control"))
     if w.is_empty():
         return Verdict(finding, "no valid comparisons", "no data")
     drift = w["sdrift_mean_abs_rel_all"].mean()
@@ -244,7 +250,7 @@ def verdict_rotation(pairs: pl.DataFrame | None) -> Verdict:
     stretch = w["energy_stretch"].mean()
     angle = w["angle_u_mean_deg"].mean()
     noise_angle = noise["angle_u_mean_deg"].mean() if noise.height else float("nan")
-    evidence = f"mean |Δσ|/σ {drift:.4f}; mean top-k angle {angle:.2f}° (noise control {noise_angle:.2f}°); ΔW energy: stretch {stretch:.3f}, rotation {rot:.3f}"
+    evidence = f"B={ids['B']} → S={ids['S']}: mean abs relative σ drift {drift:.4f}; mean top-k angle {angle:.2f}° (noise control of the same ‖ΔW‖: {noise_angle:.2f}°); ΔW energy in the top-k block: stretch {stretch:.3f}, rotation {rot:.3f}"
     if math.isnan(noise_angle):
         return Verdict(finding, evidence, "inconclusive")
     return Verdict(finding, evidence, "supported" if drift < 0.01 and angle > noise_angle and rot > stretch else "not supported")
@@ -303,14 +309,14 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
     section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "after_low", "after_high", "healed")) + "\n")
     section("Format errors", acc is not None, lambda: with_fig(fig_format_errors(acc, out)))
     section("Losses", "sft_log" in t, lambda: with_fig(fig_losses(t["sft_log"], acc, out)))
-    section("Singular values and vectors", "svd_pair_metrics" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], "angle_u_mean_deg", out)))
+    section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out)))
 
     verdicts = [
         verdict_forgetting(acc, t.get("sft_log")),
         verdict_window(rec),
-        verdict_rotation(t.get("svd_pair_metrics")),
+        verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
         verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
     ]
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)

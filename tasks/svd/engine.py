@@ -1,0 +1,301 @@
+"""The SVD engine and its on-disk cache (analysis.md §2, §4.5.1).
+
+One routine, `svd`, decomposes every matrix the project ever decomposes, and counts each
+call in `SVD_CALLS` under (object label, param): tests use it to prove that a matrix of a
+checkpoint is decomposed once, whatever the number of measurements or edit variants.
+
+Cache: one sealed store artifact per decomposed object (a checkpoint's weights, a delta
+W_to - W_from, or a noise control) in the `svd` stage folder, holding one safetensors file
+per matrix (`S` float64 always; `U_top`, `V_top`, `U_tail`, `V_tail` in the compute dtype)
+and the stored column counts in its manifest. Objects are keyed by content hashes, never
+by checkpoint names, so a renamed or re-registered checkpoint hits the same cache. A
+request for more columns than a cached artifact holds builds a wider one; any artifact
+that covers a request is used for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rlheal.config import StudyConfig
+from rlheal.store import Store, stable_hash
+from tasks import models
+from tasks.svd.matrices import Matrix, read_tensor, select_matrices, storage_dtype
+from tasks.svd.metrics import NOISE_SEED, Factors, KSpec, noise_target, resolve_k
+
+VERSION = "1"
+STAGE = "svd"
+log = logging.getLogger("rlheal.svd")
+
+# (object label, param) -> number of matrices decomposed. Reset it freely in tests.
+SVD_CALLS: Counter[tuple[str, str]] = Counter()
+
+
+# ---------------------------------------------------------------------------- the routine
+
+
+def compute_placement(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> tuple[torch.device, torch.dtype]:
+    """§2: fp32 on a GPU, fp64 on the CPU (unless told otherwise)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return dev, dtype or (torch.float32 if dev.type == "cuda" else torch.float64)
+
+
+def svd(W: torch.Tensor, labels: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of one matrix (m, n) or a stack of equal-shape matrices (b, m, n).
+
+    Always the exact LAPACK / cuSOLVER path (`driver=None`: gesvdj with gesvd fallback on
+    CUDA), never a randomized or `gesvda` approximation, since the results are stored."""
+    if len(labels) != (W.shape[0] if W.ndim == 3 else 1):
+        raise ValueError(f"svd: {len(labels)} labels for a tensor of shape {tuple(W.shape)}")
+    SVD_CALLS.update(labels)
+    return torch.linalg.svd(W, full_matrices=False)
+
+
+def svd_bytes(m: int, n: int, dtype: torch.dtype) -> int:
+    """Working memory of one thin SVD: the input, a workspace copy and U, S, V^T."""
+    r = min(m, n)
+    return torch.finfo(dtype).bits // 8 * (2 * m * n + m * r + r + r * n)
+
+
+def batches(matrices: Sequence[Matrix], dtype: torch.dtype, memory_gib: float, batched: bool) -> Iterator[list[Matrix]]:
+    """Groups to decompose together: equal-shape matrices under the memory cap (§2), or singles."""
+    if not batched:
+        yield from ([m] for m in matrices)
+        return
+    cap = memory_gib * 2**30
+    by_shape: dict[tuple[int, int], list[Matrix]] = {}
+    for mat in matrices:
+        by_shape.setdefault(mat.shape, []).append(mat)
+    for shape, group in by_shape.items():
+        size = max(1, int(cap // svd_bytes(*shape, dtype)))
+        for i in range(0, len(group), size):
+            yield group[i : i + size]
+
+
+def decompose(
+    matrices: Sequence[Matrix],
+    load: Callable[[Matrix], torch.Tensor],
+    label: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    batched: bool = False,
+    memory_gib: float = 4.0,
+) -> Iterator[tuple[Matrix, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Stream (matrix, U, S, V^T) over `matrices`; `load` returns one matrix. At most one batch
+    is held in the compute dtype at a time."""
+    for group in batches(matrices, dtype, memory_gib, batched):
+        Ws = [load(mat).to(device=device, dtype=dtype) for mat in group]
+        labels = [(label, mat.param) for mat in group]
+        if len(group) == 1:
+            U, S, Vh = svd(Ws[0], labels)
+            yield group[0], U, S, Vh
+        else:
+            U, S, Vh = svd(torch.stack(Ws), labels)
+            del Ws
+            for i, mat in enumerate(group):
+                yield mat, U[i], S[i], Vh[i]
+        del U, S, Vh
+
+
+# ---------------------------------------------------------------------------- columns
+
+
+@dataclass(frozen=True)
+class ColumnRequest:
+    """Which singular vectors a consumer needs, as k-specs resolved per matrix: the largest
+    top-k and the largest tail-k over `top` / `tail`; `all` keeps every column. Requests
+    combine with `|` (the editing stage adds its grids to the measurement grid)."""
+
+    top: tuple[KSpec, ...] = ()
+    tail: tuple[KSpec, ...] = ()
+    all: bool = False
+
+    def columns(self, r: int) -> tuple[int, int]:
+        """(top, tail) columns to keep for a matrix of rank r; (r, 0) = all of them."""
+        if self.all:
+            return r, 0
+        top = min(r, max((resolve_k(s, r) for s in self.top), default=0))
+        tail = min(r, max((resolve_k(s, r) for s in self.tail), default=0))
+        return (r, 0) if top + tail >= r else (top, tail)
+
+    def __or__(self, other: ColumnRequest) -> ColumnRequest:
+        return ColumnRequest(tuple(dict.fromkeys(self.top + other.top)), tuple(dict.fromkeys(self.tail + other.tail)), self.all or other.all)
+
+    def key(self) -> dict:
+        return {"all": True} if self.all else {"top": sorted(map(repr, self.top)), "tail": sorted(map(repr, self.tail))}
+
+
+def column_request(cfg: StudyConfig) -> ColumnRequest:
+    """The measurement grid's needs (`svd.columns: needed`) or everything (`all`)."""
+    return ColumnRequest(all=True) if cfg.svd.columns == "all" else ColumnRequest(top=tuple(cfg.svd.k))
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+@dataclass
+class Cached:
+    """A sealed cache artifact: per-matrix factor files and the columns each holds."""
+
+    path: Path
+    columns: dict[str, dict]
+    device: torch.device
+    dtype: torch.dtype
+
+    def factors(self, mat: Matrix) -> Factors:
+        with safe_open(self.path / f"{mat.param}.safetensors", framework="pt") as sf:
+            t = {k: sf.get_tensor(k) for k in sf.keys()}
+        on = dict(device=self.device, dtype=self.dtype)
+        empty_u, empty_v = torch.empty(mat.m, 0, **on), torch.empty(mat.n, 0, **on)
+        return Factors(
+            t["S"].to(self.device), t["U_top"].to(**on), t["V_top"].to(**on),
+            t["U_tail"].to(**on) if "U_tail" in t else empty_u, t["V_tail"].to(**on) if "V_tail" in t else empty_v,
+            mat.m, mat.n,
+        )  # fmt: skip
+
+    def covers(self, matrices: Sequence[Matrix], request: ColumnRequest) -> bool:
+        for mat in matrices:
+            have = self.columns.get(mat.param)
+            if have is None or (have["m"], have["n"]) != mat.shape:
+                return False
+            top, tail = request.columns(mat.r)
+            if have["top"] < mat.r and (have["top"] < top or have["tail"] < tail):
+                return False
+        return True
+
+
+def _write_factors(tmp: Path, mat: Matrix, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, request: ColumnRequest) -> dict:
+    top, tail = request.columns(mat.r)
+    f = Factors.from_svd(U, S, Vh, top, tail)
+    tensors = {"S": f.S, "U_top": f.U_top, "V_top": f.V_top}
+    if tail:
+        tensors |= {"U_tail": f.U_tail, "V_tail": f.V_tail}
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / f"{mat.param}.safetensors")
+    return {"m": mat.m, "n": mat.n, "top": top, "tail": tail}
+
+
+@dataclass
+class SvdCache:
+    """Decompose-once access to the factors of checkpoints, deltas and noise controls.
+
+    `row` arguments are `checkpoints` rows (ckpt_id, path, content_hash). Labels in
+    `SVD_CALLS` are the ckpt_id, the delta id `<from>..<to>` or `noise:<ref>..<tgt>`."""
+
+    store: Store
+    matrices: list[Matrix]
+    request: ColumnRequest = ColumnRequest()
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+    batched: bool | None = None
+    memory_gib: float = 4.0
+    _found: dict[str, Cached] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self.device, self.dtype = compute_placement(self.device, self.dtype)
+        if self.batched is None:
+            self.batched = self.device.type == "cuda"
+
+    # -- reading weights
+    def weight(self, row: dict, mat: Matrix) -> torch.Tensor:
+        return read_tensor(row["path"], mat.param, self.device, self.dtype)
+
+    # -- the three kinds of decomposed objects
+    def weights(self, row: dict) -> Cached:
+        obj = {"kind": "weight", "content_hash": content_hash(row)}
+        extra = {"ckpt_id": row["ckpt_id"], "path": str(row["path"]), "storage_dtype": storage_dtype(row["path"])}
+        return self._get(obj, row["ckpt_id"], lambda mat: self.weight(row, mat), extra)
+
+    def delta(self, frm: dict, to: dict) -> Cached:
+        obj = {"kind": "delta", "from": content_hash(frm), "to": content_hash(to)}
+        label = f"{frm['ckpt_id']}..{to['ckpt_id']}"
+        return self._get(obj, label, lambda mat: self.weight(to, mat) - self.weight(frm, mat), {"delta_id": label})
+
+    def noise(self, ref: dict, tgt: dict, seed: int = NOISE_SEED) -> Cached:
+        obj = {"kind": "noise", "ref": content_hash(ref), "tgt": content_hash(tgt), "seed": seed}
+        label = noise_id(ref["ckpt_id"], tgt["ckpt_id"])
+        return self._get(obj, label, lambda mat: self.noise_matrix(ref, tgt, mat, seed), {"noise_id": label})
+
+    def noise_matrix(self, ref: dict, tgt: dict, mat: Matrix, seed: int = NOISE_SEED) -> torch.Tensor:
+        Wa = self.weight(ref, mat)
+        return noise_target(Wa, float(torch.linalg.matrix_norm(self.weight(tgt, mat) - Wa)), mat.param, seed)
+
+    # -- look-up and build
+    def _config(self, obj: dict) -> dict:
+        return {"kind": "svd_cache", "object": obj, "compute_dtype": str(self.dtype).removeprefix("torch."), "version": VERSION}
+
+    def _get(self, obj: dict, label: str, load: Callable[[Matrix], torch.Tensor], extra: dict) -> Cached:
+        config = self._config(obj)
+        ident = stable_hash(config)
+        hit = self._found.get(ident)
+        if hit is not None and hit.covers(self.matrices, self.request):
+            return hit
+        for cand in self._candidates(config):
+            if cand.covers(self.matrices, self.request) and self.store.is_sealed(cand.path):
+                self._found[ident] = cand
+                return cand
+        key_config = config | {"params": stable_hash([m.param for m in self.matrices]), "columns": self.request.key()}
+        art = self.store.artifact(STAGE, key_config, version=VERSION)
+
+        def build(tmp: Path) -> dict:
+            t0 = time.perf_counter()
+            columns = {}
+            for mat, U, S, Vh in decompose(self.matrices, load, label, self.device, self.dtype, self.batched, self.memory_gib):
+                columns[mat.param] = _write_factors(tmp, mat, U, S, Vh, self.request)
+            log.info("svd %s: %d matrices decomposed in %.2f s (%s on %s)", label, len(columns), time.perf_counter() - t0, self.dtype, self.device)
+            return {"columns": columns, "label": label, **extra}
+
+        path = self.store.build(art, build, config=key_config)
+        found = Cached(path, self.store.manifest(path)["columns"], self.device, self.dtype)
+        self._found[ident] = found
+        return found
+
+    def _candidates(self, config: dict) -> Iterator[Cached]:
+        """Sealed cache artifacts of the same object, dtype and code version, widest first."""
+        found = []
+        for manifest in (self.store.root / STAGE).glob("*/manifest.json"):
+            try:
+                m = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if {k: m.get("config", {}).get(k) for k in config} == config and "columns" in m:
+                found.append(Cached(manifest.parent, m["columns"], self.device, self.dtype))
+        yield from sorted(found, key=lambda c: -sum(v["top"] + v["tail"] for v in c.columns.values()))
+
+
+def content_hash(row: dict) -> str:
+    """A checkpoint's weights hash, from its row or (missing) from its files."""
+    return row.get("content_hash") or models.weights_hash(Path(row["path"]))
+
+
+def noise_id(ref_id: str, tgt_id: str) -> str:
+    return f"noise:{ref_id}..{tgt_id}"
+
+
+def load_svd(
+    store: Store,
+    cfg: StudyConfig,
+    ckpt_row: dict,
+    param: str,
+    request: ColumnRequest | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Factors:
+    """The cached factors of one matrix of a checkpoint, decomposing the checkpoint's selected
+    matrices (cfg.svd) once if no cached artifact covers `request` (default: cfg's own).
+    For many matrices, hold one `SvdCache` and call `.weights(row).factors(mat)` instead."""
+    matrices = select_matrices(ckpt_row["path"], cfg.svd)
+    mat = next((m for m in matrices if m.param == param), None)
+    if mat is None:
+        raise KeyError(f"{param!r} is not one of the matrices svd.include selects in {ckpt_row['path']}")
+    cache = SvdCache(store, matrices, request or column_request(cfg), device, dtype, memory_gib=cfg.svd.batch_memory_gib)
+    return cache.weights(ckpt_row).factors(mat)
