@@ -70,6 +70,21 @@ class ModelSection(Section):
         return self
 
 
+class PretrainSection(Section):
+    """Stage `pretrain` (builtin models only): give the tiny model general knowledge to lose,
+    from a synthetic corpus that never holds a GeneralPoints example under the ID or OOD rule."""
+
+    enabled: bool = False
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    seed: int = Field(0, ge=0)
+    corpus_size: int = Field(100_000, ge=1, description="synthetic examples (each used at most once per pass)")
+    benchmark_format_fraction: float = Field(1 / 3, ge=0, le=1, description="share of corpus prompts answered in the benchmark's answer block")
+    use_shipped: bool = Field(True, description="start from the checkpoint shipped with rlheal when its config matches")
+
+
 class ChatSection(Section):
     date_string: str | None = Field(
         "26 Jul 2024", description="fixed date for templates that insert one (GP §4); null = today"
@@ -342,6 +357,7 @@ class StudyConfig(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
     store: str = "store"
     model: ModelSection = ModelSection(builtin="tiny")
+    pretrain: PretrainSection = PretrainSection()
     chat: ChatSection = ChatSection()
     verifier: VerifierSection = VerifierSection()
     data: DataSection = DataSection()
@@ -355,6 +371,8 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _relations(self) -> StudyConfig:
+        if self.pretrain.enabled and not self.model.builtin:
+            raise ValueError("pretrain.enabled: pretraining is for builtin models only; a Hugging Face model comes pretrained")
         if self.rl.seed == self.data.eval_seed:
             raise ValueError(f"rl.seed: must differ from data.eval_seed ({self.data.eval_seed}) so the hand streams are disjoint")
         if self.rl.from_steps != "all":
