@@ -3,6 +3,7 @@ a pattern that selects no matrix, or a k no selected matrix admits, is bad input
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,12 @@ def check(cfg: StudyConfig) -> None:
     with tempfile.TemporaryDirectory(prefix="rlheal-preflight-") as tmp:
         if cfg.model.builtin:
             path = Path(tmp)
-            models.build_tiny(path, cfg.model)  # deterministic and tiny: the same shapes the study will use
+            quiet = logging.getLogger("rlheal.model")
+            quiet.disabled = True  # a throw-away copy for its shapes: not the study's model stage
+            try:
+                models.build_tiny(path, cfg.model)
+            finally:
+                quiet.disabled = False
         else:
             path = models.resolve_pretrained(cfg.model)
         matrices = select_matrices(path, cfg.svd)
