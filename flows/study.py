@@ -17,7 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import data, evaluate, models, report, sft, svd
+from tasks import data, editing, evaluate, models, report, sft, svd
 
 SPLITS = ("id", "ood")
 
@@ -67,11 +67,16 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     st.publish_all(cfg.name, Path(svd_dir), svd.TABLES)
     progress.done("svd", "svd")
 
+    with stage("editing"), gpu_slot(cfg.runner):
+        edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)
+    if edit_dir:
+        st.publish_all(cfg.name, Path(edit_dir), editing.TABLES)
+
     with stage("report"):
         report_dir = report.stage(study_dir=str(st.study_dir(cfg.name)), title=cfg.name)
     progress.done("report", "report")
 
-    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "eval": eval_dir, "svd": svd_dir, "report": report_dir}
+    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
 
 
 def publish_summary(study: str, eval_dir: Path) -> None:
@@ -100,3 +105,23 @@ def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, checkpo
         progress.done("eval", futures[fut])
     combined = evaluate.collect_artifact(st, paths)
     return evaluate.collect_stage.with_options(**cached)(artifact=str(combined), paths=sorted(paths))
+
+
+def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: str, ckpt_tables: list[str], data_dir: str) -> str | None:
+    """One cached task per editing variant (baselines included), then their tables."""
+    roles, checkpoints = editing.read_roles(svd_dir), svd.read_checkpoints(ckpt_tables)
+    variants = editing.plan(cfg, roles, checkpoints)
+    if not variants:
+        return None
+    progress.expect("editing", [v["variant_id"] for v in variants])
+    task = editing.stage.with_options(**cached)
+    futures = {
+        task.submit(artifact=str(editing.artifact(st, cfg, v, checkpoints, Path(data_dir))), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir): v["variant_id"]
+        for v in variants
+    }
+    paths = []
+    for fut in as_completed(list(futures)):
+        paths.append(fut.result())
+        progress.done("editing", futures[fut])
+    combined = editing.collect_artifact(st, cfg, paths)
+    return editing.collect_stage.with_options(**cached)(artifact=str(combined), cfg=cfg, paths=sorted(paths))

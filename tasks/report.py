@@ -260,8 +260,10 @@ def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> 
     finding = "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers OOD ability"
     if res is None or variants is None:
         return Verdict(finding, "no editing results", "no data")
-    d = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & (pl.col("method") == "swap_directions"))
-    picks = d.filter(((pl.col("k_top_spec") == "0.2") & pl.col("layers_spec").is_null()) | (pl.col("k_top_spec") == "1.0") & pl.col("layers_spec").is_not_null())
+    from tasks.editing import claim_variants
+
+    claims = {v: k for k, v in claim_variants(variants).items() if v is not None}
+    picks = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & pl.col("variant_id").is_in(list(claims)))
     if picks.is_empty():
         return Verdict(finding, "the two claimed variants were not run", "no data")
     parts, verdicts = [], []

@@ -307,4 +307,10 @@ def stage(artifact: str, cfg: StudyConfig, checkpoints: str | list[str], eval_su
     maybe_fail("svd")
     from rlheal.caching import open_store
 
-    return str(run(open_store(Store.from_path(artifact).root), cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary)))
+    # The editing sweep reuses these SVDs: ask for its columns now, so no matrix is decomposed twice.
+    extra = None
+    if cfg.editing.enabled:
+        from tasks.editing import column_request
+
+        extra = column_request(cfg)
+    return str(run(open_store(Store.from_path(artifact).root), cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), extra_columns=extra))

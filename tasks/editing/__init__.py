@@ -1,0 +1,33 @@
+"""Stage `editing`: rotation-editing experiments (analysis.md §4, §6).
+
+Read in this order: `formulas` (index sets and E0/E1/E2/E4 as tensor functions, §4.1),
+`grid` (variants, E3 layer ranges, the §4.3 grids, the companion paper's claims), `apply`
+(which matrices, edits written in place on the resident target and restored, §4.2, §4.5),
+`recovery` (ρ with its paired bootstrap, damage fraction, §4.4), `sweep` (one cached
+Prefect task per variant, the study tables, §6).
+
+Wiring (flows/study.py), after the svd stage:
+
+    roles = editing.read_roles(svd_dir)                  # checkpoint_roles
+    ckpts = svd.read_checkpoints(checkpoint_parquets)    # sft (+ rl) checkpoints tables
+    for v in editing.plan(cfg, roles, ckpts):            # resolved grid incl. baselines
+        editing.stage(artifact=str(editing.artifact(st, cfg, v, ckpts, data_dir)), cfg=cfg,
+                      variant=v, roles=svd_dir, checkpoints=checkpoint_parquets, data=data_dir)
+    editing.collect_stage(artifact=str(editing.collect_artifact(st, cfg, paths)), cfg=cfg, paths=paths)
+"""
+
+from tasks.editing.apply import applied, edited, fingerprint, n_layers, resident
+from tasks.editing.formulas import METHODS, edit_matrix, index_set, resolve_edit_k
+from tasks.editing.grid import claim_variants, column_request, resolve_layers, variant_id, variants
+from tasks.editing.recovery import damage_fraction, paired_bootstrap, recovery_fraction
+from tasks.editing.sweep import (
+    SCHEMAS, STAGE, TABLES, VERSION, artifact, collect, collect_artifact, collect_stage, edit_and_evaluate, plan, read_roles, run,
+    run_variant, stage,
+)  # fmt: skip
+
+__all__ = [
+    "METHODS", "SCHEMAS", "STAGE", "TABLES", "VERSION", "applied", "artifact", "claim_variants", "collect", "collect_artifact",
+    "collect_stage", "column_request", "damage_fraction", "edit_and_evaluate", "edit_matrix", "edited", "fingerprint", "index_set",
+    "n_layers", "paired_bootstrap", "plan", "read_roles", "recovery_fraction", "resident", "resolve_edit_k", "resolve_layers", "run",
+    "run_variant", "stage", "variant_id", "variants",
+]  # fmt: skip
