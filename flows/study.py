@@ -17,7 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import data, editing, evaluate, models, report, sft, svd
+from tasks import data, editing, evaluate, models, report, rl, sft, svd
 
 SPLITS = ("id", "ood")
 
@@ -52,15 +52,19 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         sft_dir = sft.stage.with_options(**cached)(artifact=str(sft_art), cfg=cfg, model=model_dir, data=data_dir)
     st.publish_all(cfg.name, Path(sft_dir), sft.TABLES)
     progress.done("sft", "sft")
-    checkpoints = pl.read_parquet(Path(sft_dir) / "checkpoints.parquet")
+
+    with stage("rl"), gpu_slot(cfg.runner):
+        ckpt_dir = rl_all(cfg, st, cached, progress, sft_dir, data_dir)
+    st.publish_all(cfg.name, Path(ckpt_dir), [t for t in rl.TABLES if (Path(ckpt_dir) / f"{t}.parquet").exists()])
+    ckpt_tables = [str(Path(ckpt_dir) / "checkpoints.parquet")]
+    checkpoints = pl.read_parquet(ckpt_tables[0])
 
     with stage("eval"), gpu_slot(cfg.runner):
         eval_dir = evaluate_all(cfg, st, cached, progress, checkpoints, data_dir)
     st.publish_all(cfg.name, Path(eval_dir), evaluate.TABLES)
-    publish_summary(cfg.name, Path(eval_dir))
+    publish_summary(cfg.name, st.study_dir(cfg.name) / "tables")
 
     with stage("svd"), gpu_slot(cfg.runner):
-        ckpt_tables = [str(Path(sft_dir) / "checkpoints.parquet")]
         summary = str(Path(eval_dir) / "eval_summary.parquet")
         svd_art = svd.artifact(st, cfg, svd.artifact_inputs(cfg, svd.read_checkpoints(ckpt_tables), pl.read_parquet(summary)))
         svd_dir = svd.stage.with_options(**cached)(artifact=str(svd_art), cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary)
@@ -76,35 +80,54 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         report_dir = report.stage(study_dir=str(st.study_dir(cfg.name)), title=cfg.name)
     progress.done("report", "report")
 
-    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
+    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
 
 
-def publish_summary(study: str, eval_dir: Path) -> None:
-    """The evaluation summary as a table artifact in the Prefect UI."""
+def publish_summary(study: str, tables: Path) -> None:
+    """Table artifacts in the Prefect UI: accuracy per checkpoint, and OOD before/after RL."""
     from prefect.artifacts import create_table_artifact
 
-    cols = ["ckpt_id", "step", "split", "k", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "format_error_rate", "ce"]
-    rows = pl.read_parquet(eval_dir / "eval_summary.parquet").select(cols).sort("split", "step").with_columns(pl.selectors.float().round(4))
+    t = report.read_tables(tables)
+    cols = ["ckpt_id", "stage", "step", "split", "k", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "format_error_rate", "ce"]
+    rows = t["eval_summary"].select(cols).sort("split", "stage", "step").with_columns(pl.selectors.float().round(4))
     create_table_artifact(rows.to_dicts(), key=artifact_key(study, "eval-summary"), description=f"{study}: accuracy per checkpoint and split")
+    if (recovery := report.rl_recovery(t)) is not None:
+        create_table_artifact(recovery.with_columns(pl.selectors.float().round(4)).to_dicts(), key=artifact_key(study, "rl-recovery"), description=f"{study}: OOD accuracy before and after RL, per starting SFT step")
+
+
+def fan_out(task, calls: dict[str, dict], progress: Progress, stage: str) -> list[str]:
+    """Submit one task run per labelled call; progress advances as each one finishes."""
+    progress.expect(stage, list(calls))
+    futures = {task.submit(**kwargs): label for label, kwargs in calls.items()}
+    paths = []
+    for fut in as_completed(list(futures)):
+        paths.append(fut.result())
+        progress.done(stage, futures[fut])
+    return sorted(paths)
+
+
+def rl_all(cfg: StudyConfig, st, cached: dict, progress: Progress, sft_dir: str, data_dir: str) -> str:
+    """An independent RL run from each chosen SFT checkpoint, in parallel where the runner
+    has room; returns the artifact with the study-wide `checkpoints` and `rl_log`."""
+    data_id = st.from_path(data_dir).id
+    calls = {
+        f"rl from={c['step']}": dict(artifact=str(rl.artifact(st, cfg, c, data_id)), cfg=cfg, ckpt=c, start_step=c["step"], data=data_dir)
+        for c in rl.starts(cfg, pl.read_parquet(Path(sft_dir) / "checkpoints.parquet"))
+    }
+    paths = fan_out(rl.stage.with_options(**cached), calls, progress, "rl")
+    return rl.combined_stage.with_options(**cached)(artifact=str(rl.combined_artifact(st, sft_dir, paths)), sft_dir=sft_dir, paths=paths)
 
 
 def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, checkpoints: pl.DataFrame, data_dir: str) -> str:
     """One cached task per (checkpoint, split), run in parallel where the runner has room;
     then one table of all of them."""
-    rows = checkpoints.to_dicts()
-    progress.expect("eval", [f"eval {c['ckpt_id']} {s}" for c in rows for s in SPLITS])
-    task = evaluate.stage.with_options(**cached)
-    futures = {
-        task.submit(artifact=str(evaluate.artifact(st, cfg, c, s, Path(data_dir))), cfg=cfg, ckpt=c, split=s, data=data_dir): f"eval {c['ckpt_id']} {s}"
-        for c in rows
+    calls = {
+        f"eval {evaluate.describe(c)} {s}": dict(artifact=str(evaluate.artifact(st, cfg, c, s, Path(data_dir))), cfg=cfg, ckpt=c, split=s, data=data_dir)
+        for c in checkpoints.to_dicts()
         for s in SPLITS
     }
-    paths = []
-    for fut in as_completed(list(futures)):
-        paths.append(fut.result())
-        progress.done("eval", futures[fut])
-    combined = evaluate.collect_artifact(st, paths)
-    return evaluate.collect_stage.with_options(**cached)(artifact=str(combined), paths=sorted(paths))
+    paths = fan_out(evaluate.stage.with_options(**cached), calls, progress, "eval")
+    return evaluate.collect_stage.with_options(**cached)(artifact=str(evaluate.collect_artifact(st, paths)), paths=paths)
 
 
 def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: str, ckpt_tables: list[str], data_dir: str) -> str | None:
@@ -113,15 +136,9 @@ def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: st
     variants = editing.plan(cfg, roles, checkpoints)
     if not variants:
         return None
-    progress.expect("editing", [v["variant_id"] for v in variants])
-    task = editing.stage.with_options(**cached)
-    futures = {
-        task.submit(artifact=str(editing.artifact(st, cfg, v, checkpoints, Path(data_dir))), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir): v["variant_id"]
+    calls = {
+        v["variant_id"]: dict(artifact=str(editing.artifact(st, cfg, v, checkpoints, Path(data_dir))), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
         for v in variants
     }
-    paths = []
-    for fut in as_completed(list(futures)):
-        paths.append(fut.result())
-        progress.done("editing", futures[fut])
-    combined = editing.collect_artifact(st, cfg, paths)
-    return editing.collect_stage.with_options(**cached)(artifact=str(combined), cfg=cfg, paths=sorted(paths))
+    paths = fan_out(editing.stage.with_options(**cached), calls, progress, "editing")
+    return editing.collect_stage.with_options(**cached)(artifact=str(editing.collect_artifact(st, cfg, paths)), cfg=cfg, paths=paths)

@@ -253,7 +253,7 @@ class RlSection(Section):
     """RL from SFT checkpoints (training.md §3-§5)."""
 
     algorithm: Literal["ppo", "grpo"] = "ppo"
-    from_steps: Literal["all"] | list[int] = Field("all", description="SFT steps RL starts from")
+    from_steps: Literal["all"] | list[int] = Field("all", description="SFT steps RL starts from; [] = no RL")
     seed: int = Field(0, ge=0, description="training-hand stream of the rollouts")
     save_steps: list[int] = Field([0, 5, 10, 20], min_length=1, description="updates to save; the run lasts to the last")
     decoding: DecodingSection = DecodingSection(preset="rl_default")

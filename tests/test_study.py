@@ -10,7 +10,7 @@ import yaml
 
 from tests.conftest import CONFIGS
 
-STAGE_ORDER = ["data", "model", "sft", "eval", "report"]
+STAGE_ORDER = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
 
 
 def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:

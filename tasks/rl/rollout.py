@@ -1,0 +1,128 @@
+"""PPO rollouts: E environments advance together, one batched generate per round
+(training.md §3.2, GP §8).
+
+An environment is the multi-attempt episode of its current hand (`Episode(rl=True)`):
+success -> next hand; failure -> the failure message; after the 5th graded failure the
+next round produces the ungraded truncation generation (reward -1), then the next hand.
+New hands come from the shared training stream in order of need, in environment index
+order within a round. Episodes persist across updates, and their state (hands and
+responses so far) is what a resume point stores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import torch
+
+from tasks.chat import encode, render
+from tasks.evaluate import generation_config, only
+from tasks.generalpoints import Episode, Hand, deal
+
+Messages = list[dict[str, str]]
+
+
+class Envs:
+    """`n` environments over one training-hand stream. `hands_from(i)` yields the stream's
+    hands with index >= i; `state()` / `restore()` carry the episodes across a resume."""
+
+    def __init__(self, n: int, hands_from: Callable[[int], Iterator[Hand]], seed: int, mode: str, verify_iter: int):
+        self.hands_from, self.seed, self.mode, self.verify_iter = hands_from, seed, mode, verify_iter
+        self.next_index = 0
+        self._hands = hands_from(0)
+        self.episodes = [self._new_episode() for _ in range(n)]
+
+    def _new_episode(self) -> Episode:
+        hand = next(self._hands)
+        self.next_index = hand.index + 1
+        return Episode(hand, self.mode, self.verify_iter, rl=True)
+
+    def conversations(self) -> list[Messages]:
+        return [ep.messages() for ep in self.episodes]
+
+    def step(self, e: int, response: str):
+        """Record environment e's response; returns (score, episode finished). A finished
+        episode is replaced by the next hand at once."""
+        ep = self.episodes[e]
+        score = ep.record(response)
+        if ep.done:
+            self.episodes[e] = self._new_episode()
+        return score, ep.done
+
+    def state(self) -> dict:
+        responses = [[m["content"] for m in ep.messages() if m["role"] == "assistant"] for ep in self.episodes]
+        return {"next_index": self.next_index, "episodes": [{"index": ep.hand.index, "responses": r} for ep, r in zip(self.episodes, responses)]}
+
+    def restore(self, state: dict) -> None:
+        """Rebuild the episodes in flight by replaying their responses (scoring is deterministic)."""
+        self.episodes = []
+        for saved in state["episodes"]:
+            ep = Episode(deal("id", self.seed, saved["index"]), self.mode, self.verify_iter, rl=True)
+            for response in saved["responses"]:
+                ep.record(response)
+            self.episodes.append(ep)
+        self.next_index = state["next_index"]
+        self._hands = self.hands_from(self.next_index)
+
+
+class Generator:
+    """One left-padded, KV-cached generate call over many prompts, with the study's
+    decoding only (training.md §6); returns the generated token ids of each row up to
+    and including its stop token (none when it hit max_new_tokens)."""
+
+    def __init__(self, model, tok, decoding: dict, date_string: str | None, precision: Callable = contextlib.nullcontext):
+        self.model, self.tok, self.date_string, self.precision = model, tok, date_string, precision
+        self.config = generation_config(decoding, tok)
+        self.stops = set(self.config.eos_token_id)
+
+    def prompt_ids(self, messages: Messages) -> list[int]:
+        return encode(self.tok, render(self.tok, messages, add_generation_prompt=True, date_string=self.date_string))
+
+    def text(self, response: list[int]) -> str:
+        """The raw output that goes into the conversation: stop token dropped, special tokens skipped."""
+        body = response[:-1] if response and response[-1] in self.stops else response
+        return self.tok.decode(body, skip_special_tokens=True)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+        with only(self.model, self.config), self.precision():
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=self.config)
+        responses = []
+        for row in out[:, width:].tolist():
+            end = next((t for t, tid in enumerate(row) if tid in self.stops), None)
+            responses.append(row if end is None else row[: end + 1])
+        return responses
+
+
+@dataclasses.dataclass
+class Step:
+    """One generated attempt: the sample PPO trains on."""
+
+    prompt: list[int]
+    response: list[int]
+    reward: float
+    done: bool  # scored +5: the episode terminated (d_t = 1)
+    truncated: bool  # the ungraded generation after the last graded failure
+    outcome: str
+    finished: bool  # the episode ended here (success or truncation)
+
+
+def rollout(envs: Envs, generate: Generator, rounds: int) -> tuple[list[Step], list[list[int]]]:
+    """`rounds` rounds of one batched generate over every environment; returns the steps
+    in round-major order (index t*E + e) and each environment's next prompt, s_T."""
+    steps = []
+    for _ in range(rounds):
+        prompts = [generate.prompt_ids(m) for m in envs.conversations()]
+        for e, (prompt, response) in enumerate(zip(prompts, generate(prompts))):
+            score, finished = envs.step(e, generate.text(response))
+            steps.append(Step(prompt, response, score.reward, score.reward == 5, score.truncated, score.outcome, finished))
+    return steps, [generate.prompt_ids(m) for m in envs.conversations()]
