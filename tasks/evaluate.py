@@ -30,6 +30,7 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks import models
+from tasks.models import GLOBAL_RNG
 from tasks.chat import encode, prompt_completion_ids, render, stop_token_ids
 from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
 
@@ -328,8 +329,9 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
     was_training = model.training
     model.eval()
     generator = ModelGenerator(model, tok, decoding, cfg.chat.date_string)
-    # One seed per evaluation call (training.md §6), without disturbing the caller's RNG.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    # One seed per evaluation call (training.md §6), without disturbing the caller's RNG;
+    # sampled evaluation holds the process's RNG lock (greedy does not need it).
+    with GLOBAL_RNG if decoding["do_sample"] else contextlib.nullcontext(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(decoding["seed"])
         played = play(hands_from_table(hands_table), generator, cfg.eval.batch_size, cfg.verifier.mode, cfg.verifier.verify_iter, generator.length)
     attempts = attempts_table(played, ckpt["ckpt_id"], split, _other_mode(cfg.verifier.mode))

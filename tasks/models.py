@@ -203,6 +203,11 @@ def run(store: Store, cfg: StudyConfig) -> Path:
     return store.build(art, lambda tmp: build(tmp, cfg), config=key_config(cfg))
 
 
+# torch's global RNG drives sampling in generate(): runs that sample (RL rollouts, sampled
+# evaluation) take this lock so parallel tasks on the thread runner never interleave their
+# random streams, which would make results depend on scheduling. Processes (Dask) are separate.
+GLOBAL_RNG = threading.RLock()
+
 # from_pretrained initialises on the meta device through process-global state: two
 # threads loading at once (parallel tasks on the thread runner) corrupt each other.
 _load_lock = threading.Lock()

@@ -1,6 +1,7 @@
 """The whole study flow on the smoke config: resume after a fault at every stage, the
 report, and the same tables on a Dask cluster."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def tables(store: Path, study: str) -> dict[str, pl.DataFrame]:
 
 def comparable(t: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
     """Tables without their run-dependent columns (paths, timings)."""
-    drop = {"path", "wall_seconds", "seconds", "device"}
+    drop = {"path", "wall_seconds", "seconds", "device", "created_at", "evaluated_at"}
     return {k: v.drop([c for c in v.columns if c in drop]) for k, v in t.items()}
 
 
@@ -89,13 +90,18 @@ def test_report_from_the_smoke_study(reference_run):
     assert "data:image/png;base64," in (report / "report.html").read_text()
     # every accuracy printed in the table is the Parquet value
     summary = pl.read_parquet(reference_run / "studies" / "smoke" / "tables" / "eval_summary.parquet")
-    for r in summary.iter_rows(named=True):
+    for r in summary.filter(pl.col("stage") != "rl").iter_rows(named=True):
         line = next(l for l in md.splitlines() if l.startswith(f"| {r['ckpt_id']} | {r['step']} | {r['split']} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert (int(cells[3]), int(cells[4])) == (r["n"], r["k"])
         assert float(cells[5]) == pytest.approx(r["accuracy"], abs=5e-5)
         assert float(cells[7]) == pytest.approx(r["accuracy_ci_high"], abs=5e-5)
     assert "## Verdicts" in md and "RL recovery" in md
+    # the RL recovery table: OOD after RL equals the last RL checkpoint's Parquet accuracy
+    rl_rows = summary.filter((pl.col("stage") == "rl") & (pl.col("split") == "ood") & (pl.col("step") == pl.col("step").max()))
+    section = md.split("## RL recovery")[1].split("##")[0]
+    for r in rl_rows.iter_rows(named=True):
+        assert f"{r['accuracy']:.4f}" in section
 
 
 def test_report_of_a_study_missing_stages_says_what_is_absent(reference_run, tmp_path):
@@ -118,7 +124,10 @@ def test_status_reads_progress_from_the_store(reference_run):
     cfg = reference_run.parent / "smoke.yaml"
     r = subprocess.run([sys.executable, "-m", "rlheal.cli", "status", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
-    assert "eval" in r.stdout and "6/6" in r.stdout and "report" in r.stdout
+    counts = dict(re.findall(r"^\s+(\w+)\s+#*\s+(\d+/\d+)$", r.stdout, re.M))
+    assert set(counts) == set(STAGE_ORDER)
+    assert counts["eval"] == "18/18" and counts["rl"] == "3/3"  # 3 SFT + 6 RL checkpoints, 2 splits
+    assert all(a == b for a, b in (c.split("/") for c in counts.values()))
 
 
 def test_changed_config_mid_study_is_refused(reference_run, tmp_path):

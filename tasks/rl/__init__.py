@@ -30,6 +30,7 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, write_parquet
 from tasks.data import eval_hands, eval_set_hash
+from tasks.models import GLOBAL_RNG
 from tasks.rl import common, grpo, ppo
 from tasks.rl.common import CHECKPOINTS_SCHEMA, LOG_SCHEMA, VALUE_HEAD
 
@@ -85,7 +86,8 @@ def run(store: Store, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Pa
     train = ppo.train if cfg.rl.algorithm == "ppo" else grpo.train
 
     def build(tmp: Path) -> dict:
-        rows = train(store, run_art, cfg, start_ckpt, common.evaluation_keys(cfg))
+        with GLOBAL_RNG:  # sampling reproducible whatever else runs in this process
+            rows = train(store, run_art, cfg, start_ckpt, common.evaluation_keys(cfg))
         write_parquet(common.checkpoints_frame(store, run_art, cfg, start_ckpt), tmp / "checkpoints.parquet")
         write_parquet(common.log_frame(rows), tmp / "rl_log.parquet")
         return {"algorithm": cfg.rl.algorithm, "start": start_ckpt["ckpt_id"], "updates": cfg.rl.save_steps}

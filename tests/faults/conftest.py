@@ -61,7 +61,7 @@ def assert_sealed_or_absent(store: Path) -> int:
 
 
 def study_tables(store: Path, study: str = "smoke") -> dict[str, pl.DataFrame]:
-    drop = {"path", "wall_seconds", "seconds", "device"}
+    drop = {"path", "wall_seconds", "seconds", "device", "created_at", "evaluated_at"}
     out = {}
     for p in (store / "studies" / study / "tables").glob("*.parquet"):
         t = pl.read_parquet(p)
