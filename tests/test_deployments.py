@@ -98,7 +98,7 @@ def test_deploy_worker_and_run_the_smoke_deployment(server, tmp_path):
         summary = store / "studies" / "smoke" / "tables" / "eval_summary.parquet"
         assert summary.is_file() and (store / "studies" / "smoke" / "report" / "report.md").is_file()
         progress = json.loads((store / "studies" / "smoke" / "progress.json").read_text())
-        assert len(progress["eval"]["done"]) == len(progress["eval"]["total"]) == 6
+        assert len(progress["eval"]["done"]) == len(progress["eval"]["total"]) == 18  # 3 SFT + 6 RL checkpoints x 2 splits
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(30)

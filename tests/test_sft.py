@@ -24,6 +24,8 @@ SMALL = {
     "data": {"train_size": 96, "eval_size": 8, "multi_turn_fraction": 0.3},
     "sft": {"save_steps": [0, 2, 6], "batch_size": 16, "per_device_batch_size": 8, "learning_rate": 3e-3, "lr_schedule": "constant", "ce_every": 3},
     "eval": {"ce_hands": 8, "decoding": {"max_new_tokens": 16}},
+    "rl": {"from_steps": []},  # the CLI tests here are about SFT
+    "editing": {"enabled": False},
 }
 
 
