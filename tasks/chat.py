@@ -41,6 +41,19 @@ def prompt_completion_ids(tok, prompt: Sequence[Message], completion: Sequence[M
     return p + encode(tok, tail), len(p)
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
+    """(input_ids, attention_mask) of prompts padded on the left, as generation wants them."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
 def stop_token_ids(tok) -> list[int]:
     """EOS ids for generation: the tokenizer's EOS plus the template's end-of-turn tokens."""
     ids = {tok.eos_token_id}

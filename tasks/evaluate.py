@@ -31,7 +31,7 @@ from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks import models
 from tasks.models import GLOBAL_RNG
-from tasks.chat import encode, prompt_completion_ids, render, stop_token_ids
+from tasks.chat import encode, left_pad, prompt_completion_ids, render, stop_token_ids
 from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
 
 VERSION = "1"
@@ -193,12 +193,8 @@ class ModelGenerator:
     @torch.no_grad()
     def __call__(self, conversations: list[Messages]) -> list[Generation]:
         prompts = [self.prompt_ids(m) for m in conversations]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.tok.pad_token_id)
+        width = ids.shape[1]
         with only(self.model, self.config):
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=self.config)
         return [self._finish(row) for row in out[:, width:].tolist()]

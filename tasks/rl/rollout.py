@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from tasks.chat import encode, render
+from tasks.chat import encode, left_pad, render
 from tasks.evaluate import generation_config, only
 from tasks.generalpoints import Episode, Hand, deal
 
@@ -88,12 +88,8 @@ class Generator:
     @torch.no_grad()
     def __call__(self, prompts: list[list[int]]) -> list[list[int]]:
         device = next(self.model.parameters()).device
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
+        ids, mask = left_pad(prompts, self.tok.pad_token_id)
+        width = ids.shape[1]
         with only(self.model, self.config), self.precision():
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=self.config)
         responses = []
