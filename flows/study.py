@@ -1,4 +1,4 @@
-"""The study as one Prefect flow: data -> sft -> rl -> eval -> svd -> editing -> report.
+"""The study as one Prefect flow: data -> model (-> pretrain) -> sft -> rl -> eval -> svd -> editing -> report.
 
 Every stage is a cached task whose result is the path of a sealed store artifact, so
 running a study again (from the CLI, or by retrying the flow run) recomputes only what
@@ -17,7 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import data, editing, evaluate, models, report, rl, sft, svd
+from tasks import data, editing, evaluate, models, pretrain, report, rl, sft, svd
 
 SPLITS = ("id", "ood")
 
@@ -46,6 +46,12 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     with stage("model"):
         model_dir = models.stage.with_options(**cached)(artifact=str(models.artifact(st, cfg)), cfg=cfg)
     progress.done("model", "model")
+
+    if cfg.pretrain.enabled:  # builtin models only: a base with knowledge to lose
+        with stage("pretrain"):
+            pre_art = pretrain.artifact(st, cfg, st.from_path(model_dir))
+            model_dir = pretrain.stage.with_options(**cached)(artifact=str(pre_art), cfg=cfg, model=model_dir)
+        progress.done("pretrain", "pretrain")
 
     with stage("sft"), gpu_slot(cfg.runner):
         sft_art = sft.artifact(st, cfg, st.from_path(model_dir), st.from_path(data_dir))

@@ -24,7 +24,7 @@ def _validate(args: argparse.Namespace) -> StudyConfig:
     return cfg
 
 
-STAGES = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
+STAGES = ["data", "model", "pretrain", "sft", "rl", "eval", "svd", "editing", "report"]
 
 
 def _status(args: argparse.Namespace) -> int:
