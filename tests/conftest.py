@@ -18,6 +18,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
+    """configs/smoke.yaml with its store in tmp_path (and any top-level section replaced)."""
+    import yaml
+
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    cfg.update(name=name, store=str(tmp_path / "store"), **override)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """A real Prefect API for the session; yields its URL (for subprocesses)."""

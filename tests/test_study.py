@@ -9,17 +9,9 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS
+from tests.conftest import smoke_config
 
 STAGE_ORDER = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
-
-
-def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
-    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
-    cfg.update(name=name, store=str(tmp_path / "store"), **override)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def task_states(flow_state) -> dict[str, str]:

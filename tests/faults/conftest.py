@@ -9,18 +9,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-import yaml
 
 from rlheal.store import MANIFEST, Store
-from tests.conftest import CONFIGS
-
-
-def write_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
-    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
-    cfg.update(name=name, store=str(tmp_path / "store"), **override)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+from tests.conftest import smoke_config as write_config  # noqa: F401 (used by the fault tests)
 
 
 def rlheal(args, env, **kw) -> subprocess.CompletedProcess:
