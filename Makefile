@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: an unpinned resolve pulls a multi-GB CUDA build.
 	$(PY) -m pip install -qq "$(TORCH)"
 	$(PY) -m pip install -qq -e ".[dev]"
-	$(PY) -c 'import torch, rlheal, tasks, flows, prefect, trl, transformers, peft, datasets, polars, pyarrow'
+	$(PY) -c 'import torch, prefect, trl, transformers, peft, datasets, polars, pyarrow, matplotlib, flows.study'
 	touch $(STAMP)
 
 test: setup
