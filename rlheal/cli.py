@@ -19,7 +19,7 @@ EXIT_BAD_INPUT = 2
 
 
 def _validate(args: argparse.Namespace) -> StudyConfig:
-    cfg = load_config(args.config, getattr(args, "store", None))
+    cfg = load_config(args.config, getattr(args, "store", None), args.set)
     print(f"{args.config}: ok (study {cfg.name!r}, store {cfg.store})")
     return cfg
 
@@ -31,14 +31,14 @@ def _status(args: argparse.Namespace) -> int:
     from rlheal.caching import open_store
     from rlheal.progress import Progress, format_status
 
-    cfg = load_config(args.config, args.store)
+    cfg = load_config(args.config, args.store, args.set)
     study_dir = open_store(cfg.store).study_dir(cfg.name)
     print(format_status(cfg.name, Progress(study_dir, cfg.name).summary(), STAGES))
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.store)
+    cfg = load_config(args.config, args.store, args.set)
     from rlheal import preflight
 
     preflight.check(cfg)  # a missing model, a pattern or k that fits no matrix: before anything is written
@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.study import study
 
-    state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, return_state=True)
+    state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, overrides=args.set, return_state=True)
     if not state.is_completed():
         print(f"study {cfg.name!r} did not complete ({state.name}); run the same command again to resume", file=sys.stderr)
         return 1
@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlheal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a study config file")
-    v.add_argument("config")
     r = sub.add_parser("run", help="run (or resume) a study")
-    r.add_argument("config")
-    r.add_argument("--store", help="artifact store directory (overrides the config's `store`)")
     r.add_argument("--force", action="store_true", help="run even if the study was started with another config")
     st = sub.add_parser("status", help="progress of a study, read from the store (no server needed)")
-    st.add_argument("config")
-    st.add_argument("--store")
+    for cmd in (v, r, st):
+        cmd.add_argument("config")
+        cmd.add_argument("--store", help="artifact store directory (overrides the config's `store`)")
+        cmd.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override one config field, e.g. --set name=toy-seed1 --set data.train_seed=1 (repeatable)")
     return p
 
 

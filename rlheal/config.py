@@ -6,7 +6,9 @@ prefixes, Prefect task names): `data`, `sft`, `eval`, ...
 
 from __future__ import annotations
 
+import copy
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -432,8 +434,33 @@ def parse_config(data: Any, source: str = "<config>") -> StudyConfig:
         raise ConfigError(f"{source}: invalid study config\n{format_validation_error(err)}") from None
 
 
-def load_config(path: str | Path, store: str | Path | None = None) -> StudyConfig:
-    """Read and validate a study YAML; `store` overrides the file's store location."""
+def apply_overrides(data: Any, overrides: Sequence[str], source: str = "--set") -> Any:
+    """`section.field=value` assignments (value read as YAML) applied to the raw config
+    tree before validation, so an override is checked exactly like the file's own values."""
+    if not overrides:
+        return data
+    data = copy.deepcopy(data) if isinstance(data, dict) else {}
+    for item in overrides:
+        dotted, eq, raw = item.partition("=")
+        if not eq or not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", dotted.strip()):
+            raise ConfigError(f"{source} {item!r}: expected FIELD=VALUE with a dotted field path, e.g. sft.learning_rate=3e-4")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source} {dotted}: value {raw!r} is not valid YAML ({getattr(err, 'problem', None) or err})") from None
+        *parents, leaf = dotted.strip().split(".")
+        node = data
+        for i, key in enumerate(parents):
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source} {dotted}: {'.'.join(parents[: i + 1])} is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, store: str | Path | None = None, overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read and validate a study YAML; `store` overrides the file's store location and
+    `overrides` (`field.path=value`) any other field."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -445,7 +472,7 @@ def load_config(path: str | Path, store: str | Path | None = None) -> StudyConfi
         where = getattr(err, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         raise ConfigError(f"{path}: malformed YAML{at}: {getattr(err, 'problem', None) or err}") from None
-    cfg = parse_config(data, str(path))
+    cfg = parse_config(apply_overrides(data, overrides), str(path) + (" with --set " + " ".join(overrides) if overrides else ""))
     if store is not None:
         cfg = cfg.model_copy(update={"store": str(store)})
     return cfg

@@ -99,3 +99,24 @@ def test_cli_run_with_unwritable_store(tmp_path):
     blocker.write_text("not a directory")
     r = rlheal("run", str(CONFIGS / "smoke.yaml"), "--store", str(blocker / "store"))
     assert r.returncode == 2 and "store is not writable" in r.stderr
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = CONFIGS / "toy.yaml"
+    cfg = load_config(path, overrides=["name=toy-seed1", "data.train_seed=1", "rl.ppo.learning_rate=5e-5", "sft.save_steps=[0, 4, 8]", "rl.from_steps=[4, 8]"])
+    assert (cfg.name, cfg.data.train_seed, cfg.rl.ppo.learning_rate, cfg.sft.save_steps, cfg.rl.from_steps) == ("toy-seed1", 1, 5e-5, [0, 4, 8], [4, 8])
+    assert load_config(path) == load_config(path, overrides=[])  # the file itself is untouched
+    with pytest.raises(ConfigError, match=r"with --set sft.learning_rat=1: invalid study config\nsft.learning_rat: Extra inputs"):
+        load_config(path, overrides=["sft.learning_rat=1"])
+    with pytest.raises(ConfigError, match=r"data.train_seed: must differ from eval_seed"):
+        load_config(path, overrides=["data.train_seed=42"])
+    with pytest.raises(ConfigError, match=r"--set 'sft.learning_rate': expected FIELD=VALUE"):
+        load_config(path, overrides=["sft.learning_rate"])
+    with pytest.raises(ConfigError, match=r"--set name.x: name is not a section"):
+        load_config(path, overrides=["name.x=3"])
+
+
+def test_cli_set_bad_value_exits_2_naming_the_field(tmp_path):
+    r = rlheal("run", str(CONFIGS / "smoke.yaml"), "--store", str(tmp_path / "store"), "--set", "eval.batch_size=0")
+    assert r.returncode == 2 and "eval.batch_size" in r.stderr
+    assert not (tmp_path / "store").exists()
