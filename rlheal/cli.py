@@ -59,6 +59,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from tasks.replicates import compare
+
+    store = Path(args.store)
+    names = list(dict.fromkeys(args.studies))
+    out = Path(args.out) if args.out else store / "replicates" / "+".join(names)
+    out = compare([store / "studies" / n for n in names], out)
+    print(f"compared {len(names)} studies: {out / 'replicates.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlheal", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run (or resume) a study")
     r.add_argument("--force", action="store_true", help="run even if the study was started with another config")
     st = sub.add_parser("status", help="progress of a study, read from the store (no server needed)")
+    c = sub.add_parser("compare", help="judge the paper's findings on replicate studies (e.g. seeds) side by side")
+    c.add_argument("studies", nargs="+", metavar="STUDY", help="study names in the store")
+    c.add_argument("--store", default="store", help="artifact store directory (default: ./store)")
+    c.add_argument("--out", help="output folder (default: <store>/replicates/<names joined by +>)")
     for cmd in (v, r, st):
         cmd.add_argument("config")
         cmd.add_argument("--store", help="artifact store directory (overrides the config's `store`)")
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             _validate(args)
             return 0
-        return _status(args) if args.command == "status" else _run(args)
+        return {"status": _status, "run": _run, "compare": _compare}[args.command](args)
     except (ConfigError, StoreError) as err:
         print(f"rlheal: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -12,7 +12,7 @@ import base64
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -187,6 +187,7 @@ class Verdict:
     finding: str
     evidence: str
     verdict: str  # supported | not supported | inconclusive | no data
+    values: dict[str, float] = field(default_factory=dict)  # the evidence's numbers, for comparing replicates
 
 
 def _pct(x: float) -> str:
@@ -214,10 +215,11 @@ def verdict_forgetting(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None) -
         m = sft_log.drop_nulls("ce_ood").sort("ce_ood").row(0, named=True)
         loss = f"; OOD reference CE is lowest at step {m['step']} ({m['ce_ood']:.3f} nats)"
     evidence = f"OOD peak at step {b['step']}: {_ci(b)}; at the last step {s['step']}: {_ci(s)}; ID {_pct(id_b['accuracy'])} → {_pct(id_s['accuracy'])}{loss}"
+    values = {"peak_step": b["step"], "ood_peak": b["accuracy"], "last_step": s["step"], "ood_last": s["accuracy"], "id_at_peak": id_b["accuracy"], "id_last": id_s["accuracy"], "ood_drop": b["accuracy"] - s["accuracy"]}
     if b["accuracy_ci_low"] <= s["accuracy_ci_high"]:
-        return Verdict(finding, evidence, "inconclusive")  # the peak and the end overlap
+        return Verdict(finding, evidence, "inconclusive", values)  # the peak and the end overlap
     # the peak is significantly above the end; forgetting needs ID not to fall meanwhile
-    return Verdict(finding, evidence, "supported" if id_s["accuracy"] >= id_b["accuracy"] else "not supported")
+    return Verdict(finding, evidence, "supported" if id_s["accuracy"] >= id_b["accuracy"] else "not supported", values)
 
 
 def verdict_window(rec: pl.DataFrame | None) -> Verdict:
@@ -229,7 +231,8 @@ def verdict_window(rec: pl.DataFrame | None) -> Verdict:
     inner = any(healed[1:-1])
     ends = healed[0] or healed[-1]
     verdict = "supported" if inner and not ends else ("not supported" if not any(healed) and (rec["after_high"] < rec["before_low"]).any() else "inconclusive")
-    return Verdict(finding, "; ".join(parts), verdict)
+    values = {f"gain_from_{r['start_step']}": r["gain"] for r in rec.iter_rows(named=True)} | {f"healed_from_{r['start_step']}": float(r["healed"]) for r in rec.iter_rows(named=True)}
+    return Verdict(finding, "; ".join(parts), verdict, values)
 
 
 def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> Verdict:
@@ -251,9 +254,10 @@ def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> 
     angle = w["angle_u_mean_deg"].mean()
     noise_angle = noise["angle_u_mean_deg"].mean() if noise.height else float("nan")
     evidence = f"B={ids['B']} → S={ids['S']}: mean abs relative σ drift {drift:.4f}; mean top-k angle {angle:.2f}° (noise control of the same ‖ΔW‖: {noise_angle:.2f}°); ΔW energy in the top-k block: stretch {stretch:.3f}, rotation {rot:.3f}"
+    values = {"sigma_drift": drift, "angle_deg": angle, "noise_angle_deg": noise_angle, "angle_over_noise_deg": angle - noise_angle, "energy_rotation": rot, "energy_stretch": stretch}
     if math.isnan(noise_angle):
-        return Verdict(finding, evidence, "inconclusive")
-    return Verdict(finding, evidence, "supported" if drift < 0.01 and angle > noise_angle and rot > stretch else "not supported")
+        return Verdict(finding, evidence, "inconclusive", values)
+    return Verdict(finding, evidence, "supported" if drift < 0.01 and angle > noise_angle and rot > stretch else "not supported", values)
 
 
 def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> Verdict:
@@ -266,14 +270,26 @@ def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> 
     picks = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & pl.col("variant_id").is_in(list(claims)))
     if picks.is_empty():
         return Verdict(finding, "the two claimed variants were not run", "no data")
-    parts, verdicts = [], []
+    parts, verdicts, values = [], [], {}
     for r in picks.iter_rows(named=True):
         lo, hi = r.get("recovery_ci_low"), r.get("recovery_ci_high")
         what = f"layers {r['layers_spec']}" if r["layers_spec"] else f"top {r['k_top_spec']}"
+        if r["recovery_fraction"] is not None:
+            values[f"rho {what}"] = r["recovery_fraction"]
         parts.append(f"{what}: ρ = {r['recovery_fraction']:.2f} [{lo if lo is None else f'{lo:.2f}'}, {hi if hi is None else f'{hi:.2f}'}]" if r["recovery_fraction"] is not None else f"{what}: ρ undefined (no gap)")
         verdicts.append("inconclusive" if lo is None else ("supported" if lo > 0 else "not supported"))
     verdict = "supported" if all(v == "supported" for v in verdicts) else ("not supported" if all(v == "not supported" for v in verdicts) else "inconclusive")
-    return Verdict(finding, "; ".join(parts), verdict)
+    return Verdict(finding, "; ".join(parts), verdict, values)
+
+
+def all_verdicts(t: dict[str, pl.DataFrame]) -> list[Verdict]:
+    """The paper's four findings, judged on one study's tables."""
+    return [
+        verdict_forgetting(sft_accuracy(t), t.get("sft_log")),
+        verdict_window(rl_recovery(t)),
+        verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
+        verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
+    ]
 
 
 # ---------------------------------------------------------------------------- document
@@ -315,12 +331,7 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out)))
 
-    verdicts = [
-        verdict_forgetting(acc, t.get("sft_log")),
-        verdict_window(rec),
-        verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
-        verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
-    ]
+    verdicts = all_verdicts(t)
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
     md = "\n".join(
         [f"# {title}\n", "## Verdicts\n", "Computed from the tables; *inconclusive* when the intervals overlap. Paper values are approximate (±0.3 pp read-off, ±2.5 pp sampling error, one seed).\n", vtable, "", *sections]

@@ -146,3 +146,40 @@ def test_dask_local_cluster_gives_identical_tables(prefect_api, reference_run, t
     assert set(ours) == set(ref)
     for name in ref:
         assert ours[name].equals(ref[name]), name
+
+
+def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, reference_run):
+    """A second study made with --set overrides reuses the data-independent artifacts, and
+    `rlheal compare` judges both with the report's own verdicts."""
+    import subprocess
+    import sys
+
+    from flows.study import study
+
+    models_before = sorted(p.name for p in (reference_run / "model").iterdir())
+    cfg = str(reference_run.parent / "smoke.yaml")
+    state = study(config_path=cfg, overrides=["name=smoke-seed1", "data.train_seed=1", "rl.seed=1"], return_state=True)
+    assert state.is_completed()
+    assert sorted(p.name for p in (reference_run / "model").iterdir()) == models_before  # built once
+    seed1 = tables(reference_run, "smoke-seed1")
+    assert not seed1["sft_train"].equals(tables(reference_run, "smoke")["sft_train"])  # another hand stream
+
+    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "smoke-seed1", "--store", str(reference_run)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = reference_run / "replicates" / "smoke+smoke-seed1"
+    long = pl.read_parquet(out / "replicates.parquet")
+    assert set(long["study"]) == {"smoke", "smoke-seed1"} and set(long["finding"]) == {"forgetting", "window", "rotation", "editing"}
+    md = (out / "replicates.md").read_text()
+    for name in ("smoke", "smoke-seed1"):
+        # each study's verdicts are exactly those of its own report
+        own = re.findall(r"\| \*\*([a-z ]+)\*\* \|$", (reference_run / "studies" / name / "report" / "report.md").read_text(), re.M)
+        got = long.filter(pl.col("study") == name).unique("finding", keep="first", maintain_order=True)["verdict"].to_list()
+        assert own == got, (name, own, got)
+    assert "## Verdicts" in md and (out / "fig_replicates.png").read_bytes()[:4] == b"\x89PNG"
+    assert (long.filter(pl.col("metric") == "ood_peak")["value"].is_between(0, 1)).all()
+
+    one = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "--store", str(reference_run)], capture_output=True, text=True, timeout=60)
+    assert one.returncode == 2 and "at least two" in one.stderr
+    missing = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "nosuch", "--store", str(reference_run)], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "studies/nosuch: no study tables" in missing.stderr
+    assert not (reference_run / "replicates" / "smoke+nosuch").exists()

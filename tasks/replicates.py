@@ -1,0 +1,157 @@
+"""Replicates: the paper's findings judged on several runs of one study that differ only in
+their seeds, side by side.
+
+A study's verdicts rest on one training run; whether a finding holds at a given scale is a
+question about the spread over seeds. Run the replicates as separate studies on one store
+(data, model and pretrained base are shared through the cache):
+
+    rlheal run configs/toy.yaml --set name=toy-seed1 --set data.train_seed=1 --set rl.seed=1
+    rlheal compare toy toy-seed1 toy-seed2 --store store
+
+`compare` judges each study with the report's own verdict functions and writes
+`<store>/replicates/<names>/`: `replicates.parquet` (one row per study, finding and
+number), `replicates.md` and `fig_replicates.png`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+from rlheal.config import ConfigError  # noqa: E402
+from tasks import report  # noqa: E402
+
+FINDINGS = ("forgetting", "window", "rotation", "editing")  # the order of report.all_verdicts
+
+
+class ReplicateError(ConfigError):
+    """A study to compare is missing or has no tables (bad input: the message names its folder)."""
+
+
+def study_tables(study_dir: Path) -> dict[str, pl.DataFrame]:
+    tables = Path(study_dir) / "tables"
+    if not tables.is_dir() or not any(tables.glob("*.parquet")):
+        raise ReplicateError(f"{study_dir}: no study tables here (run the study first, or check its name and --store)")
+    return report.read_tables(tables)
+
+
+def judge(studies: dict[str, dict[str, pl.DataFrame]]) -> pl.DataFrame:
+    """One row per (study, finding, number) with the study's verdict on that finding."""
+    rows = []
+    for name, tables in studies.items():
+        for key, v in zip(FINDINGS, report.all_verdicts(tables)):
+            numbers = {m: x for m, x in v.values.items() if x is not None} or {"": None}
+            rows += [{"study": name, "finding": key, "verdict": v.verdict, "metric": m, "value": None if x is None else float(x), "evidence": v.evidence} for m, x in numbers.items()]
+    return pl.DataFrame(rows, schema={"study": pl.String, "finding": pl.String, "verdict": pl.String, "metric": pl.String, "value": pl.Float64, "evidence": pl.String})
+
+
+def overall(verdicts: list[str]) -> str:
+    """The same verdict on every replicate, or a count of each."""
+    if len(set(verdicts)) == 1:
+        return verdicts[0]
+    counts = {v: verdicts.count(v) for v in dict.fromkeys(verdicts)}
+    return "mixed: " + ", ".join(f"{n}/{len(verdicts)} {v}" for v, n in counts.items())
+
+
+def spread(long: pl.DataFrame) -> pl.DataFrame:
+    """Mean, min and max of every number over the replicates that have it."""
+    return (
+        long.drop_nulls("value")
+        .group_by("finding", "metric", maintain_order=True)
+        .agg(n=pl.len(), mean=pl.col("value").mean(), min=pl.col("value").min(), max=pl.col("value").max())
+    )
+
+
+def _fmt(metric: str, x: float) -> str:
+    if metric.endswith("_step") or metric.startswith("healed"):
+        return f"{x:.0f}"
+    if metric.endswith("_deg") or metric.startswith(("rho", "sigma", "energy")):
+        return f"{x:.3f}"
+    return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop")) else f"{100 * x:.1f} %"
+
+
+def markdown(long: pl.DataFrame, names: list[str]) -> str:
+    findings = dict(zip(FINDINGS, (v.finding for v in report.all_verdicts({}))))
+    head = "| finding | " + " | ".join(names) + " | over the replicates |\n|---|" + "---|" * (len(names) + 1)
+    rows = []
+    for key in FINDINGS:
+        per = long.filter(pl.col("finding") == key).unique(["study"], keep="first", maintain_order=True)
+        verdict = dict(zip(per["study"], per["verdict"]))
+        rows.append(f"| {findings[key]} | " + " | ".join(verdict.get(n, "no data") for n in names) + f" | **{overall([verdict.get(n, 'no data') for n in names])}** |")
+    numbers = spread(long)
+    wide = long.drop_nulls("value").pivot(on="study", index=["finding", "metric"], values="value")
+    lines = ["| finding | number | " + " | ".join(names) + " | mean [min, max] |", "|---|---|" + "---|" * (len(names) + 1)]
+    for r in numbers.join(wide, on=["finding", "metric"]).iter_rows(named=True):
+        cells = " | ".join("" if r.get(n) is None else _fmt(r["metric"], r[n]) for n in names)
+        lines.append(f"| {r['finding']} | {r['metric']} | {cells} | {_fmt(r['metric'], r['mean'])} [{_fmt(r['metric'], r['min'])}, {_fmt(r['metric'], r['max'])}] |")
+    evidence = ["", "## Evidence per study", ""]
+    for n in names:
+        evidence += [f"### {n}", ""] + [f"- **{k}** ({v}): {e}" for k, v, e in long.filter(pl.col("study") == n).unique(["finding"], keep="first", maintain_order=True).select("finding", "verdict", "evidence").iter_rows()] + [""]
+    return "\n".join(["# Replicates: " + ", ".join(names), "", "## Verdicts", "", head, *rows, "", "## Numbers", "", *lines, *evidence])
+
+
+def figure(studies: dict[str, dict[str, pl.DataFrame]], out: Path) -> Path | None:
+    """OOD (and ID) accuracy through SFT for every replicate, RL's end point from each start,
+    and the paper's curve on its own panel."""
+    curves = {n: report.sft_accuracy(t) for n, t in studies.items()}
+    if all(c is None for c in curves.values()):
+        return None
+    fig, (ax, axp) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (name, acc) in enumerate(curves.items()):
+        if acc is None:
+            continue
+        c = colors[i % len(colors)]
+        ood, idd = acc.filter(pl.col("split") == "ood"), acc.filter(pl.col("split") == "id")
+        ax.plot(ood["step"], 100 * ood["accuracy"], "o-", ms=3, color=c, label=f"{name}: OOD after SFT")
+        ax.plot(idd["step"], 100 * idd["accuracy"], ":", color=c, alpha=0.6, label=f"{name}: ID after SFT")
+        if (rec := report.rl_recovery(studies[name])) is not None:
+            ax.plot(rec["start_step"], 100 * rec["ood_after"], "s", ms=7, mfc="none", mew=1.5, color=c, label=f"{name}: OOD after RL from step")
+    ax.set_xscale("symlog", linthresh=10)
+    ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(curves)} replicates (500 hands per split each)")
+    ax.legend(fontsize=6, ncol=2)
+    p = report.paper()
+    for stage, style in (("sft", "o-"), ("rl", "s--")):
+        d = p.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
+        axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=report.PAPER_SE_PP, fmt=style, capsize=2, label="OOD after SFT" if stage == "sft" else "OOD after RL from step")
+    axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title="PAPER (Jin et al. 2025, Llama-3.2-11B)")
+    axp.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "fig_replicates.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare(study_dirs: list[Path], out: Path) -> Path:
+    """Judge every study and write the comparison to `out`, swapped in whole."""
+    if len({Path(d).name for d in study_dirs}) < 2:
+        raise ReplicateError("compare: give at least two distinct studies")
+    studies = {Path(d).name: study_tables(Path(d)) for d in study_dirs}
+    names = list(studies)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    try:
+        long = judge(studies)
+        long.write_parquet(tmp / "replicates.parquet")
+        md = markdown(long, names)
+        if figure(studies, tmp) is not None:
+            md += "\n![fig_replicates](fig_replicates.png)\n"
+        (tmp / "replicates.md").write_text(md)
+        old = out.with_name(f".{out.name}-old-{uuid.uuid4().hex[:6]}")
+        if out.exists():
+            os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
