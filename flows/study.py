@@ -55,9 +55,12 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
 
     with stage("sft"), gpu_slot(cfg.runner):
         sft_art = sft.artifact(st, cfg, st.from_path(model_dir), st.from_path(data_dir))
+        checkpoints = [f"step {k}" for k in cfg.sft.save_steps if k > 0]
+        progress.expect("sft", checkpoints)  # the task marks each checkpoint as it is sealed
         sft_dir = sft.stage.with_options(**cached)(artifact=str(sft_art), cfg=cfg, model=model_dir, data=data_dir)
     st.publish_all(cfg.name, Path(sft_dir), sft.TABLES)
-    progress.done("sft", "sft")
+    for label in checkpoints:  # also when the whole stage came from the cache
+        progress.done("sft", label)
 
     with stage("rl"), gpu_slot(cfg.runner):
         ckpt_dir = rl_all(cfg, st, cached, progress, sft_dir, data_dir)

@@ -50,8 +50,11 @@ def _run(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.study import study
+    from rlheal.progress import Progress, Watcher
 
-    state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, overrides=args.set, return_state=True)
+    order = [s for s in STAGES if s != "pretrain" or cfg.pretrain.enabled]
+    with Watcher(Progress(open_store(cfg.store).study_dir(cfg.name), cfg.name), order):
+        state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, overrides=args.set, return_state=True)
     if not state.is_completed():
         print(f"study {cfg.name!r} did not complete ({state.name}); run the same command again to resume", file=sys.stderr)
         return 1

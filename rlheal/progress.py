@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 _lock = threading.Lock()
 
@@ -90,3 +92,53 @@ def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[s
             bar = "#" * round(20 * done / max(1, total))
             lines.append(f"  {stage:<8} {bar:<20} {done}/{total}")
     return "\n".join(lines)
+
+
+def format_line(study: str, summary: dict[str, tuple[int, int]], order: list[str], elapsed: float) -> str:
+    """One line for a terminal: every stage of the pipeline, `-` until it has started."""
+    parts = []
+    for stage in order:
+        if stage in summary:
+            done, total = summary[stage]
+            parts.append(f"{stage} {done}/{total}")
+        else:
+            parts.append(f"{stage} -")
+    m, sec = divmod(int(elapsed), 60)
+    return f"[{study} {m}:{sec:02d}] " + " | ".join(parts)
+
+
+class Watcher:
+    """Prints the study's progress line whenever a stage advances, from a daemon thread that
+    reads progress.json: the terminal's view of what the Prefect UI shows as artifacts."""
+
+    def __init__(self, progress: Progress, order: list[str], stream: TextIO = sys.stderr, every: float = 2.0):
+        self.progress, self.order, self.stream, self.every = progress, order, stream, every
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._last: dict | None = None
+        self._thread = threading.Thread(target=self._loop, name="rlheal-progress", daemon=True)
+
+    def poll(self) -> str | None:
+        """The line to print, or None when nothing advanced since the last one."""
+        summary = self.progress.summary()
+        if summary == self._last:
+            return None
+        self._last = summary
+        return format_line(self.progress.study, summary, self.order, time.monotonic() - self.started)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            if line := self.poll():
+                print(line, file=self.stream, flush=True)
+
+    def __enter__(self) -> Watcher:
+        self._last = self.progress.summary()  # what an earlier run finished is not news
+        print(format_line(self.progress.study, self._last, self.order, 0), file=self.stream, flush=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if line := self.poll():
+            print(line, file=self.stream, flush=True)

@@ -11,11 +11,12 @@ Step 0 is the starting model itself: registered with its path and hash, not copi
 from __future__ import annotations
 
 import copy
-import os
 import logging
 import math
+import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 
 from rlheal.config import SftSection, StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.progress import Progress
 from rlheal.store import Artifact, Store, write_parquet
 from tasks import models
 from tasks.chat import prompt_completion_ids
@@ -118,8 +120,8 @@ def export_checkpoint(src: Path, dst: Path, model=None) -> None:
 class StepCheckpoints(TrainerCallback):
     """Save at exactly the listed steps, seal each into the store, keep one resume point."""
 
-    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float):
-        self.store, self.run, self.steps, self.started = store, run, set(steps), started
+    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float, on_sealed: Callable[[int], None] = lambda step: None):
+        self.store, self.run, self.steps, self.started, self.on_sealed = store, run, set(steps), started, on_sealed
 
     def on_step_end(self, args, state, control, **kw):
         control.should_save = state.global_step in self.steps
@@ -135,6 +137,7 @@ class StepCheckpoints(TrainerCallback):
             if old != src:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("sft step=%d sealed at %s (train loss %s)", state.global_step, art.path, extra["train_loss"])
+        self.on_sealed(state.global_step)
 
 
 class ReferenceLoss(TrainerCallback):
@@ -160,8 +163,12 @@ class ReferenceLoss(TrainerCallback):
 
 
 class LogProgress(TrainerCallback):
+    """About twenty log lines per run, whatever its length (the trainer's own per-step
+    printing is off: it buried the study's progress lines)."""
+
     def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
+        every = max(1, state.max_steps // 20)
+        if logs and "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
             log.info("sft step %d/%d loss %.4f lr %.3g", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", float("nan")))
 
 
@@ -196,14 +203,20 @@ def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
         max_length=None,
         seed=cfg.data.train_seed,
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=True,
     )
 
 
 def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
     """Train to the largest listed step, resuming from the last complete trainer state."""
     from peft import LoraConfig, get_peft_model
+    from transformers import PrinterCallback
     from trl import SFTTrainer
+
+    progress = Progress(store.study_dir(cfg.name), cfg.name)
+
+    def on_sealed(step: int) -> None:
+        progress.done("sft", f"step {step}")
 
     s = cfg.sft
     todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(step_artifact(run, k))]
@@ -235,8 +248,9 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
         train_dataset=dataset,
         processing_class=tok,
         optimizers=(opt, sched),
-        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time()), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
+        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time(), on_sealed), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
     )
+    trainer.remove_callback(PrinterCallback)
     resume = last_complete(out)
     if resume:
         log.info("sft resumes from %s", resume)

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -92,6 +93,10 @@ def test_cli_run_writes_study_tables_and_reruns_cached(cli_env, tmp_path):
     assert {p.name for p in tables.glob("*.parquet")} >= {"sft_train.parquet", "eval_id.parquet", "eval_ood.parquet", "checkpoints.parquet", "sft_log.parquet"}
     assert pl.scan_parquet(tables / "eval_ood.parquet").select(pl.len()).collect().item() == 8
     assert datasets.Dataset.from_parquet(str(tables / "sft_train.parquet")).num_rows == 64
+    # the terminal's progress display: every stage from the start, the finished counts at the end
+    lines = re.findall(r"^\[cli \d+:\d\d\] (.*)$", first.stderr, re.M)
+    assert lines[0].startswith("data - | model - | sft - |"), lines
+    assert all(f" {c} " in f" {lines[-1]} " for c in ("data 1/1", "model 1/1", "sft 1/1", "eval 4/4", "report 1/1")), lines
     second = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0
     log = second.stdout + second.stderr

@@ -1,0 +1,39 @@
+"""The study's progress: progress.json in the store and the terminal line `rlheal run` prints."""
+
+import io
+
+from rlheal.progress import Progress, Watcher, format_line
+
+ORDER = ["data", "sft", "eval", "report"]
+
+
+def test_progress_counts_units_and_survives_a_new_reader(tmp_path):
+    p = Progress(tmp_path, "toy")
+    p.expect("eval", ["a id", "a ood", "b id"])
+    p.done("eval", "a id")
+    p.done("eval", "a id")  # reported twice (a retried task): counted once
+    p.done("data", "data")
+    assert Progress(tmp_path, "toy").summary() == {"eval": (1, 3), "data": (1, 1)}
+    p.expect("eval", ["a id", "b id"])  # a unit no longer expected is dropped, done ones kept
+    assert p.summary()["eval"] == (1, 2)
+
+
+def test_watcher_prints_only_when_a_stage_advances(tmp_path):
+    p = Progress(tmp_path, "toy")
+    out = io.StringIO()
+    w = Watcher(p, ORDER, stream=out, every=3600)  # the loop never fires: poll by hand
+    with w:
+        assert w.poll() is None
+        p.expect("sft", ["step 4", "step 8"])
+        p.done("sft", "step 4")
+        line = w.poll()
+        assert line is not None and line.endswith("data - | sft 1/2 | eval - | report -")
+        assert w.poll() is None
+        p.done("sft", "step 8")
+    printed = out.getvalue().splitlines()
+    assert printed[0] == "[toy 0:00] data - | sft - | eval - | report -"
+    assert printed[-1].endswith("sft 2/2 | eval - | report -")  # the last change is printed on exit
+
+
+def test_line_format():
+    assert format_line("s", {"data": (1, 1), "eval": (3, 40)}, ORDER, 125.7) == "[s 2:05] data 1/1 | sft - | eval 3/40 | report -"
