@@ -30,7 +30,7 @@ from tasks import models
 from tasks.editing.formulas import edit_matrix, index_set, resolve_edit_k
 from tasks.editing.grid import column_request
 from tasks.svd.engine import ColumnRequest, SvdCache, compute_placement, content_hash
-from tasks.svd.matrices import EMBEDDING, LM_HEAD, Matrix, _meta, _order, _tied, check_same_matrices, read_tensor, select_matrices, storage_dtype, tensor_index
+from tasks.svd.matrices import EMBEDDING, LM_HEAD, Matrix, describe_matrix, model_order, tied_embeddings, check_same_matrices, read_tensor, select_matrices, storage_dtype, tensor_index
 
 log = logging.getLogger("rlheal.editing")
 
@@ -67,9 +67,9 @@ def every_matrix(path: str | Path) -> list[Matrix]:
     a tied lm_head is the embedding, counted once."""
     index = tensor_index(path)
     names = [n for n, info in index.items() if len(info.shape) == 2]
-    if _tied(Path(path), set(index)) and any(EMBEDDING.fullmatch(n) for n in names):
+    if tied_embeddings(Path(path), set(index)) and any(EMBEDDING.fullmatch(n) for n in names):
         names = [n for n in names if not LM_HEAD.fullmatch(n)]
-    return sorted((_meta(n, index[n].shape, {}) for n in names), key=_order)
+    return sorted((describe_matrix(n, index[n].shape, {}) for n in names), key=model_order)
 
 
 def base_matrices(path: str | Path, section: SvdSection, reference_compat: bool) -> list[Matrix]:

@@ -32,7 +32,7 @@ from tasks.editing.grid import variants
 from tasks.editing.recovery import damage_fraction, paired_bootstrap
 from tasks.svd.analysis import read_checkpoints, run_meta
 from tasks.svd.engine import content_hash
-from tasks.svd.matrices import EMBEDDING, LM_HEAD, _tied, tensor_index
+from tasks.svd.matrices import EMBEDDING, LM_HEAD, tied_embeddings, tensor_index
 
 VERSION = "1"
 STAGE = "editing"
@@ -185,7 +185,7 @@ def variant_row(cfg: StudyConfig, variant: dict, target: dict, matrix_log: list[
     compat = variant["reference_compat"]
     params = [r["param"] for r in matrix_log]
     embeddings = any(EMBEDDING.fullmatch(p) for p in params)
-    tied = _tied(Path(target["path"]), set(tensor_index(target["path"])))
+    tied = tied_embeddings(Path(target["path"]), set(tensor_index(target["path"])))
     if compat:
         patterns = [".*"]  # quirk 3: every 2-D parameter
     else:

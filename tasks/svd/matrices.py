@@ -101,7 +101,7 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _tied(path: Path, names: set[str]) -> bool:
+def tied_embeddings(path: Path, names: set[str]) -> bool:
     cfg_file = path / "config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
     tied = cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get("tie_word_embeddings"))
@@ -109,7 +109,7 @@ def _tied(path: Path, names: set[str]) -> bool:
     return bool(tied) if tied is not None else not any(LM_HEAD.fullmatch(n) for n in names)
 
 
-def _meta(name: str, shape: tuple[int, ...], groups: dict[str, str | None]) -> Matrix:
+def describe_matrix(name: str, shape: tuple[int, ...], groups: dict[str, str | None]) -> Matrix:
     if EMBEDDING.fullmatch(name):
         return Matrix(name, -1, "embed", "embed_tokens", *shape)
     if LM_HEAD.fullmatch(name):
@@ -140,7 +140,7 @@ def select_matrices(path: str | Path, section: SvdSection) -> list[Matrix]:
                 chosen.setdefault(name, pat.fullmatch(name).groupdict())
     embedding = next((n for n in sorted(names) if EMBEDDING.fullmatch(n) and not MULTIMODAL.fullmatch(n)), None)
     head = next((n for n in sorted(names) if LM_HEAD.fullmatch(n)), None)
-    tied = embedding is not None and _tied(path, names)
+    tied = embedding is not None and tied_embeddings(path, names)
     if section.include_embeddings and embedding:
         chosen.setdefault(embedding, {})
     if section.include_lm_head:
@@ -159,13 +159,13 @@ def select_matrices(path: str | Path, section: SvdSection) -> list[Matrix]:
         )
     if not chosen:
         raise ConfigError(f"svd.include: every tensor the patterns match in {path} is excluded (svd.exclude or the built-in vision/projector exclusion)")
-    return sorted((_meta(n, index[n].shape, chosen[n]) for n in chosen), key=_order)
+    return sorted((describe_matrix(n, index[n].shape, chosen[n]) for n in chosen), key=model_order)
 
 
 _MODULE_ORDER = {name: i for i, name in enumerate(("self_attn", "cross_attn", "mlp", "q", "k", "v", "o", "gate", "up", "down"))}
 
 
-def _order(mat: Matrix) -> tuple:
+def model_order(mat: Matrix) -> tuple:
     """Model order: embedding, then per layer q, k, v, o, gate, up, down; the head last."""
     if mat.block == "embed":
         return (-1,)
