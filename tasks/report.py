@@ -274,10 +274,16 @@ def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> 
     for r in picks.iter_rows(named=True):
         lo, hi = r.get("recovery_ci_low"), r.get("recovery_ci_high")
         what = f"layers {r['layers_spec']}" if r["layers_spec"] else f"top {r['k_top_spec']}"
+        if r.get("n_matrices_edited") == 0:
+            # e.g. the first quarter of a 2-layer model is no layer at all: no evidence either way
+            parts.append(f"{what}: edits no matrix of this model, no evidence")
+            continue
         if r["recovery_fraction"] is not None:
             values[f"rho {what}"] = r["recovery_fraction"]
         parts.append(f"{what}: ρ = {r['recovery_fraction']:.2f} [{lo if lo is None else f'{lo:.2f}'}, {hi if hi is None else f'{hi:.2f}'}]" if r["recovery_fraction"] is not None else f"{what}: ρ undefined (no gap)")
         verdicts.append("inconclusive" if lo is None else ("supported" if lo > 0 else "not supported"))
+    if not verdicts:
+        return Verdict(finding, "; ".join(parts), "no data", values)
     verdict = "supported" if all(v == "supported" for v in verdicts) else ("not supported" if all(v == "not supported" for v in verdicts) else "inconclusive")
     return Verdict(finding, "; ".join(parts), verdict, values)
 
