@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-slow faults demo bench server deploy worker clean
+.PHONY: setup test test-slow faults demo demo-seeds bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,15 @@ test-slow: setup
 
 demo: setup
 	$(VENV)/bin/rlheal run $(CONFIG)
+
+# The demo's study again with two more seeds (SFT hand stream, RL hands and sampling), then
+# the four findings judged on all three side by side: store/replicates/toy+toy-seed1+toy-seed2/.
+SEEDS ?= 1 2
+demo-seeds: demo
+	for n in $(SEEDS); do \
+	  $(VENV)/bin/rlheal run $(CONFIG) --set name=toy-seed$$n --set data.train_seed=$$n --set rl.seed=$$n --set rl.decoding.seed=$$((42 + n)) || exit 1; \
+	done
+	$(VENV)/bin/rlheal compare toy $(foreach n,$(SEEDS),toy-seed$(n))
 
 bench: setup
 	$(PY) benchmarks/bench_verifier.py
