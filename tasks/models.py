@@ -4,7 +4,9 @@
   attention (so k/v projections are non-square, as in real models) and a word-level
   tokenizer over the benchmark's own text, saved as an ordinary HF directory.
 - `model.name_or_path` resolves a local directory or a model already in the local HF
-  cache; the hub is never contacted.
+  cache; the hub is never contacted. The artifact points to it, except for a Mllama
+  (vision + text) checkpoint, whose language model is saved into the artifact instead
+  (`save_text_model`).
 Every later stage loads either through `load_model` / `load_tokenizer`.
 """
 
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 from prefect import task
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, MllamaForCausalLM, PreTrainedTokenizerFast
 
 from rlheal.config import ConfigError, ModelSection, StudyConfig
 from rlheal.faults import maybe_fail
@@ -186,8 +188,25 @@ def build(out: Path, cfg: StudyConfig) -> dict:
         return {**extra, "weights_sha256": weights_hash(out)}
     src = resolve_pretrained(cfg.model)
     digest = weights_hash(src)
+    if _model_type(src) == "mllama":
+        return {**save_text_model(src, out, cfg.model.trust_remote_code), "source": {"path": str(src), "weights_sha256": digest}}
     (out / SOURCE).write_text(json.dumps({"path": str(src), "weights_sha256": digest}))
     return {"weights_sha256": digest}
+
+
+def save_text_model(src: Path, out: Path, trust_remote_code: bool = False) -> dict:
+    """The language model of a multimodal checkpoint, saved as the starting model.
+
+    Step 0 must name its tensors as every later checkpoint does (the svd stage compares
+    them by name, editing writes them into the loaded model by name). Fine-tuned
+    checkpoints are saved from the model `load_model` returns (`model.layers.N…`), while a
+    hub Mllama directory names the same tensors `language_model.model.layers.N…` beside
+    its vision tower; so the starting model goes through the same load and save."""
+    model = load_model(src, dtype="auto", trust_remote_code=trust_remote_code)  # the stored dtype: an exact copy
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(src, trust_remote_code).save_pretrained(out)
+    log.info("saved the %s language model of %s (%s)", type(model).__name__, src, model.dtype)
+    return {"weights_sha256": weights_hash(out)}
 
 
 def model_dir(art_path: str | Path) -> Path:
@@ -213,13 +232,33 @@ GLOBAL_RNG = threading.RLock()
 _load_lock = threading.Lock()
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM from safetensors only (no pickle), in `dtype` on `device`."""
+def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):
+    """Load a causal LM from safetensors only (no pickle), in `dtype` on `device`.
+
+    A Mllama (Llama 3.2 Vision) checkpoint loads as its language model alone, an
+    `MllamaForCausalLM`: the benchmark is text-only, and without image states the model
+    skips its cross-attention layers anyway. Saving it writes a text-only checkpoint that
+    this function reads back the same way."""
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True)
     with _load_lock:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True
-        )
+        if _model_type(path) == "mllama_text_model":
+            # What a saved MllamaForCausalLM declares; AutoModelForCausalLM maps only the
+            # multimodal `mllama` type to it and rejects this one.
+            model = MllamaForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if isinstance(model, MllamaForCausalLM):
+        # Its `base_model_prefix` is "language_model" (the hub files' prefix, stripped on
+        # load) but the backbone lives in `.model`, so `base_model` returned the whole model
+        # and TRL's fused LM head, which takes hidden states from `base_model`, got the
+        # LM output instead (SFTTrainer: no attribute 'last_hidden_state').
+        model.base_model_prefix = "model"
     return model.to(device)
+
+
+def _model_type(path: str | Path) -> str | None:
+    cfg_file = Path(path) / "config.json"
+    return json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
 
 
 @task(name="model", task_run_name="model")
