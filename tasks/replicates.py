@@ -73,7 +73,7 @@ def spread(long: pl.DataFrame) -> pl.DataFrame:
 def _fmt(metric: str, x: float) -> str:
     if metric.endswith("_step") or metric.startswith("healed"):
         return f"{x:.0f}"
-    if metric.endswith("_deg") or metric.startswith(("rho", "sigma", "energy")):
+    if metric.endswith("_deg") or metric.startswith(("rho", "sigma", "energy", "ce_")):
         return f"{x:.3f}"
     return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop")) else f"{100 * x:.1f} %"
 

@@ -41,7 +41,22 @@ def sft_accuracy(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
     if "eval_summary" not in t:
         return None
     s = t["eval_summary"].filter(pl.col("stage").is_in(["base", "sft"]))
+    if (nf := number_field(t)) is not None:
+        s = s.join(nf, on=["ckpt_id", "split"], how="left")
     return s.sort("split", "step") if s.height else None
+
+
+def number_field(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
+    """Per checkpoint and split: the share of first attempts whose `"number"` list is the
+    hand's values under the split's rule. It shows how well the model still reads the
+    face-card rule, which at small scale moves long before accuracy does."""
+    if "eval_attempts" not in t or not any(f"eval_{s}" in t for s in ("id", "ood")):
+        return None
+    hands = pl.concat([t[f"eval_{s}"].select("split", pl.col("index").alias("hand_index"), "numbers") for s in ("id", "ood") if f"eval_{s}" in t])
+    first = t["eval_attempts"].filter(pl.col("attempt") == 1).join(hands, on=["split", "hand_index"])
+    written = pl.col("response").str.extract(r'"number": \[([^\]]*)\]', 1).str.split(", ").cast(pl.List(pl.Int64), strict=False)
+    right = (written == pl.col("numbers")).fill_null(False)
+    return first.group_by("ckpt_id", "split").agg(number_field=right.mean())
 
 
 def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
@@ -216,6 +231,11 @@ def verdict_forgetting(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None) -
         loss = f"; OOD reference CE is lowest at step {m['step']} ({m['ce_ood']:.3f} nats)"
     evidence = f"OOD peak at step {b['step']}: {_ci(b)}; at the last step {s['step']}: {_ci(s)}; ID {_pct(id_b['accuracy'])} → {_pct(id_s['accuracy'])}{loss}"
     values = {"peak_step": b["step"], "ood_peak": b["accuracy"], "last_step": s["step"], "ood_last": s["accuracy"], "id_at_peak": id_b["accuracy"], "id_last": id_s["accuracy"], "ood_drop": b["accuracy"] - s["accuracy"]}
+    if b.get("number_field") is not None and s.get("number_field") is not None:
+        evidence += f"; OOD number field {_pct(b['number_field'])} → {_pct(s['number_field'])}"
+        values |= {"ood_number_field_peak": b["number_field"], "ood_number_field_last": s["number_field"]}
+    if loss:
+        values |= {"ce_ood_min_step": m["step"], "ce_ood_min": m["ce_ood"], "ce_ood_last": sft_log.drop_nulls("ce_ood").sort("step")["ce_ood"][-1]}
     if b["accuracy_ci_low"] <= s["accuracy_ci_high"]:
         return Verdict(finding, evidence, "inconclusive", values)  # the peak and the end overlap
     # the peak is significantly above the end; forgetting needs ID not to fall meanwhile
@@ -329,7 +349,8 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
         figures.append(path)
         return f"![{path.stem}]({path.name})\n\n{text}"
 
-    section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out), _md_table(acc.select("ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate")) + "\n"))
+    cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate", "number_field"]
+    section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
     section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "after_low", "after_high", "healed")) + "\n")
     section("Format errors", acc is not None, lambda: with_fig(fig_format_errors(acc, out)))
     section("Losses", "sft_log" in t, lambda: with_fig(fig_losses(t["sft_log"], acc, out)))

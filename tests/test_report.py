@@ -50,3 +50,18 @@ def test_replicate_verdicts_and_spread():
     long = pl.DataFrame({"study": ["a", "b", "c"], "finding": ["window"] * 3, "verdict": ["x"] * 3, "metric": ["gain_from_80"] * 3, "value": [0.02, None, 0.06], "evidence": [""] * 3})
     row = spread(long).row(0, named=True)
     assert (row["n"], row["min"], row["max"]) == (2, 0.02, 0.06) and abs(row["mean"] - 0.04) < 1e-12
+
+
+def test_number_field_reads_the_first_attempt_against_the_hand():
+    block = '{{\n  "cards": [\'5\', \'Q\', \'Q\', \'4\'],\n  "number": [{}],\n  "formula": "4*(5+12/12)=24",\n}}'
+    t = {
+        "eval_ood": pl.DataFrame({"split": ["ood", "ood"], "index": [0, 1], "numbers": [[5, 12, 12, 4], [5, 12, 12, 4]]}),
+        "eval_attempts": pl.DataFrame({
+            "ckpt_id": ["s", "s", "s"], "split": ["ood"] * 3, "hand_index": [0, 1, 1], "attempt": [1, 1, 2],
+            "response": [block.format("5, 12, 12, 4"), block.format("5, 10, 10, 4"), block.format("5, 12, 12, 4")],
+        }),  # fmt: skip
+    }
+    nf = report.number_field(t)
+    assert nf.to_dicts() == [{"ckpt_id": "s", "split": "ood", "number_field": 0.5}]  # hand 1's retry does not count
+    t["eval_attempts"] = t["eval_attempts"].with_columns(response=pl.lit("no answer block"))
+    assert report.number_field(t)["number_field"].to_list() == [0.0]

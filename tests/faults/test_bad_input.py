@@ -20,6 +20,7 @@ CASES = {
     "missing-model": ({"model": {"builtin": None, "name_or_path": "/nowhere/model"}}, None, r"model\.name_or_path: '/nowhere/model'"),
     "unreadable-store": ({}, "store-under-file", r"store is not writable"),
     "config-changed-mid-study": ({"sft": {"learning_rate": 0.5}}, "after-a-run", r"sft\.learning_rate: 0\.001 -> 0\.5"),
+    "bad-override": ({}, "--set eval.batch_size=0", r"with --set eval\.batch_size=0: invalid study config\neval\.batch_size: Input should be greater than or equal to 1"),
 }
 
 
@@ -51,6 +52,8 @@ def test_bad_input(case, tmp_path, cli_env):
         cfg_file.write_text(special)
     else:
         cfg_file.write_text(yaml.safe_dump(_merge(yaml.safe_load(cfg_file.read_text()), change)))
+    if special and special.startswith("--set "):
+        args += special.split(" ", 1)
     if special == "store-under-file":
         (tmp_path / "blocker").write_text("a file")
         store = tmp_path / "blocker" / "store"
