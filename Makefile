@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -m "not slow and not faults" -q
+	$(PY) -m pytest -m "not slow and not faults" -q --durations=15
 
 faults: setup
 	$(PY) -m pytest tests/faults -q
