@@ -63,6 +63,25 @@ def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     return path
 
 
+def replace_dir(final: Path, fill: Callable[[Path], Any]) -> Any:
+    """Fill a temporary sibling of `final`, then swap it in whole: a reader sees the old
+    folder or the new one, never a mix. For outputs rebuilt on every run rather than sealed
+    once (the report, replicate comparisons); returns what `fill` returns."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
+    tmp.mkdir(parents=True)
+    try:
+        result = fill(tmp)
+        old = final.with_name(f".{final.name}-old-{uuid.uuid4().hex[:6]}")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():

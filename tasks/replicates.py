@@ -15,9 +15,6 @@ number), `replicates.md` and `fig_replicates.png`.
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import matplotlib
@@ -27,10 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from rlheal.config import ConfigError  # noqa: E402
+from rlheal.store import replace_dir  # noqa: E402
 from tasks import report  # noqa: E402
-
-FINDINGS = ("forgetting", "window", "rotation", "editing")  # the order of report.all_verdicts
-
 
 class ReplicateError(ConfigError):
     """A study to compare is missing or has no tables (bad input: the message names its folder)."""
@@ -43,11 +38,11 @@ def study_tables(study_dir: Path) -> dict[str, pl.DataFrame]:
     return report.read_tables(tables)
 
 
-def judge(studies: dict[str, dict[str, pl.DataFrame]]) -> pl.DataFrame:
+def judge(verdicts: dict[str, dict[str, report.Verdict]]) -> pl.DataFrame:
     """One row per (study, finding, number) with the study's verdict on that finding."""
     rows = []
-    for name, tables in studies.items():
-        for key, v in zip(FINDINGS, report.all_verdicts(tables)):
+    for name, per_finding in verdicts.items():
+        for key, v in per_finding.items():
             numbers = {m: x for m, x in v.values.items() if x is not None} or {"": None}
             rows += [{"study": name, "finding": key, "verdict": v.verdict, "metric": m, "value": None if x is None else float(x), "evidence": v.evidence} for m, x in numbers.items()]
     return pl.DataFrame(rows, schema={"study": pl.String, "finding": pl.String, "verdict": pl.String, "metric": pl.String, "value": pl.Float64, "evidence": pl.String})
@@ -79,13 +74,12 @@ def _fmt(metric: str, x: float) -> str:
 
 
 def markdown(long: pl.DataFrame, names: list[str]) -> str:
-    findings = dict(zip(FINDINGS, (v.finding for v in report.all_verdicts({}))))
     head = "| finding | " + " | ".join(names) + " | over the replicates |\n|---|" + "---|" * (len(names) + 1)
     rows = []
-    for key in FINDINGS:
+    for key, finding in report.FINDINGS.items():
         per = long.filter(pl.col("finding") == key).unique(["study"], keep="first", maintain_order=True)
         verdict = dict(zip(per["study"], per["verdict"]))
-        rows.append(f"| {findings[key]} | " + " | ".join(verdict.get(n, "no data") for n in names) + f" | **{overall([verdict.get(n, 'no data') for n in names])}** |")
+        rows.append(f"| {finding} | " + " | ".join(verdict.get(n, "no data") for n in names) + f" | **{overall([verdict.get(n, 'no data') for n in names])}** |")
     numbers = spread(long)
     wide = long.drop_nulls("value").pivot(on="study", index=["finding", "metric"], values="value")
     lines = ["| finding | number | " + " | ".join(names) + " | mean [min, max] |", "|---|---|" + "---|" * (len(names) + 1)]
@@ -98,25 +92,24 @@ def markdown(long: pl.DataFrame, names: list[str]) -> str:
     return "\n".join(["# Replicates: " + ", ".join(names), "", "## Verdicts", "", head, *rows, "", "## Numbers", "", *lines, *evidence])
 
 
-def figure(studies: dict[str, dict[str, pl.DataFrame]], out: Path) -> Path | None:
-    """OOD (and ID) accuracy through SFT for every replicate, RL's end point from each start,
-    and the paper's curve on its own panel."""
-    curves = {n: report.sft_accuracy(t) for n, t in studies.items()}
-    if all(c is None for c in curves.values()):
+def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], out: Path) -> Path | None:
+    """OOD (and ID) accuracy through SFT for every replicate (its `sft_accuracy` and
+    `rl_recovery` views), RL's end point from each start, and the paper's curve on its own panel."""
+    if all(acc is None for acc, _ in views.values()):
         return None
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, (name, acc) in enumerate(curves.items()):
+    for i, (name, (acc, rec)) in enumerate(views.items()):
         if acc is None:
             continue
         c = colors[i % len(colors)]
         ood, idd = acc.filter(pl.col("split") == "ood"), acc.filter(pl.col("split") == "id")
         ax.plot(ood["step"], 100 * ood["accuracy"], "o-", ms=3, color=c, label=f"{name}: OOD after SFT")
         ax.plot(idd["step"], 100 * idd["accuracy"], ":", color=c, alpha=0.6, label=f"{name}: ID after SFT")
-        if (rec := report.rl_recovery(studies[name])) is not None:
+        if rec is not None:
             ax.plot(rec["start_step"], 100 * rec["ood_after"], "s", ms=7, mfc="none", mew=1.5, color=c, label=f"{name}: OOD after RL from step")
     ax.set_xscale("symlog", linthresh=10)
-    ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(curves)} replicates (500 hands per split each)")
+    ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(views)} replicates (500 hands per split each)")
     ax.legend(fontsize=6, ncol=2)
     p = report.paper()
     for stage, style in (("sft", "o-"), ("rl", "s--")):
@@ -137,21 +130,15 @@ def compare(study_dirs: list[Path], out: Path) -> Path:
         raise ReplicateError("compare: give at least two distinct studies")
     studies = {Path(d).name: study_tables(Path(d)) for d in study_dirs}
     names = list(studies)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    tmp.mkdir(parents=True)
-    try:
-        long = judge(studies)
+    views = {n: (report.sft_accuracy(t), report.rl_recovery(t)) for n, t in studies.items()}
+
+    def fill(tmp: Path) -> None:
+        long = judge({n: report.all_verdicts(studies[n], *views[n]) for n in names})
         long.write_parquet(tmp / "replicates.parquet")
         md = markdown(long, names)
-        if figure(studies, tmp) is not None:
+        if figure(views, tmp) is not None:
             md += "\n![fig_replicates](fig_replicates.png)\n"
         (tmp / "replicates.md").write_text(md)
-        old = out.with_name(f".{out.name}-old-{uuid.uuid4().hex[:6]}")
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    replace_dir(Path(out), fill)
+    return Path(out)

@@ -197,6 +197,15 @@ def fig_editing(res: pl.DataFrame, variants: pl.DataFrame, out: Path) -> Path | 
 # ---------------------------------------------------------------------------- verdicts
 
 
+# The paper's four findings, in report order; the keys name them in tables (replicates).
+FINDINGS = {
+    "forgetting": "OOD accuracy peaks early in SFT, then falls while ID keeps rising; loss does not show the peak",
+    "window": "RL restores OOD ability only from checkpoints inside a window (not too early, not too late)",
+    "rotation": "Singular values barely move while singular vectors rotate",
+    "editing": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers OOD ability",
+}
+
+
 @dataclass
 class Verdict:
     finding: str
@@ -214,7 +223,7 @@ def _ci(row: dict, prefix: str = "accuracy") -> str:
 
 
 def verdict_forgetting(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None) -> Verdict:
-    finding = "OOD accuracy peaks early in SFT, then falls while ID keeps rising; loss does not show the peak"
+    finding = FINDINGS["forgetting"]
     if acc is None:
         return Verdict(finding, "no evaluation results", "no data")
     ood = acc.filter((pl.col("split") == "ood") & (pl.col("step") > 0)).sort("step")
@@ -243,7 +252,7 @@ def verdict_forgetting(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None) -
 
 
 def verdict_window(rec: pl.DataFrame | None) -> Verdict:
-    finding = "RL restores OOD ability only from checkpoints inside a window (not too early, not too late)"
+    finding = FINDINGS["window"]
     if rec is None or rec.height < 3:
         return Verdict(finding, "fewer than three RL runs evaluated" if rec is not None else "no RL results", "no data")
     parts = [f"from {r['start_step']}: {_pct(r['ood_before'])} → {_pct(r['ood_after'])} [{_pct(r['after_low'])}, {_pct(r['after_high'])}]" for r in rec.iter_rows(named=True)]
@@ -257,7 +266,7 @@ def verdict_window(rec: pl.DataFrame | None) -> Verdict:
 
 def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> Verdict:
     """Judged on the forgetting segment B→S against its own noise control (analysis.md §3.8)."""
-    finding = "Singular values barely move while singular vectors rotate"
+    finding = FINDINGS["rotation"]
     if pairs is None or roles is None:
         return Verdict(finding, "no SVD results", "no data")
     ids = dict(zip(roles["role"], roles["ckpt_id"]))
@@ -281,7 +290,7 @@ def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> 
 
 
 def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> Verdict:
-    finding = "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers OOD ability"
+    finding = FINDINGS["editing"]
     if res is None or variants is None:
         return Verdict(finding, "no editing results", "no data")
     from tasks.editing import claim_variants
@@ -308,14 +317,15 @@ def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> 
     return Verdict(finding, "; ".join(parts), verdict, values)
 
 
-def all_verdicts(t: dict[str, pl.DataFrame]) -> list[Verdict]:
-    """The paper's four findings, judged on one study's tables."""
-    return [
-        verdict_forgetting(sft_accuracy(t), t.get("sft_log")),
-        verdict_window(rl_recovery(t)),
-        verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
-        verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
-    ]
+def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.DataFrame | None) -> dict[str, Verdict]:
+    """The paper's four findings (keys of FINDINGS), judged on one study's tables and its
+    `sft_accuracy` and `rl_recovery` views."""
+    return {
+        "forgetting": verdict_forgetting(acc, t.get("sft_log")),
+        "window": verdict_window(rec),
+        "rotation": verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
+        "editing": verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
+    }
 
 
 # ---------------------------------------------------------------------------- document
@@ -358,7 +368,7 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out)))
 
-    verdicts = all_verdicts(t)
+    verdicts = list(all_verdicts(t, acc, rec).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
     md = "\n".join(
         [f"# {title}\n", "## Verdicts\n", "Computed from the tables; *inconclusive* when the intervals overlap. Paper values are approximate (±0.3 pp read-off, ±2.5 pp sampling error, one seed).\n", vtable, "", *sections]
@@ -396,21 +406,10 @@ def to_html(md: str, out: Path) -> str:
 
 def run(study_dir: Path, title: str) -> Path:
     """Rebuild `<study>/report/` from `<study>/tables/`, swapped in atomically."""
-    import os
-    import shutil
-    import uuid
+    from rlheal.store import replace_dir
 
-    study_dir = Path(study_dir)
-    tmp = study_dir / f".report-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        info = build(study_dir / "tables", tmp, title)
-        final, old = study_dir / "report", study_dir / f".report-old-{uuid.uuid4().hex[:6]}"
-        if final.exists():
-            os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    final = Path(study_dir) / "report"
+    info = replace_dir(final, lambda tmp: build(Path(study_dir) / "tables", tmp, title))
     log.info("report: %d figures, absent sections: %s", len(info["figures"]), ", ".join(info["absent"]) or "none")
     return final
 

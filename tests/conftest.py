@@ -18,6 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+def kill_when(proc, ready, what: str, timeout: float = 120, poll: float = 0.01) -> None:
+    """SIGKILL `proc`'s process group as soon as `ready()` holds; fail if the process ends
+    first or `timeout` passes (then there was nothing to interrupt)."""
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, f"run ended before {what}"
+        time.sleep(poll)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
     """configs/smoke.yaml with its store in tmp_path (and any top-level section replaced)."""
     import yaml

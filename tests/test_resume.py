@@ -3,7 +3,6 @@
 import os
 from pathlib import Path
 
-import pytest
 from prefect import flow, task
 
 from rlheal.caching import cached_in, open_store

@@ -6,10 +6,8 @@ and ends where an uninterrupted run ends."""
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -27,6 +25,7 @@ from tasks.data import training_hands
 from tasks.generalpoints import OUTCOMES, deal, overlap_key, reference_answer, render_prompt, score
 from tasks.rl import common, grpo, ppo
 from tasks.rl.rollout import Envs, Generator, Step
+from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -445,13 +444,8 @@ def test_kill_9_mid_run_then_resume(weak, uninterrupted, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-c", KILL_SCRIPT, json.dumps(cfg.model_dump()), str(store_dir), json.dumps(start), str(data_dir)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
     # update 2 saved: kill during update 3 (an update takes far longer than one poll)
-    while not list((store_dir / "rl" / ".work").glob("*/resume-2.pt")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first save"
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any((store_dir / "rl" / ".work").glob("*/resume-2.pt")), "its first save")
     store = Store(store_dir)
     assert not store.is_sealed(rl.artifact(store, cfg, start, Store.from_path(data_dir).id))
 

@@ -1,10 +1,7 @@
 """The model and SFT stages on the embedded tiny model: real TRL training, real checkpoints."""
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import polars as pl
@@ -16,8 +13,9 @@ from safetensors.torch import load_file
 from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
 from tasks import data, models, sft
-from tasks.chat import prompt_completion_ids, render
+from tasks.chat import render
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
+from tests.conftest import kill_when
 
 SMALL = {
     "name": "t",
@@ -192,12 +190,7 @@ def test_kill_9_mid_sft_then_resume(cli_env, tmp_path):
     cfg_file.write_text(yaml.safe_dump({**cfg_dict, "store": str(tmp_path / "store")}))
     cmd = [sys.executable, "-m", "rlheal.cli", "run", str(cfg_file)]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.time() + 120
-    while not list((tmp_path / "store" / "sft").glob("*-s3/manifest.json")):
-        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, lambda: any((tmp_path / "store" / "sft").glob("*-s3/manifest.json")), "its first checkpoint")
     assert not list((tmp_path / "store" / "sft").glob("*-s40"))  # killed mid-run
 
     second = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)

@@ -4,7 +4,6 @@ stays off, the server binds to loopback, and secrets never reach the store."""
 import random
 import re
 import string
-from pathlib import Path
 
 import pytest
 
