@@ -3,8 +3,10 @@
 Tables (one artifact, `<store>/data/<key>/`):
 - `sft_train`: one row per training hand, in index order, in TRL's conversational
   prompt/completion format (`prompt`, `completion` are message lists) plus hand fields.
-- `eval_id`, `eval_ood`: the evaluation hands with their reference answers and the
-  evaluation-set hash (GP §2).
+- `eval_id`, `eval_ood`: the evaluation hands with their dealt reference answers
+  (`answer`), the answer SFT would train on for the hand (`target`, what the teacher-forced
+  CE of training.md §7.3 scores) and which of the two that is (`ce_target`, = `data.answer`),
+  and the evaluation-set hash (GP §2).
 The rows are model independent: the SFT stage applies each model's chat template.
 """
 
@@ -34,7 +36,7 @@ from tasks.generalpoints import (
     wrong_attempt,
 )
 
-VERSION = "1"
+VERSION = "2"  # 2: eval tables carry the trained target (issue 14 §7)
 TABLES = ("sft_train", "eval_id", "eval_ood")
 log = logging.getLogger("rlheal.data")
 
@@ -71,9 +73,14 @@ def training_hands(seed: int, exclude: set, overlap: str) -> Iterator[Hand]:
 # ---------------------------------------------------------------------------- tables
 
 
+def trained_hand(hand: Hand, answer: str) -> Hand:
+    """The hand with the formula SFT trains on as its reference (`data.answer`): the dealt
+    reference solution (GP §2 step 4) or the first canonical solution."""
+    return dataclasses.replace(hand, reference=hand.solutions[0]) if answer == "first" else hand
+
+
 def _sft_row(hand: Hand, cfg: StudyConfig) -> dict:
-    if cfg.data.answer == "first":
-        hand = dataclasses.replace(hand, reference=hand.solutions[0])
+    hand = trained_hand(hand, cfg.data.answer)
     prompt = [{"role": "user", "content": render_prompt(hand)}]
     wrong = wrong_attempt(hand, cfg.data.train_seed, hand.index, cfg.data.multi_turn_fraction, cfg.verifier.mode)
     if wrong is not None:
@@ -101,7 +108,9 @@ def sft_table(cfg: StudyConfig, exclude: set) -> tuple[pl.DataFrame, int]:
     return pl.DataFrame(rows), last + 1 - len(rows)
 
 
-def eval_table(hands: list[Hand], set_hash: str) -> pl.DataFrame:
+def eval_table(hands: list[Hand], set_hash: str, answer: str = "reference") -> pl.DataFrame:
+    """One split's evaluation hands. `target` is the completion text an SFT row of the hand
+    would carry (`_sft_row`), so the reference CE measures the answer SFT is trained on."""
     return pl.DataFrame(
         {
             "split": [h.split for h in hands],
@@ -112,6 +121,8 @@ def eval_table(hands: list[Hand], set_hash: str) -> pl.DataFrame:
             "formula": [h.reference for h in hands],
             "prompt": [render_prompt(h) for h in hands],
             "answer": [reference_answer(h) for h in hands],
+            "target": [reference_answer(trained_hand(h, answer)) for h in hands],
+            "ce_target": [answer] * len(hands),
             "eval_set_hash": [set_hash] * len(hands),
         },
         schema_overrides={"index": pl.Int64, "n_solutions": pl.Int32},
@@ -138,7 +149,7 @@ def build(out: Path, cfg: StudyConfig) -> dict:
     log.info("sft_train: %d rows, %d training indices skipped as evaluation hands", train.height, skipped)
     write_parquet(train, out / "sft_train.parquet")
     for split in SPLITS:
-        write_parquet(eval_table(hands[split], set_hash), out / f"eval_{split}.parquet")
+        write_parquet(eval_table(hands[split], set_hash, cfg.data.answer), out / f"eval_{split}.parquet")
     return {"eval_set_hash": set_hash, "rows": {"sft_train": train.height, **{f"eval_{s}": len(hands[s]) for s in SPLITS}}, "skipped_overlap": skipped}
 
 

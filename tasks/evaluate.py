@@ -3,7 +3,8 @@
 One artifact per (checkpoint, split, evaluation config), `<store>/eval/<key>/`, holding
 - `eval_attempts`: one row per graded attempt (ATTEMPTS_SCHEMA);
 - `eval_summary`: one row per checkpoint x split (GP §9 metrics, Wilson intervals,
-  the reference-answer CE of §7.3, and the decoding that produced them).
+  the reference-answer CE of §7.3 with `ce_target` naming the answer it scored, and the
+  decoding that produced them).
 
 The episode loop (`play`) is pure bookkeeping over any `generate` callable, so it is
 tested with a scripted double; `ModelGenerator` is the real one (batched, left padded,
@@ -34,7 +35,7 @@ from tasks.models import GLOBAL_RNG
 from tasks.chat import encode, left_pad, prompt_completion_ids, render, stop_token_ids
 from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
 
-VERSION = "1"
+VERSION = "2"  # 2: the CE scores the trained target, column ce_target (issue 14 §7)
 TABLES = ("eval_attempts", "eval_summary")
 log = logging.getLogger("rlheal.eval")
 
@@ -319,6 +320,7 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
     if len(splits) != 1:
         raise ValueError(f"evaluate_model needs the hands of one split; got splits {splits}")
     split = splits[0]
+    target = ce_target(hands_table, cfg)
     started = time.perf_counter()
     decoding = cfg.eval.decoding.resolved()
     device = next(model.parameters()).device
@@ -338,6 +340,7 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
         "step": pl.lit(ckpt.get("step"), pl.Int32),
         "content_hash": pl.lit(ckpt.get("content_hash"), pl.String),
         "ce": pl.lit(ce, pl.Float64),
+        "ce_target": pl.lit(target, pl.String),
         "eval_set_hash": pl.lit(hands_table["eval_set_hash"][0], pl.String),
         "config_hash": pl.lit(config_hash(cfg), pl.String),
         "preset": pl.lit(decoding["preset"], pl.String),
@@ -364,14 +367,31 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
 # ---------------------------------------------------------------------------- teacher-forced CE
 
 
-@torch.no_grad()
+def ce_target(table: pl.DataFrame, cfg: StudyConfig) -> str:
+    """Which answer the table's `target` column holds ("reference" or "first", `data.answer`);
+    the evaluation key takes it from the config, so a table of another data config is refused."""
+    target = table["ce_target"][0] if "ce_target" in table.columns and table.height else None
+    if target != cfg.data.answer:
+        raise ValueError(f"the hands table's CE target is {target!r} but data.answer is {cfg.data.answer!r}: build the data stage again")
+    return target
+
+
 def reference_ce(model, tok, table: pl.DataFrame, n: int, date_string: str | None, batch_size: int = 64) -> float:
-    """Mean over the first `n` hands of the mean NLL (nats, temperature 1) of the
-    reference answer plus end-of-turn tokens, given the single-turn prompt (§7.3)."""
+    """`ce_id` / `ce_ood` (§7.3): the mean of CE_h over the first `n` hands."""
+    per_hand = reference_nll(model, tok, table, n, date_string, batch_size)
+    return float(sum(per_hand) / len(per_hand)) if per_hand else float("nan")
+
+
+@torch.no_grad()
+def reference_nll(model, tok, table: pl.DataFrame, n: int, date_string: str | None, batch_size: int = 64) -> list[float]:
+    """CE_h of the first `n` hands (§7.3): the mean NLL (nats, temperature 1) of the
+    trained target answer (`target`: the completion an SFT row of the hand carries, which
+    is the dealt reference unless `data.answer: first`) plus end-of-turn tokens, given the
+    single-turn prompt."""
     rows = table.head(n)
     seqs = [
         prompt_completion_ids(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": a}], date_string)
-        for p, a in zip(rows["prompt"], rows["answer"])
+        for p, a in zip(rows["prompt"], rows["target"])
     ]
     device = next(model.parameters()).device
     was_training = model.training
@@ -393,7 +413,7 @@ def reference_ce(model, tok, table: pl.DataFrame, n: int, date_string: str | Non
         target = scored[:, 1:].to(device)
         per_hand += ((nll * target).sum(1) / target.sum(1)).tolist()
     model.train(was_training)
-    return float(sum(per_hand) / len(per_hand)) if per_hand else float("nan")
+    return per_hand
 
 
 # ---------------------------------------------------------------------------- store and Prefect
@@ -411,7 +431,7 @@ def decoding_key(cfg: StudyConfig) -> dict[str, Any]:
 
 def config_hash(cfg: StudyConfig) -> str:
     """Hash of the evaluation settings shared by both splits of a checkpoint."""
-    return stable_hash({"decoding": decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "date_string": cfg.chat.date_string})
+    return stable_hash({"decoding": decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "ce_target": cfg.data.answer, "date_string": cfg.chat.date_string})
 
 
 def key_config(cfg: StudyConfig, ckpt: dict, split: str, eval_set_hash: str) -> dict[str, Any]:
@@ -423,6 +443,8 @@ def key_config(cfg: StudyConfig, ckpt: dict, split: str, eval_set_hash: str) -> 
         "decoding": decoding_key(cfg),
         "verifier": cfg.verifier.model_dump(),
         "ce_hands": cfg.eval.ce_hands,
+        # the eval set hash covers the cards, not the answer the CE scores
+        "ce_target": cfg.data.answer,
         "date_string": cfg.chat.date_string,
     }
 

@@ -6,11 +6,16 @@ Store layout for one SFT run (key K = model, data, sft and chat config):
   RNG), the resume point after a kill; deleted once the run is sealed;
 - `sft/K/`: the sealed run, tables `checkpoints` and `sft_log`.
 Step 0 is the starting model itself: registered with its path and hash, not copied.
+
+Precision (`training_precision`): the weights the optimizer updates are float32 on every
+device, with bf16 autocast on CUDA (the authors' bf16 mixed precision); checkpoints are
+written in `sft.save_dtype`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -23,17 +28,17 @@ import polars as pl
 import torch
 from datasets import Dataset
 from prefect import task
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from rlheal.config import SftSection, StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.progress import Progress
 from rlheal.store import Artifact, Store, write_parquet
-from tasks import models
+from tasks import evaluate, models
 from tasks.chat import prompt_completion_ids
-from tasks.evaluate import reference_ce
 
-VERSION = "1"
+VERSION = "2"  # 2: fp32 master weights on GPU, save_dtype, CE of the trained target (issue 14)
 TABLES = ("checkpoints", "sft_log")
 DONE = ".complete"
 # Files of a trainer checkpoint that belong to the resume point, not to the model.
@@ -45,7 +50,10 @@ log = logging.getLogger("rlheal.sft")
 
 
 def lr_factor(step: int, cfg: SftSection) -> float:
-    """Multiplier of the learning rate at optimizer step `step` (0-based)."""
+    """Multiplier of the learning rate at optimizer step `step` (0-based; training.md §2.2).
+
+    The trainer logs, at `global_step` g, the rate of the step it has just taken, so the
+    `learning_rate` of `sft_log`'s row g is `sft.learning_rate * lr_factor(g - 1)`."""
     w = cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
@@ -61,15 +69,64 @@ def lr_factor(step: int, cfg: SftSection) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - w) / span)))
 
 
-def make_optimizer(model, cfg: SftSection):
+def make_optimizer(model, args, cfg: SftSection):
+    """AdamW and the schedule of training.md §2.2. The hyperparameters are read from the
+    trainer's `args` (one object, written from `sft` by `trainer_args`), so what the
+    trainer records in training_args.bin is what the optimizer used; `cfg` gives the shape
+    of the schedule only."""
     opt = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
-        lr=cfg.learning_rate,
-        betas=(cfg.adam_beta1, cfg.adam_beta2),
-        eps=cfg.adam_epsilon,
-        weight_decay=cfg.weight_decay,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
     )
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def training_precision(device: str | torch.device) -> tuple[torch.dtype, torch.dtype | None]:
+    """(weight dtype, autocast dtype) of SFT on `device` (training.md §1; issue 14 §3).
+
+    The weights stay float32 everywhere: at lr 1e-6 an Adam step moves a weight by about
+    1e-6, while half a bf16 ulp of a weight of 0.02 is 6e-5, so bf16 weights would round
+    most updates away. On CUDA the forward and backward run under bf16 autocast (the
+    authors' bf16 mixed precision), as PPO and GRPO do; on CPU everything is float32."""
+    return torch.float32, torch.bfloat16 if torch.device(device).type == "cuda" else None
+
+
+def save_dtype(cfg: SftSection, model_path: str | Path) -> torch.dtype:
+    """`sft.save_dtype` as a torch dtype; `auto` is the starting model's stored dtype
+    (config.json's `dtype`, `torch_dtype` in older files; float32 when it names none)."""
+    name = cfg.save_dtype
+    if name == "auto":
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name)
+
+
+def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a saved HF directory's floating tensors (every safetensors shard) in `dtype`
+    and record it in config.json; a no-op where they already are."""
+    total, cast = 0, False
+    for f in sorted(path.glob("*.safetensors")):
+        tensors = load_file(f)
+        if any(t.is_floating_point() and t.dtype != dtype for t in tensors.values()):
+            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+            cast = True
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    index = path / "model.safetensors.index.json"
+    if cast and index.is_file():
+        meta = json.loads(index.read_text())
+        meta.setdefault("metadata", {})["total_size"] = total
+        index.write_text(json.dumps(meta, indent=2))
+    config, name = json.loads((path / "config.json").read_text()), str(dtype).removeprefix("torch.")
+    if config.get("dtype", config.get("torch_dtype")) != name:
+        config.pop("torch_dtype", None)
+        (path / "config.json").write_text(json.dumps({**config, "dtype": name}, indent=2))
 
 
 # ---------------------------------------------------------------------------- data
@@ -104,9 +161,9 @@ def merged_copy(model):
     return copy.deepcopy(model).float().merge_and_unload()
 
 
-def export_checkpoint(src: Path, dst: Path, model=None) -> None:
-    """Copy a trainer checkpoint's model and tokenizer files (not its optimizer state);
-    a LoRA model is merged in fp32 and saved whole instead of its adapter."""
+def export_checkpoint(src: Path, dst: Path, model=None, dtype: torch.dtype = torch.float32) -> None:
+    """Copy a trainer checkpoint's model and tokenizer files (not its optimizer state),
+    weights in `dtype`; a LoRA model is merged in fp32 and saved whole instead of its adapter."""
     if model is not None and hasattr(model, "merge_and_unload"):
         merged_copy(model).save_pretrained(dst, safe_serialization=True)
         skip = TRAINER_FILES | {"adapter_model.safetensors", "adapter_config.json", "README.md"}
@@ -115,13 +172,14 @@ def export_checkpoint(src: Path, dst: Path, model=None) -> None:
     for f in src.iterdir():
         if f.is_file() and f.name not in skip and not (dst / f.name).exists():
             shutil.copy2(f, dst / f.name)
+    cast_checkpoint(dst, dtype)
 
 
 class StepCheckpoints(TrainerCallback):
     """Save at exactly the listed steps, seal each into the store, keep one resume point."""
 
-    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float, on_sealed: Callable[[int], None] = lambda step: None):
-        self.store, self.run, self.steps, self.started, self.on_sealed = store, run, set(steps), started, on_sealed
+    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float, on_sealed: Callable[[int], None] = lambda step: None, dtype: torch.dtype = torch.float32):
+        self.store, self.run, self.steps, self.started, self.on_sealed, self.dtype = store, run, set(steps), started, on_sealed, dtype
 
     def on_step_end(self, args, state, control, **kw):
         control.should_save = state.global_step in self.steps
@@ -131,7 +189,7 @@ class StepCheckpoints(TrainerCallback):
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         extra = {"step": state.global_step, "train_loss": losses[-1] if losses else None, "wall_seconds": time.time() - self.started}
         art = step_artifact(self.run, state.global_step)
-        self.store.build(art, lambda tmp: (export_checkpoint(src, tmp, model), extra)[1], config={"run": self.run.key, "step": state.global_step})
+        self.store.build(art, lambda tmp: (export_checkpoint(src, tmp, model, self.dtype), extra)[1], config={"run": self.run.key, "step": state.global_step})
         (src / DONE).touch()
         for old in Path(args.output_dir).glob("checkpoint-*"):
             if old != src:
@@ -141,8 +199,8 @@ class StepCheckpoints(TrainerCallback):
 
 
 class ReferenceLoss(TrainerCallback):
-    """Every `ce_every` steps: teacher-forced CE of the OOD and ID reference answers (§7.3),
-    kept in the trainer's log history so it survives a resume."""
+    """Every `ce_every` steps: teacher-forced CE of the OOD and ID trained-target answers
+    (§7.3; `ce_target` names them), kept in the trainer's log history so it survives a resume."""
 
     def __init__(self, tok, tables: dict[str, pl.DataFrame], every: int, hands: int, date_string: str | None):
         self.tok, self.tables, self.every, self.hands, self.date = tok, tables, every, hands, date_string
@@ -150,7 +208,7 @@ class ReferenceLoss(TrainerCallback):
     def _measure(self, state, model):
         row = {"step": state.global_step}
         for split, table in self.tables.items():
-            row[f"ce_{split}"] = reference_ce(model, self.tok, table, self.hands, self.date)
+            row[f"ce_{split}"] = evaluate.reference_ce(model, self.tok, table, self.hands, self.date)
         state.log_history.append(row)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -180,10 +238,13 @@ def last_complete(out: Path) -> Path | None:
 # ---------------------------------------------------------------------------- training
 
 
-def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
+def trainer_args(cfg: StudyConfig, out: Path, device: str | torch.device):
+    """TRL's SFTConfig for `device`: the one holder of the optimizer's hyperparameters
+    (`make_optimizer` reads them back) and of the mixed precision of `training_precision`."""
     from trl import SFTConfig
 
     s = cfg.sft
+    _, autocast = training_precision(device)
     return SFTConfig(
         output_dir=str(out),
         max_steps=s.max_steps,
@@ -191,12 +252,16 @@ def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
         # global batch = per-device batch x accumulation x data-parallel processes
         gradient_accumulation_steps=max(1, s.batch_size // (s.per_device_batch_size * int(os.environ.get("WORLD_SIZE", "1")))),
         learning_rate=s.learning_rate,
+        adam_beta1=s.adam_beta1,
+        adam_beta2=s.adam_beta2,
+        adam_epsilon=s.adam_epsilon,
+        weight_decay=s.weight_decay,
         max_grad_norm=s.max_grad_norm,
         logging_steps=s.log_every,
         save_strategy="no",  # saves come from StepCheckpoints at the listed steps
         report_to="none",
-        bf16=cuda,
-        use_cpu=not cuda,
+        bf16=autocast == torch.bfloat16,  # autocast over the model's fp32 weights
+        use_cpu=torch.device(device).type == "cpu",
         gradient_checkpointing=s.gradient_checkpointing,
         train_sampling_strategy="sequential",
         completion_only_loss=True,
@@ -222,9 +287,10 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
     todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(step_artifact(run, k))]
     if not todo:
         return
-    cuda = torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    weights, _ = training_precision(device)
     tok = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = models.load_model(model_path, torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
+    model = models.load_model(model_path, weights, device, cfg.model.trust_remote_code)
     if s.lora:
         targets = [t for t in s.lora_targets if any(name.endswith(t) for name, _ in model.named_modules())]
         if not targets:
@@ -240,15 +306,15 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
 
     out = work_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    args = trainer_args(cfg, out, cuda)
-    opt, sched = make_optimizer(model, s)
+    args = trainer_args(cfg, out, device)
+    opt, sched = make_optimizer(model, args, s)
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         processing_class=tok,
         optimizers=(opt, sched),
-        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time(), on_sealed), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
+        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time(), on_sealed, save_dtype(s, model_path)), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
     )
     trainer.remove_callback(PrinterCallback)
     resume = last_complete(out)
@@ -257,8 +323,9 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
-def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """`checkpoints` (one row per listed step) and `sft_log` (one row per logged step)."""
+def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str, ce_target: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """`checkpoints` (one row per listed step) and `sft_log` (one row per logged step;
+    `ce_target` names the answer its `ce_id` / `ce_ood` score, as in eval_summary)."""
     rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(model_path), "content_hash": model_hash, "train_loss": None, "wall_seconds": 0.0}]
     history: list[dict] = []
     for step in cfg.sft.save_steps:
@@ -269,15 +336,13 @@ def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, mode
         rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": models.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
     state_file = max(work_dir(run).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
     if state_file is not None:
-        import json
-
         history = json.loads(state_file.read_text())["log_history"]
     logs = pl.DataFrame(
         [{"step": e["step"], "train_loss": e.get("loss"), "learning_rate": e.get("learning_rate"), "grad_norm": e.get("grad_norm"), "ce_id": e.get("ce_id"), "ce_ood": e.get("ce_ood")} for e in history if "step" in e and ("loss" in e or "ce_id" in e)],
         schema={"step": pl.Int32, "train_loss": pl.Float64, "learning_rate": pl.Float64, "grad_norm": pl.Float64, "ce_id": pl.Float64, "ce_ood": pl.Float64},
     )
     # one row per step: loss and CE logged at the same step are merged
-    logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step")
+    logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step").with_columns(ce_target=pl.lit(ce_target, pl.String))
     ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32, "parent": pl.String, "train_loss": pl.Float64, "wall_seconds": pl.Float64})
     return ckpts, logs
 
@@ -297,7 +362,7 @@ def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -
 
     def build(tmp: Path) -> dict:
         train(store, run_art, cfg, model_path, Path(data_path))
-        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash)
+        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash, evaluate.ce_target(pl.read_parquet(Path(data_path) / "eval_ood.parquet"), cfg))
         write_parquet(ckpts, tmp / "checkpoints.parquet")
         write_parquet(logs, tmp / "sft_log.parquet")
         parts = [f"{run_art.stage}/{step_artifact(run_art, k).key}" for k in cfg.sft.save_steps if k > 0]

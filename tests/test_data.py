@@ -1,5 +1,6 @@
 """The data stage: tables, hashes, disjointness, and a cached re-run through the real CLI."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -47,6 +48,24 @@ def test_answer_first_uses_the_first_canonical_solution(tmp_path):
     out = data.run(Store(tmp_path), cfg_with(answer="first"))
     row = pl.read_parquet(out / "sft_train.parquet").row(3, named=True)
     assert row["formula"] == deal("id", 0, row["index"]).solutions[0]
+
+
+@pytest.mark.parametrize("answer", ["reference", "first"])
+def test_eval_tables_carry_the_answer_sft_trains_on(tmp_path, answer):
+    """`target` is the completion an SFT row of the hand would hold (what the reference CE
+    scores, training.md §7.3), `answer` the dealt reference, `ce_target` which one SFT uses."""
+    cfg = cfg_with(answer=answer)
+    out = data.run(Store(tmp_path), cfg)
+    for split in ("id", "ood"):
+        ev = pl.read_parquet(out / f"eval_{split}.parquet")
+        hands = [deal(split, 42, i) for i in range(20)]
+        assert ev["answer"].to_list() == [reference_answer(h) for h in hands]
+        assert ev["target"].to_list() == [data._sft_row(h, cfg)["completion"][0]["content"] for h in hands]
+        assert ev["ce_target"].unique().to_list() == [answer]
+        firsts = [reference_answer(dataclasses.replace(h, reference=h.solutions[0])) for h in hands]
+        assert ev["target"].to_list() == (firsts if answer == "first" else ev["answer"].to_list())
+        if answer == "first":  # the hands where the two answers differ are most of them
+            assert sum(a != t for a, t in zip(ev["answer"], ev["target"])) >= 10
 
 
 @pytest.mark.parametrize("overlap", ["ordered", "multiset"])

@@ -15,7 +15,7 @@ from rlheal.store import Store
 from tasks import data, evaluate, models
 from tasks.chat import prompt_completion_ids
 from tasks.evaluate import Generation, play
-from tasks.generalpoints import OUTCOMES, make_hand, render_prompt, wilson_interval
+from tasks.generalpoints import OUTCOMES, deal, make_hand, render_prompt, wilson_interval
 from tasks.generalpoints.prompt import answer_block
 
 CFG = {
@@ -345,3 +345,70 @@ def test_collect_puts_ce_of_both_splits_side_by_side(tiny, tmp_path):
     ce = dict(zip(summary["split"], summary["ce"]))
     assert summary["ce_id"].to_list() == [ce["id"]] * 2 and summary["ce_ood"].to_list() == [ce["ood"]] * 2
     assert ce["id"] < ce["ood"]  # memorised ID answers
+
+
+# ---------------------------------------------------------------------------- the reference CE (issue 14 §7, §8)
+
+
+def _labels_nll(model, tok, prompt: str, answer: str, date_string) -> float:
+    """An independent CE_h: the HF model's own loss with the prompt tokens labelled -100
+    (one unpadded sequence; the model shifts the labels itself)."""
+    seq, n = prompt_completion_ids(tok, [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}], date_string)
+    ids = torch.tensor([seq])
+    labels = ids.clone()
+    labels[0, :n] = -100
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+# transformers computes its loss from float32 logits whatever the model's dtype (and so
+# does reference_nll), so the two differ by float32 rounding only: at most 6.8e-7 nats
+# measured per hand (1.4e-7 batched), float64 and float32 models alike, on CEs from 0.0026
+# (memorised) to 4.7. 1e-5 is 15x that, while a label shifted by one token, a prompt
+# token or a pad counted moves a memorised hand's CE by far more.
+NLL_TOL = 1e-5
+
+
+def test_reference_ce_equals_the_models_own_labels_loss_per_hand(tiny):
+    cfg, data_dir, ckpt = tiny
+    table = pl.read_parquet(data_dir / "eval_id.parquet")
+    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"], torch.float64)
+    hf = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
+    ours = [evaluate.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
+    assert ours == pytest.approx(hf, rel=0, abs=NLL_TOL)
+    # batched and right-padded (chunks of 3, 3, 2) as the evaluation runs it
+    assert evaluate.reference_ce(model, tok, table, 8, cfg.chat.date_string, batch_size=3) == pytest.approx(sum(hf) / len(hf), rel=0, abs=NLL_TOL)
+    assert evaluate.reference_ce(model, tok, table, 3, cfg.chat.date_string) == pytest.approx(sum(hf[:3]) / 3, rel=0, abs=NLL_TOL)
+    assert min(hf[:5]) < 0.1 < 1.0 < max(hf[5:])  # memorised hands and the others: the hands differ
+
+
+def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
+    """data.answer: first trains on each hand's first canonical solution, so the CE (of
+    evaluation and of sft_log) scores that answer, and eval_summary says so."""
+    cfg, data_dir, ckpt = tiny
+    first_cfg = parse_config({**CFG, "data": {**CFG["data"], "answer": "first"}})
+    first_dir = Path(data.run(Store(tmp_path / "data"), first_cfg))
+    table = pl.read_parquet(first_dir / "eval_id.parquet")
+    assert table["cards"].to_list() == pl.read_parquet(data_dir / "eval_id.parquet")["cards"].to_list()  # the same hands
+    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"], torch.float64)
+    hands = [deal("id", first_cfg.data.eval_seed, i) for i in range(table.height)]
+    trained = [data._sft_row(h, first_cfg)["completion"][0]["content"] for h in hands]  # what an SFT row of the hand holds
+    hf_first = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]
+    hf_dealt = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
+    ours = [evaluate.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
+    assert ours == pytest.approx(hf_first, rel=0, abs=NLL_TOL)
+    # hands 0-4 had their dealt reference memorised: where the first solution is another
+    # formula the two CEs are far apart (measured 0.82 to 2.37 nats on these five hands)
+    differ = [i for i in range(5) if hands[i].solutions[0] != hands[i].reference]
+    assert len(differ) >= 3
+    assert all(abs(ours[i] - hf_dealt[i]) > 0.3 for i in differ)
+
+    _, summary = evaluate.evaluate_model(models.load_model(ckpt["path"]), tok, table, first_cfg, ckpt)
+    assert summary["ce_target"].to_list() == ["first"]
+    assert summary["ce"][0] == pytest.approx(sum(hf_first) / len(hf_first), rel=1e-5)
+    # the evaluation set hash covers the cards only: the CE target keeps the cache apart
+    store = Store(tmp_path / "store")
+    assert evaluate.artifact(store, first_cfg, ckpt, "id", first_dir).key != evaluate.artifact(store, cfg, ckpt, "id", data_dir).key
+    assert evaluate.config_hash(first_cfg) != evaluate.config_hash(cfg)
+    with pytest.raises(ValueError, match="data.answer is 'reference'"):
+        evaluate.evaluate_model(model, tok, table, cfg, ckpt)

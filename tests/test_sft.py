@@ -1,5 +1,7 @@
 """The model and SFT stages on the embedded tiny model: real TRL training, real checkpoints."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +14,8 @@ from safetensors.torch import load_file
 
 from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
-from tasks import data, models, sft
-from tasks.chat import render
+from tasks import data, evaluate, models, sft
+from tasks.chat import prompt_completion_ids, render
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tests.conftest import kill_when
 
@@ -78,7 +80,7 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(tiny_run, tmp_path):
     tok = models.load_tokenizer(model_dir)
     rows = pl.read_parquet(data_dir / "sft_train.parquet")
     ds = sft.tokenized_rows(tok, rows, 16, cfg.chat.date_string)
-    trainer = SFTTrainer(model=models.load_model(model_dir), args=sft.trainer_args(cfg, tmp_path, False), train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=models.load_model(model_dir), args=sft.trainer_args(cfg, tmp_path, "cpu"), train_dataset=ds, processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))  # the collated batch the trainer sees
     assert batch["input_ids"].shape[0] == 8
     for i in range(8):
@@ -208,3 +210,179 @@ def test_cli_with_missing_model_exits_2_before_training(cli_env, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(cfg_file)], env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "model.name_or_path" in r.stderr
     assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------- precision (issue 14 §3)
+
+
+def test_training_precision_is_fp32_weights_everywhere_with_bf16_autocast_on_cuda():
+    assert sft.training_precision("cuda") == (torch.float32, torch.bfloat16)
+    assert sft.training_precision(torch.device("cuda", 1)) == (torch.float32, torch.bfloat16)
+    assert sft.training_precision("cpu") == (torch.float32, None)
+
+
+class _Loaded(Exception):
+    """Raised by the stand-in loader: train() got as far as loading the weights."""
+
+
+def test_sft_on_cuda_trains_fp32_weights_under_trls_bf16_mixed_precision(tiny_run, tmp_path, monkeypatch):
+    """What train() would do on a GPU, run on a CPU: the weights it loads for the optimizer
+    and the SFTConfig it hands TRL (whose bf16 flag is accelerate's autocast)."""
+    import transformers.training_args
+
+    _, cfg, data_dir, model_dir, _ = tiny_run
+    loads = []
+
+    def record(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
+        loads.append((dtype, str(device)))
+        raise _Loaded
+
+    store = Store(tmp_path / "store")
+    run = sft.artifact(store, cfg, Store.from_path(model_dir), Store.from_path(data_dir))
+    with monkeypatch.context() as m, pytest.raises(_Loaded):
+        m.setattr(sft.torch.cuda, "is_available", lambda: True)
+        m.setattr(sft.models, "load_model", record)
+        sft.train(store, run, cfg, model_dir, data_dir)
+    assert loads == [(torch.float32, "cuda")]  # fp32 master weights, not bf16 ones
+
+    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+    args = sft.trainer_args(cfg, tmp_path, "cuda")
+    assert (args.bf16, args.fp16, args.mixed_precision, args.use_cpu) == (True, False, "bf16", False)
+    assert not sft.trainer_args(cfg, tmp_path, "cpu").bf16
+
+
+def test_checkpoints_are_saved_in_the_configured_dtype(tiny_run, tmp_path):
+    """sft.save_dtype: bfloat16 rounds the fp32 weights at save time, and only then: the
+    step-2 checkpoint equals the float32 run's step-2 weights rounded to bf16."""
+    _, cfg, data_dir, model_dir, run_dir = tiny_run
+    assert cfg.sft.save_dtype == "float32" and sft.save_dtype(cfg.sft, model_dir) == torch.float32
+    store = Store(tmp_path)
+    bf16 = parse_config({**SMALL, "sft": {**SMALL["sft"], "save_steps": [0, 2], "save_dtype": "bfloat16"}})
+    ckpts = pl.read_parquet(Path(sft.run(store, bf16, model_dir, data_dir)) / "checkpoints.parquet")
+    saved = Path(ckpts.filter(pl.col("step") == 2)["path"][0])
+    fp32 = load_file(Path(pl.read_parquet(run_dir / "checkpoints.parquet").filter(pl.col("step") == 2)["path"][0]) / "model.safetensors")
+    rounded = load_file(saved / "model.safetensors")
+    assert set(rounded) == set(fp32) and {t.dtype for t in rounded.values()} == {torch.bfloat16}
+    for k in fp32:
+        torch.testing.assert_close(rounded[k], fp32[k].to(torch.bfloat16), rtol=0, atol=0)
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
+    assert models.load_model(saved, dtype="auto").dtype == torch.bfloat16
+    # auto: the starting model's stored dtype
+    auto = parse_config({**SMALL, "sft": {**SMALL["sft"], "save_dtype": "auto"}}).sft
+    assert sft.save_dtype(auto, model_dir) == torch.float32
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    assert sft.save_dtype(auto, tmp_path / "hub") == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_one_sft_step_at_lr_1e6_on_cuda_changes_the_weights(tmp_path):
+    """At the authors' lr an Adam step moves a weight by ~1e-6, 60x less than half a bf16
+    ulp of a weight of 0.02: with bf16 weights only the ~1 % of elements smaller than
+    ~2.5e-4 could change. With fp32 master weights every element with a gradient moves,
+    by about lr (Adam's first step is lr * g / (|g| + eps), |g| >> eps = 1e-7 here)."""
+    store = Store(tmp_path)
+    cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "save_steps": [0, 1], "learning_rate": 1e-6, "lr_schedule": "constant", "ce_every": 1000}})
+    run_dir = sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))
+    ckpts = pl.read_parquet(Path(run_dir) / "checkpoints.parquet")
+    base = load_file(Path(ckpts["path"][0]) / "model.safetensors")
+    step = load_file(Path(ckpts["path"][1]) / "model.safetensors")
+    assert {t.dtype for t in step.values()} == {torch.float32}
+    delta = torch.cat([(step[k] - base[k]).abs().flatten() for k in base])
+    changed = delta[delta > 0]
+    assert changed.numel() / delta.numel() > 0.9, f"only {changed.numel() / delta.numel():.1%} of the weights moved"
+    assert 0.5e-6 < changed.median().item() < 1.5e-6
+
+
+# ---------------------------------------------------------------------------- one source for the optimizer (issue 14 §7)
+
+
+def test_the_optimizer_takes_its_hyperparameters_from_the_trainer_args(tiny_run, tmp_path):
+    """The SFTConfig is the one holder of lr, betas, eps and weight decay: change one there
+    and the optimizer follows (an optimizer built from the sft section would not)."""
+    _, cfg, _, model_dir, _ = tiny_run
+    args = sft.trainer_args(cfg, tmp_path, "cpu")
+    s = cfg.sft
+    assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (s.learning_rate, s.adam_beta1, s.adam_beta2, s.adam_epsilon, s.weight_decay)
+    args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay = 7e-4, 0.5, 0.75, 1e-3, 0.125
+    opt, sched = sft.make_optimizer(models.load_model(model_dir), args, s)
+    group = opt.param_groups[0]
+    assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (7e-4, (0.5, 0.75), 1e-3, 0.125)
+    assert sched.get_last_lr() == [7e-4 * sft.lr_factor(0, s)]
+
+
+# ---------------------------------------------------------------------------- the logged learning rate (issue 14 §8)
+
+# training.md §2.2, written out again here rather than calling sft.lr_factor: the factor
+# of the lr at 0-based optimizer step s, warm-up W, run length T.
+SPEC_SCHEDULES = {
+    "log_warmup_constant": lambda s, W, T: min(1.0, math.log(s + 1) / math.log(W)),
+    "linear_warmup_constant": lambda s, W, T: min(1.0, s / W),
+    "cosine": lambda s, W, T: s / W if s < W else 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W))),
+    "constant": lambda s, W, T: 1.0,
+}
+
+
+@pytest.fixture(scope="module")
+def first_answer_runs(tmp_path_factory):
+    """Short real SFT runs on data with `data.answer: first`, one per schedule with a
+    warm-up (`constant` is tiny_run's): 8 optimizer steps of 2 accumulated micro-batches,
+    warm-up 5 (3 for cosine, whose decay then shows). About 3.5 s each."""
+    store = Store(tmp_path_factory.mktemp("schedules"))
+    runs = {}
+    for schedule in ("log_warmup_constant", "linear_warmup_constant", "cosine"):
+        warmup = 3 if schedule == "cosine" else 5
+        cfg = parse_config({
+            **SMALL,
+            "data": {"train_size": 128, "eval_size": 8, "answer": "first"},
+            "sft": {**SMALL["sft"], "save_steps": [0, 8], "learning_rate": 1e-3, "lr_schedule": schedule, "warmup_steps": warmup, "ce_every": 1000, "log_every": 2 if schedule == "cosine" else 1},
+        })  # fmt: skip
+        data_dir, model_dir = data.run(store, cfg), models.run(store, cfg)
+        runs[schedule] = (cfg, Path(data_dir), Path(model_dir), Path(sft.run(store, cfg, model_dir, data_dir)))
+    return runs
+
+
+@pytest.mark.parametrize("schedule", list(SPEC_SCHEDULES))
+def test_every_logged_learning_rate_follows_the_schedule(first_answer_runs, tiny_run, schedule):
+    """The trainer logs at global_step g (after g optimizer steps) the lr that step g - 1
+    (0-based) used, so row g of sft_log must hold lr * factor(g - 1). Checked at every
+    logged step; with log_every 2 (cosine) only even steps are logged, still of step g - 1."""
+    cfg, run_dir = (tiny_run[1], tiny_run[4]) if schedule == "constant" else (first_answer_runs[schedule][0], first_answer_runs[schedule][3])
+    s = cfg.sft
+    logged = pl.read_parquet(run_dir / "sft_log.parquet").drop_nulls("learning_rate")
+    expected_steps = list(range(s.log_every, s.max_steps + 1, s.log_every))
+    assert logged["step"].to_list() == expected_steps
+    want = [s.learning_rate * SPEC_SCHEDULES[schedule](g - 1, s.warmup_steps, s.max_steps) for g in expected_steps]
+    assert logged["learning_rate"].to_list() == pytest.approx(want, rel=1e-12, abs=1e-18)
+    if schedule != "constant":  # the values differ step to step, so a shifted index would fail
+        assert len(set(want)) >= 3
+
+
+def _labels_nll(model, tok, prompt: str, answer: str, date_string) -> float:
+    """The HF model's own loss on one hand: prompt tokens labelled -100."""
+    seq, n = prompt_completion_ids(tok, [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}], date_string)
+    ids = torch.tensor([seq])
+    labels = ids.clone()
+    labels[0, :n] = -100
+    with torch.no_grad():
+        return model(input_ids=ids, labels=labels).loss.item()
+
+
+def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
+    """With data.answer: first, sft_log's CE is that of the first-solution answers SFT trains
+    on (ce_target "first"), not of the dealt references; step 0 is the base model itself."""
+    cfg, data_dir, model_dir, run_dir = first_answer_runs["log_warmup_constant"]
+    log = pl.read_parquet(run_dir / "sft_log.parquet")
+    tok, base = models.load_tokenizer(model_dir), models.load_model(model_dir)
+    table = pl.read_parquet(data_dir / "eval_ood.parquet")
+    hands = [deal("ood", cfg.data.eval_seed, i) for i in range(cfg.eval.ce_hands)]
+    trained = [data._sft_row(h, cfg)["completion"][0]["content"] for h in hands]
+    first = [_labels_nll(base, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]
+    dealt = [_labels_nll(base, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
+    ce0 = log.filter(pl.col("step") == 0)["ce_ood"][0]
+    assert ce0 == pytest.approx(sum(first) / len(first), rel=1e-6)
+    # 7 of these 8 hands' first solution is not the dealt one; the two CEs differed by
+    # 4.0e-3 when measured (per hand up to 1.7e-2), 70x the tolerance above
+    assert sum(h.solutions[0] != h.reference for h in hands) >= 4
+    assert abs(sum(dealt) / len(dealt) - ce0) > 1e-3
+    assert log["ce_target"].unique().to_list() == ["first"]
