@@ -163,6 +163,52 @@ def test_delta_comparison_respects_the_numerical_rank():
     assert rows[2].columns["delta_cosine"] == pytest.approx(-1, abs=1e-3) and rows[2].columns["ref_numerical_rank"] == 2
 
 
+def test_planted_singular_value_changes_give_the_drift_columns_exactly():
+    """§3.2: W_b = U diag(σ_a (1 + δ)) Vᵀ with known δ; the reference has 3 null singular values
+    (rank 17 of 20), which the relative statistics skip though the target's are not null."""
+    m, n, rank = 30, 20, 17
+    U, V = orthonormal(m, n, 11), orthonormal(n, n, 12)
+    sa = 10 * 0.85 ** torch.arange(n, dtype=F64)
+    sa[rank:] = 0
+    d = 0.07 * torch.sin(1.3 * torch.arange(rank, dtype=F64) + 0.4)  # both signs, |δ| <= 7 %: the order of σ is kept
+    sb = torch.cat([sa[:rank] * (1 + d), torch.tensor([3e-3, 2e-3, 1e-3], dtype=F64)])
+    Wa, Wb = (U * sa) @ V.T, (U * sb) @ V.T
+    fa, fb = factorize(Wa), factorize(Wb)
+    dn = d.numpy()
+    for res in M.weight_metrics(Wa, Wb, fa, fb, [5, 0.5, 20]):
+        c, top = res.columns, dn[: min(res.k, rank)]
+        assert c["ref_numerical_rank"] == rank and c["tgt_numerical_rank"] == n
+        want = {
+            "sdrift_mean_abs_rel_topk": np.abs(top).mean(), "sdrift_median_abs_rel_topk": np.median(np.abs(top)),
+            "sdrift_max_abs_rel_topk": np.abs(top).max(), "sdrift_mean_rel_topk": top.mean(), "sdrift_mean_abs_rel_all": np.abs(dn).mean(),
+        }  # fmt: skip
+        for col, value in want.items():
+            assert c[col] == pytest.approx(value, rel=0, abs=1e-12), (res.k, col)
+
+
+def test_planted_angles_between_weight_matrices_are_measured_to_1e_12():
+    """§3.3 test (b) through the stage's path: W_b = G W_a, G rotating each top-k left singular
+    vector u_i of W_a towards a direction outside W_a's column space by θ_i, so the top-k U
+    angles are exactly Θ (1e-9 … π/2 − 1e-9) and the V angles and σ drift exactly 0."""
+    m, n = 40, 24
+    thetas = [1e-9, 1e-6, 1e-3, 0.1, 0.7, 0.9, 1.2, math.pi / 2 - 1e-6, math.pi / 2 - 1e-9]
+    k = len(thetas)
+    Q = orthonormal(m, m, 21)
+    Ua, B = Q[:, :n], Q[:, n : n + k]  # m - n = 16 >= k directions outside the column space
+    sigma = 10 * 0.8 ** torch.arange(n, dtype=F64)
+    Wa = (Ua * sigma) @ orthonormal(n, n, 22).T
+    A = Ua[:, :k]
+    t = torch.tensor(thetas, dtype=F64)
+    G = torch.eye(m, dtype=F64) + (A * (torch.cos(t) - 1)) @ A.T + (B * (torch.cos(t) - 1)) @ B.T + (B * torch.sin(t)) @ A.T - (A * torch.sin(t)) @ B.T
+    Wb = G @ Wa
+    [res] = M.weight_metrics(Wa, Wb, factorize(Wa), factorize(Wb), [k])
+    err_u = np.abs(res.theta_u.numpy() - np.array(thetas)).max()
+    assert err_u <= 1e-12, err_u
+    assert res.theta_v.max() <= 1e-12 and res.columns["sdrift_max_abs_rel_topk"] <= 1e-12
+    ref = np.sort(scipy.linalg.subspace_angles(factorize(Wa).U_top[:, :k].numpy(), factorize(Wb).U_top[:, :k].numpy()))
+    np.testing.assert_allclose(res.theta_u.numpy(), ref, rtol=0, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------- B selection
 
 
@@ -297,8 +343,11 @@ def test_run_writes_every_table_with_its_schema_and_finds_the_planted_rotation(t
     kv16 = pm.filter(pl.col("module") == "k", pl.col("k") == 16, pl.col("comparison") == "weights")
     assert (kv16["skip_reason"].str.starts_with("k >= min(m,n)")).all() and kv16["angle_u_mean_deg"].is_null().all()
     assert kv16["n_forced_zero_u"].unique().to_list() == [16]
-    sums = pm.filter(pl.col("energy_stretch").is_not_null()).select(pl.col("energy_stretch") + pl.col("energy_rotation") + pl.col("energy_outside"))
+    with_dw = pm.filter(pl.col("comparison") != "deltas", pl.col("dw_fro") > 0, pl.col("k") <= pl.col("rank"))
+    assert with_dw.height > 100 and with_dw["energy_stretch"].is_not_null().all()
+    sums = with_dw.select(pl.col("energy_stretch") + pl.col("energy_rotation") + pl.col("energy_outside"))
     np.testing.assert_allclose(sums.to_series(), 1.0, atol=1e-10)
+    assert with_dw.filter(pl.col("k") > 1)["energy_rotation"].min() > 0 and with_dw.filter(pl.col("k") < pl.col("rank"))["energy_outside"].min() > 0
 
     angles = t["svd_principal_angles"].filter(pl.col("ref_id") == "base", pl.col("tgt_id") == "sft-2", pl.col("param") == ROTATED, pl.col("side") == "U")
     assert angles.group_by("k").agg(pl.col("theta_rad").max())["theta_rad"].to_list() == pytest.approx([EPS] * 4, abs=1e-5)
@@ -312,6 +361,69 @@ def test_run_writes_every_table_with_its_schema_and_finds_the_planted_rotation(t
     assert vs.filter(pl.col("reference") == "B")["tgt_id"].unique().to_list() == ["sft-6"]
     corr = t["svd_correlations"].filter(pl.col("reference") == "base", pl.col("metric") == "dw_rel_fro", pl.col("k_spec") == "0.25")
     assert corr["n_checkpoints"].to_list() == [3, 3] and corr["spearman_rho"].is_not_null().all()
+
+
+def direct_metrics(Wa: np.ndarray, Wb: np.ndarray, k: int) -> tuple[dict, np.ndarray, np.ndarray]:
+    """The §3.2-§3.6 columns of one pair, written out with numpy and scipy alone (no code of
+    the stage), and the sorted U / V angles from scipy.linalg.subspace_angles."""
+    Ua, sa, Vha = np.linalg.svd(Wa, full_matrices=False)
+    Ub, sb, Vhb = np.linalg.svd(Wb, full_matrices=False)
+    Va, Vb = Vha.T, Vhb.T
+    dW = Wb - Wa
+    live = sa > max(Wa.shape) * np.finfo(np.float64).eps * sa[0]
+    delta = (sb[live] - sa[live]) / sa[live]
+    top = delta[:k]
+    tu = np.sort(scipy.linalg.subspace_angles(Ua[:, :k], Ub[:, :k]))
+    tv = np.sort(scipy.linalg.subspace_angles(Va[:, :k], Vb[:, :k]))
+    E = np.sum(dW**2)
+    C = Ua[:, :k].T @ dW @ Va[:, :k]
+    outside = dW - Ua[:, :k] @ C @ Va[:, :k].T
+    cols = {
+        "dw_fro": np.linalg.norm(dW), "dw_rel_fro": np.linalg.norm(dW) / np.linalg.norm(Wa),
+        "sdrift_mean_abs_rel_topk": np.abs(top).mean(), "sdrift_median_abs_rel_topk": np.median(np.abs(top)),
+        "sdrift_max_abs_rel_topk": np.abs(top).max(), "sdrift_mean_rel_topk": top.mean(), "sdrift_mean_abs_rel_all": np.abs(delta).mean(),
+        "angle_u_mean_deg": np.degrees(tu).mean(), "angle_u_max_deg": np.degrees(tu).max(), "angle_v_mean_deg": np.degrees(tv).mean(),
+        "chordal_u": np.sqrt(np.sum(np.sin(tu) ** 2) / k), "proj_dist_v": np.linalg.norm(Va[:, :k] @ Va[:, :k].T - Vb[:, :k] @ Vb[:, :k].T),
+        "energy_stretch": np.sum(np.diag(C) ** 2) / E, "energy_rotation": (np.sum(C**2) - np.sum(np.diag(C) ** 2)) / E,
+        "energy_outside": np.sum(outside**2) / E,
+        "align_u": np.abs(Ua[:, :k].T @ Ub[:, :k]).max(axis=1).mean(), "align_v": np.abs(Va[:, :k].T @ Vb[:, :k]).max(axis=1).mean(),
+        "sigma_gap_rel_at_k": (sa[k - 1] - sa[k]) / sa[k - 1], "ref_numerical_rank": int(live.sum()),
+    }  # fmt: skip
+    return cols, tu, tv
+
+
+@pytest.mark.parametrize("pair", [("sft-4", "sft-6"), ("base", "sft-4")])
+def test_pair_metrics_and_angles_equal_numpy_and_scipy_on_the_checkpoints(trajectory, pair):
+    """Every value the run stores for a random-perturbation pair (B -> S, base -> B): each metric
+    column against numpy, the angles table against scipy.linalg.subspace_angles (§3.3 test (a),
+    atol 1e-7 rad), the spectra against numpy's singular values."""
+    store, cfg, ckpts, summary = trajectory
+    out = svd.run(store, cfg, ckpts, summary)
+    pm = pl.read_parquet(out / "svd_pair_metrics.parquet").filter(pl.col("comparison") == "weights", pl.col("ref_id") == pair[0], pl.col("tgt_id") == pair[1])
+    angles = pl.read_parquet(out / "svd_principal_angles.parquet").filter(pl.col("comparison") == "weights", pl.col("ref_id") == pair[0], pl.col("tgt_id") == pair[1])
+    spectra = pl.read_parquet(out / "svd_spectra.parquet")
+    paths = dict(zip(ckpts["ckpt_id"], ckpts["path"]))
+    weights = {c: load_file(Path(paths[c]) / "model.safetensors") for c in pair}
+    rows = pm.filter(pl.col("k") < pl.col("rank"))
+    assert rows.height == 10 * 4 + 4 * 3  # 10 matrices with r = 32 at k = 2, 4, 8, 16; 4 (k, v) with r = 16 at k = 1, 2, 4
+    checked = 0
+    for row in rows.iter_rows(named=True):
+        Wa, Wb = (weights[c][row["param"]].double().numpy() for c in pair)
+        want, tu, tv = direct_metrics(Wa, Wb, row["k"])
+        for col, value in want.items():
+            assert row[col] is not None, (col, row["param"], row["k"])
+            assert row[col] == pytest.approx(value, rel=1e-9, abs=1e-9 if "deg" not in col else 1e-6), (col, row["param"], row["k"])
+        for side, ref in (("U", tu), ("V", tv)):
+            got = angles.filter(pl.col("param") == row["param"], pl.col("k") == row["k"], pl.col("side") == side).sort("angle_index")["theta_rad"]
+            np.testing.assert_allclose(got.to_numpy(), ref, rtol=0, atol=1e-7)
+        checked += 1
+    assert checked == rows.height
+    assert min(rows["angle_u_max_deg"]) > 0.01  # a real rotation, not zeros compared with zeros
+    for c in pair:
+        for param, W in weights[c].items():
+            if W.ndim == 2 and "layers" in param:
+                got = spectra.filter(pl.col("object_id") == c, pl.col("param") == param).sort("sv_index")["sigma"].to_numpy()
+                np.testing.assert_allclose(got, np.linalg.svd(W.double().numpy(), compute_uv=False), rtol=1e-12, atol=1e-12)
 
 
 def test_second_analysis_computes_no_svd_and_eval_changes_change_the_key(trajectory):
@@ -364,10 +476,26 @@ def test_fp32_batched_analysis_matches_fp64(trajectory):
     assert t32["compute_dtype"].unique().to_list() == ["float32"] and t32.height == t64.height
     keys = ["comparison", "ref_id", "tgt_id", "param", "k"]
     both = t64.join(t32, on=keys, suffix="_32")
-    for col, atol in [("dw_fro", 1e-6), ("energy_rotation", 1e-4), ("chordal_u", 1e-3), ("align_v", 1e-4), ("sdrift_mean_abs_rel_topk", 1e-4), ("sdrift_mean_abs_rel_all", 5e-3)]:
-        diff = both.select((pl.col(col) - pl.col(f"{col}_32")).abs().max()).item()
-        assert diff is None or diff < atol, (col, diff)
+    assert both.height == t64.height
     assert (both["skip_reason"].fill_null("") == both["skip_reason_32"].fill_null("")).all()
+    # Rows where each column must hold a value: weight and noise comparisons (all of them for
+    # the norms; with dW != 0 and k <= r for the energy split; k < r for angles), deltas too
+    # for alignment (k within both numerical ranks).
+    skip = pl.col("skip_reason").fill_null("")
+    on_weights = pl.col("comparison") != "deltas"
+    expected = {
+        "dw_fro": on_weights, "sdrift_mean_abs_rel_all": on_weights, "sdrift_mean_abs_rel_topk": on_weights & ~skip.str.contains("k > min"),
+        "energy_rotation": on_weights & ~skip.str.contains("dW == 0") & ~skip.str.contains("k > min"),
+        "chordal_u": ~skip.str.contains("k >= min") & ~skip.str.contains("numerical rank"),
+        "align_v": ~skip.str.contains("k > min") & ~skip.str.contains("numerical rank"),
+    }  # fmt: skip
+    for col, atol in [("dw_fro", 1e-6), ("energy_rotation", 1e-4), ("chordal_u", 1e-3), ("align_v", 1e-4), ("sdrift_mean_abs_rel_topk", 1e-4), ("sdrift_mean_abs_rel_all", 5e-3)]:
+        want = both.select(expected[col]).to_series()
+        assert want.sum() >= 40, col  # most rows: the check below is over real values
+        for c in (col, f"{col}_32"):
+            assert (both[c].is_not_null() == want).all(), f"{c}: null where a value is due, or a value where the rule says null"
+        diff = both.select((pl.col(col) - pl.col(f"{col}_32")).abs().max()).item()
+        assert diff < atol, (col, diff)
 
 
 def test_prefect_task_reads_parquet_inputs_and_honours_fault_injection(trajectory, tmp_path, monkeypatch):
@@ -382,3 +510,101 @@ def test_prefect_task_reads_parquet_inputs_and_honours_fault_injection(trajector
     monkeypatch.setenv("RLHEAL_FAULT", "svd")
     with pytest.raises(InjectedFault):
         svd.stage.fn(**kwargs)
+
+
+# ---------------------------------------------------------------------------- which columns each object stores
+
+# The editing grid of the next two tests: a full-rank edit B -> S, a partial one S -> R with a
+# tail, and a copy (which reads no SVD) from base.
+EDIT_GRID = [
+    {"method": "swap_directions", "k_top": 1.0},
+    {"method": "swap_triplets", "k_top": 0.5, "k_tail": 0.125, "donor": "S", "target": "R"},
+    {"method": "copy", "donor": "base", "target": "S"},
+]
+
+
+def _run_stage(store: Store, cfg, ckpts: pl.DataFrame, summary: pl.DataFrame, tmp_path: Path) -> Path:
+    """The Prefect task body, as the flow calls it (it asks editing for its columns itself)."""
+    ckpts.write_parquet(tmp_path / "checkpoints.parquet")
+    summary.write_parquet(tmp_path / "eval_summary.parquet")
+    art = svd.artifact(store, cfg, svd.artifact_inputs(cfg, ckpts, summary))
+    out = svd.stage.fn(artifact=str(art), cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"))
+    return Path(out)
+
+
+def stored_columns(store: Store) -> dict[str, dict[str, tuple[int, int]]]:
+    """label -> param -> (U columns, V columns) as the cache's safetensors files hold them
+    (top + tail), read from the file headers, not from the manifest's own account."""
+    from safetensors import safe_open
+
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for manifest in (store.root / "svd").glob("*/manifest.json"):
+        m = store.manifest(manifest.parent)
+        if "columns" not in m:
+            continue  # the analysis run itself
+        assert m["label"] not in out, f"{m['label']} has two cache artifacts"
+        cols = {}
+        for f in manifest.parent.glob("*.safetensors"):
+            with safe_open(f, framework="pt") as sf:
+                shape = {k: sf.get_slice(k).get_shape() for k in sf.keys()}
+            u = shape["U_top"][1] + shape.get("U_tail", [0, 0])[1]
+            v = shape["V_top"][1] + shape.get("V_tail", [0, 0])[1]
+            cols[f.name.removesuffix(".safetensors")] = (u, v)
+        out[m["label"]] = cols
+    return out
+
+
+def test_only_the_checkpoints_editing_reads_store_its_columns(trajectory, tmp_path):
+    """Issue 14 §4: a full-rank edit asks for every column of its donor and target (B, S), not
+    of every trajectory checkpoint, delta and noise control; R stores what its edit needs."""
+    _, _, ckpts, summary = trajectory
+    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "editing": {"grid": "none", "variants": EDIT_GRID}})
+    store = Store(tmp_path / "store")
+    svd.SVD_CALLS.clear()
+    _run_stage(store, cfg, ckpts, summary, tmp_path)
+    assert len(svd.SVD_CALLS) == (5 + 2 + 4) * 14 and set(svd.SVD_CALLS.values()) == {1}
+    got = stored_columns(store)
+    measured = {"base", "sft-2", "sft-4..sft-6", "sft-6..rl-5"} | {f"noise:{a}..{b}" for a, b in [("base", "sft-4"), ("sft-4", "sft-6"), ("sft-6", "rl-5"), ("sft-4", "rl-5")]}
+    assert set(got) == measured | {"sft-4", "sft-6", "rl-5"}  # B, S, R
+    mats = svd.select_matrices(ckpts["path"][0], cfg.svd)
+    assert {m.r for m in mats} == {16, 32}
+    for mat in mats:
+        r = mat.r
+        q = r // 4  # svd.k 0.25
+        for label in measured:  # the measurement grid only: 8 of 32 or 4 of 16 columns
+            assert got[label][mat.param] == (q, q), (label, mat.param)
+        assert got["sft-4"][mat.param] == got["sft-6"][mat.param] == (r, r)  # B -> S at k_top 1.0
+        assert got["rl-5"][mat.param] == (r // 2 + r // 8,) * 2  # top 0.5 and tail 0.125 of S -> R
+    # the same, as the plan a store-space estimate reads
+    plan = svd.columns_plan(cfg, [(32, 32), (16, 32)])
+    assert plan == {"checkpoint": [(8, 0), (4, 0)], "delta": [(8, 0), (4, 0)], "noise": [(8, 0), (4, 0)],
+                    "edit:B": [(32, 0), (16, 0)], "edit:S": [(32, 0), (16, 0)], "edit:R": [(16, 4), (8, 2)]}  # fmt: skip
+
+
+def test_a_compat_study_decomposes_each_checkpoint_matrix_once_across_svd_and_editing(trajectory, tmp_path):
+    """Issue 14 §5: under reference_compat the edits also touch the embedding (quirk 3). The svd
+    stage decomposes it with B's and S's other matrices, and editing decomposes nothing."""
+    from tasks import editing
+
+    _, _, ckpts, summary = trajectory
+    grid = [{"method": "swap_directions", "k_top": 8}, {"method": "swap_triplets", "k_top": 4, "k_tail": 2},
+            {"method": "sv_only", "k_top": 64}, {"method": "copy", "k_top": 4096, "layers": "0-0"}, {"method": "swap_directions", "k_top": 8, "layers": "1-1"}]  # fmt: skip
+    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "editing": {"grid": "none", "reference_compat": True, "variants": grid}})
+    store = Store(tmp_path / "store")
+    svd.SVD_CALLS.clear()
+    out = _run_stage(store, cfg, ckpts, summary, tmp_path)
+    after_svd = dict(svd.SVD_CALLS)
+    roles = pl.read_parquet(out / "checkpoint_roles.parquet")
+    rows = {r["ckpt_id"]: r for r in ckpts.to_dicts()}
+    variants = [v for v in editing.variants(cfg, roles, 2) if v["method"] != "none"]
+    assert len(variants) == 5 and all(v["reference_compat"] for v in variants)
+    edited = set()
+    for v in variants:
+        with editing.resident(rows[v["target_id"]], torch.float16) as loaded:
+            with editing.applied(store, cfg, v, loaded, rows[v["target_id"]], rows[v["donor_id"]]) as log:
+                edited |= {r["param"] for r in log if r["n_indices"] and not r["compat_early_exit"]}
+    assert "model.embed_tokens.weight" in edited  # the edits did read factors of the embedding
+    assert dict(svd.SVD_CALLS) == after_svd  # ... all from the svd stage's cache
+    assert set(svd.SVD_CALLS.values()) == {1}
+    assert len(svd.SVD_CALLS) == (5 + 2 + 4) * 14 + 2
+    assert {c for c, p in svd.SVD_CALLS if p == "model.embed_tokens.weight"} == {"sft-4", "sft-6"}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 
 import polars as pl
@@ -32,7 +32,7 @@ from scipy import stats
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
-from tasks.svd.engine import STAGE, ColumnRequest, SvdCache, column_request, content_hash, noise_id
+from tasks.svd.engine import STAGE, ColumnRequest, SvdCache, column_request, content_hash, edit_column_requests, noise_id
 from tasks.svd.matrices import Matrix, check_same_matrices, select_matrices
 from tasks.svd.metrics import METRIC_COLUMNS, Measured, delta_metrics, noise_target, weight_metrics
 from tasks.svd.roles import Plan, delta_id, plan_comparisons, select_roles
@@ -141,17 +141,30 @@ def measure_matrix(mat: Matrix, plan: Plan, cache: SvdCache, rows: dict[str, dic
     return spectra, metrics, angles
 
 
+def checkpoint_requests(measured: ColumnRequest, roles: pl.DataFrame, edit_columns: Mapping[str, ColumnRequest] | None) -> dict[str, ColumnRequest]:
+    """ckpt_id -> its request where it is more than `measured`: a checkpoint that editing reads
+    (role -> request in `edit_columns`) gets that on top; one with two roles gets both."""
+    ids = dict(roles.select("role", "ckpt_id").rows())
+    out: dict[str, ColumnRequest] = {}
+    for role, req in (edit_columns or {}).items():
+        if role in ids:
+            out[ids[role]] = out.get(ids[role], measured) | req
+    return out
+
+
 def analyse(
     store: Store,
     cfg: StudyConfig,
     checkpoints: pl.DataFrame,
     eval_summary: pl.DataFrame,
-    request: ColumnRequest | None = None,
+    edit_columns: Mapping[str, ColumnRequest] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     batched: bool | None = None,
 ) -> dict[str, pl.DataFrame]:
-    """All tables of the stage, in memory. SVDs come from (or go to) the cache."""
+    """All tables of the stage, in memory. SVDs come from (or go to) the cache: every object
+    with the measurement grid's columns, and the checkpoints of the roles in `edit_columns`
+    (role -> request: editing's donors and targets) with that request too, in the same pass."""
     meta = run_meta(cfg)
     roles = select_roles(eval_summary, checkpoints, cfg.roles, **meta)
     plan = plan_comparisons(roles, checkpoints, cfg.svd.noise_control)
@@ -159,10 +172,11 @@ def analyse(
     matrices = select_matrices(rows[plan.checkpoints[0]]["path"], cfg.svd)
     for c in plan.checkpoints:
         check_same_matrices(rows[c]["path"], matrices)
-    request = column_request(cfg) | (request or ColumnRequest())
-    cache = SvdCache(store, matrices, request, device, dtype, batched, cfg.svd.batch_memory_gib)
+    measured = column_request(cfg)
+    wider = checkpoint_requests(measured, roles, edit_columns)
+    cache = SvdCache(store, matrices, measured, device, dtype, batched, cfg.svd.batch_memory_gib)
     # Decompose first (one streaming pass per object), then measure matrix by matrix.
-    objects: dict = {c: cache.weights(rows[c]) for c in plan.checkpoints}
+    objects: dict = {c: cache.weights(rows[c], wider.get(c)) for c in plan.checkpoints}
     objects |= {d: cache.delta(rows[d[0]], rows[d[1]]) for d in plan.deltas}
     objects |= {("noise", a, b): cache.noise(rows[a], rows[b]) for a, b in plan.noise}
     spectra, metrics, angles = [], [], []
@@ -275,18 +289,19 @@ def run(
     cfg: StudyConfig,
     checkpoints: pl.DataFrame,
     eval_summary: pl.DataFrame,
-    extra_columns: ColumnRequest | None = None,
+    edit_columns: Mapping[str, ColumnRequest] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     batched: bool | None = None,
 ) -> Path:
-    """Analyse the study's checkpoints, or find the sealed result. `extra_columns` lets a later
-    consumer (editing) have its singular vectors cached in the same single pass."""
+    """Analyse the study's checkpoints, or find the sealed result. `edit_columns` (role ->
+    request, `engine.edit_column_requests`) lets the editing stage have the singular vectors
+    of its donors and targets cached in the same single pass."""
     inputs = artifact_inputs(cfg, checkpoints, eval_summary)
     art = artifact(store, cfg, inputs)
 
     def build(tmp: Path) -> dict:
-        tables = analyse(store, cfg, checkpoints, eval_summary, extra_columns, device, dtype, batched)
+        tables = analyse(store, cfg, checkpoints, eval_summary, edit_columns, device, dtype, batched)
         for name in TABLES:
             write_parquet(tables[name], tmp / f"{name}.parquet")
         roles = tables["checkpoint_roles"].select("role", "ckpt_id").rows()
@@ -307,10 +322,7 @@ def stage(artifact: str, cfg: StudyConfig, checkpoints: str | list[str], eval_su
     maybe_fail("svd")
     from rlheal.caching import open_store
 
-    # The editing sweep reuses these SVDs: ask for its columns now, so no matrix is decomposed twice.
-    extra = None
-    if cfg.editing.enabled:
-        from tasks.editing import column_request
-
-        extra = column_request(cfg)
-    return str(run(open_store(Store.from_path(artifact).root), cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), extra_columns=extra))
+    # The editing sweep reuses these SVDs: ask for its columns of its donors and targets now,
+    # so no matrix is decomposed twice (§4.5 rule 1).
+    edit = edit_column_requests(cfg)
+    return str(run(open_store(Store.from_path(artifact).root), cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), edit_columns=edit))

@@ -11,6 +11,12 @@ and the stored column counts in its manifest. Objects are keyed by content hashe
 by checkpoint names, so a renamed or re-registered checkpoint hits the same cache. A
 request for more columns than a cached artifact holds builds a wider one; any artifact
 that covers a request is used for it.
+
+Columns (§2 `svd.columns: needed`): every object keeps the top columns of the measurement
+k-grid; only the checkpoints the editing sweep reads (its donors and targets, by role) also
+keep the columns its edits need (`edit_column_requests`), and under reference_compat every
+other 2-D tensor of them, so that editing decomposes nothing itself (§4.5 rule 1).
+`columns_plan` states the same per object kind, for store-space estimates.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from safetensors.torch import save_file
 from rlheal.config import StudyConfig
 from rlheal.store import Store, stable_hash
 from tasks import models
-from tasks.svd.matrices import Matrix, read_tensor, select_matrices, storage_dtype
+from tasks.svd.matrices import Matrix, every_matrix, model_order, read_tensor, select_matrices, storage_dtype
 from tasks.svd.metrics import NOISE_SEED, Factors, KSpec, noise_target, resolve_k
 
 VERSION = "1"
@@ -113,12 +119,15 @@ def decompose(
 @dataclass(frozen=True)
 class ColumnRequest:
     """Which singular vectors a consumer needs, as k-specs resolved per matrix: the largest
-    top-k and the largest tail-k over `top` / `tail`; `all` keeps every column. Requests
-    combine with `|` (the editing stage adds its grids to the measurement grid)."""
+    top-k and the largest tail-k over `top` / `tail`; `all` keeps every column.
+    `all_matrices`: decompose every 2-D tensor of the checkpoint, not only the svd selection
+    (what reference_compat editing touches, §4.2 quirk 3). Requests combine with `|` (a
+    checkpoint that editing reads gets its grid on top of the measurement grid)."""
 
     top: tuple[KSpec, ...] = ()
     tail: tuple[KSpec, ...] = ()
     all: bool = False
+    all_matrices: bool = False
 
     def columns(self, r: int) -> tuple[int, int]:
         """(top, tail) columns to keep for a matrix of rank r; (r, 0) = all of them."""
@@ -129,15 +138,53 @@ class ColumnRequest:
         return (r, 0) if top + tail >= r else (top, tail)
 
     def __or__(self, other: ColumnRequest) -> ColumnRequest:
-        return ColumnRequest(tuple(dict.fromkeys(self.top + other.top)), tuple(dict.fromkeys(self.tail + other.tail)), self.all or other.all)
+        return ColumnRequest(
+            tuple(dict.fromkeys(self.top + other.top)), tuple(dict.fromkeys(self.tail + other.tail)),
+            self.all or other.all, self.all_matrices or other.all_matrices,
+        )  # fmt: skip
 
     def key(self) -> dict:
-        return {"all": True} if self.all else {"top": sorted(map(repr, self.top)), "tail": sorted(map(repr, self.tail))}
+        key = {"all": True} if self.all else {"top": sorted(map(repr, self.top)), "tail": sorted(map(repr, self.tail))}
+        return key | ({"all_matrices": True} if self.all_matrices else {})
 
 
 def column_request(cfg: StudyConfig) -> ColumnRequest:
-    """The measurement grid's needs (`svd.columns: needed`) or everything (`all`)."""
+    """The measurement grid's needs (`svd.columns: needed`) or everything (`all`): what every
+    decomposed object stores, checkpoints, deltas and noise controls alike."""
     return ColumnRequest(all=True) if cfg.svd.columns == "all" else ColumnRequest(top=tuple(cfg.svd.k))
+
+
+def edit_column_requests(cfg: StudyConfig) -> dict[str, ColumnRequest]:
+    """Role (base / B / S / R) -> the columns (and matrices) the editing sweep reads from that
+    checkpoint's SVDs; {} without editing. Only these checkpoints get them (§2 `columns:
+    needed`): a full-rank edit asks for every column, which on every trajectory checkpoint,
+    delta and noise control would cost about twice the model size in fp32 each."""
+    if not cfg.editing.enabled:
+        return {}
+    # The grids are the editing stage's; imported here, at the one place svd needs them.
+    from tasks.editing.grid import column_requests
+
+    return column_requests(cfg)
+
+
+def columns_plan(cfg: StudyConfig, shapes: Sequence[tuple[int, int]], other_shapes: Sequence[tuple[int, int]] = ()) -> dict[str, list[tuple[int, int]]]:
+    """How many singular-vector columns the svd cache stores per matrix, by object kind, for a
+    store-space estimate: kind -> one (top, tail) per matrix, where U keeps m x (top + tail)
+    and V n x (top + tail) values in the compute dtype (plus all r singular values as float64).
+
+    `shapes`: the (m, n) of the matrices the svd stage selects (svd.include ...);
+    `other_shapes`: every other 2-D tensor of the checkpoint (embeddings, lm_head, ...),
+    decomposed only for the checkpoints reference_compat editing reads (§4.2 quirk 3).
+    Kinds: `checkpoint` (a checkpoint that is only measured), `delta`, `noise`, and
+    `edit:<role>` for each role (base, B, S, R) whose checkpoint editing reads: that checkpoint
+    stores `edit:<role>` instead of `checkpoint` (one with two roles stores the larger of
+    each), with `shapes` then, where the request says so, `other_shapes` in that order."""
+    measured = column_request(cfg)
+    plan = {kind: [measured.columns(min(s)) for s in shapes] for kind in ("checkpoint", "delta", "noise")}
+    for role, req in edit_column_requests(cfg).items():
+        both = measured | req
+        plan[f"edit:{role}"] = [both.columns(min(s)) for s in shapes] + ([req.columns(min(s)) for s in other_shapes] if req.all_matrices else [])
+    return plan
 
 
 # ---------------------------------------------------------------------------- the cache
@@ -164,6 +211,7 @@ class Cached:
         )  # fmt: skip
 
     def covers(self, matrices: Sequence[Matrix], request: ColumnRequest) -> bool:
+        """Every matrix present with at least the requested columns."""
         for mat in matrices:
             have = self.columns.get(mat.param)
             if have is None or (have["m"], have["n"]) != mat.shape:
@@ -189,7 +237,9 @@ class SvdCache:
     """Decompose-once access to the factors of checkpoints, deltas and noise controls.
 
     `row` arguments are `checkpoints` rows (ckpt_id, path, content_hash). Labels in
-    `SVD_CALLS` are the ckpt_id, the delta id `<from>..<to>` or `noise:<ref>..<tgt>`."""
+    `SVD_CALLS` are the ckpt_id, the delta id `<from>..<to>` or `noise:<ref>..<tgt>`.
+    `request` is the default; `weights(row, request)` asks more of one checkpoint (the ones
+    editing reads), and a request with `all_matrices` adds every other 2-D tensor of it."""
 
     store: Store
     matrices: list[Matrix]
@@ -210,10 +260,15 @@ class SvdCache:
         return read_tensor(row["path"], mat.param, self.device, self.dtype)
 
     # -- the three kinds of decomposed objects
-    def weights(self, row: dict) -> Cached:
+    def weights(self, row: dict, request: ColumnRequest | None = None) -> Cached:
+        request = request or self.request
+        matrices = self.matrices
+        if request.all_matrices:
+            have = {m.param for m in matrices}
+            matrices = sorted(matrices + [m for m in every_matrix(row["path"]) if m.param not in have], key=model_order)
         obj = {"kind": "weight", "content_hash": content_hash(row)}
         extra = {"ckpt_id": row["ckpt_id"], "path": str(row["path"]), "storage_dtype": storage_dtype(row["path"])}
-        return self._get(obj, row["ckpt_id"], lambda mat: self.weight(row, mat), extra)
+        return self._get(obj, row["ckpt_id"], lambda mat: self.weight(row, mat), extra, request, matrices)
 
     def delta(self, frm: dict, to: dict) -> Cached:
         obj = {"kind": "delta", "from": content_hash(frm), "to": content_hash(to)}
@@ -233,24 +288,28 @@ class SvdCache:
     def _config(self, obj: dict) -> dict:
         return {"kind": "svd_cache", "object": obj, "compute_dtype": str(self.dtype).removeprefix("torch."), "version": VERSION}
 
-    def _get(self, obj: dict, label: str, load: Callable[[Matrix], torch.Tensor], extra: dict) -> Cached:
+    def _get(
+        self, obj: dict, label: str, load: Callable[[Matrix], torch.Tensor], extra: dict,
+        request: ColumnRequest | None = None, matrices: list[Matrix] | None = None,
+    ) -> Cached:  # fmt: skip
+        request, matrices = request or self.request, matrices or self.matrices
         config = self._config(obj)
         ident = stable_hash(config)
         hit = self._found.get(ident)
-        if hit is not None and hit.covers(self.matrices, self.request):
+        if hit is not None and hit.covers(matrices, request):
             return hit
         for cand in self._candidates(config):
-            if cand.covers(self.matrices, self.request) and self.store.is_sealed(cand.path):
+            if cand.covers(matrices, request) and self.store.is_sealed(cand.path):
                 self._found[ident] = cand
                 return cand
-        key_config = config | {"params": stable_hash([m.param for m in self.matrices]), "columns": self.request.key()}
+        key_config = config | {"params": stable_hash([m.param for m in matrices]), "columns": request.key()}
         art = self.store.artifact(STAGE, key_config, version=VERSION)
 
         def build(tmp: Path) -> dict:
             t0 = time.perf_counter()
             columns = {}
-            for mat, U, S, Vh in decompose(self.matrices, load, label, self.device, self.dtype, self.batched, self.memory_gib):
-                columns[mat.param] = _write_factors(tmp, mat, U, S, Vh, self.request)
+            for mat, U, S, Vh in decompose(matrices, load, label, self.device, self.dtype, self.batched, self.memory_gib):
+                columns[mat.param] = _write_factors(tmp, mat, U, S, Vh, request)
             log.info("svd %s: %d matrices decomposed in %.2f s (%s on %s)", label, len(columns), time.perf_counter() - t0, self.dtype, self.device)
             return {"columns": columns, "label": label, **extra}
 

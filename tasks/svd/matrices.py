@@ -162,6 +162,17 @@ def select_matrices(path: str | Path, section: SvdSection) -> list[Matrix]:
     return sorted((describe_matrix(n, index[n].shape, chosen[n]) for n in chosen), key=model_order)
 
 
+def every_matrix(path: str | Path) -> list[Matrix]:
+    """Every 2-D tensor of a checkpoint (embeddings, lm_head, vision tower, projector), in model
+    order; a tied lm_head is the embedding, counted once. What reference_compat editing touches
+    (analysis.md §4.2 quirk 3), so the svd stage decomposes these for its donors and targets."""
+    index = tensor_index(path)
+    names = [n for n, info in index.items() if len(info.shape) == 2]
+    if tied_embeddings(Path(path), set(index)) and any(EMBEDDING.fullmatch(n) for n in names):
+        names = [n for n in names if not LM_HEAD.fullmatch(n)]
+    return sorted((describe_matrix(n, index[n].shape, {}) for n in names), key=model_order)
+
+
 _MODULE_ORDER = {name: i for i, name in enumerate(("self_attn", "cross_attn", "mlp", "q", "k", "v", "o", "gate", "up", "down"))}
 
 
