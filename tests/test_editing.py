@@ -99,6 +99,39 @@ def test_partial_edits_equal_explicit_reconstructions(method, shape, ks):
     assert rel(W, explicit(method, W_t, W_d, k_top, k_tail)) < 1e-10
 
 
+def flip(f: Factors, signs: torch.Tensor, v: bool = True) -> Factors:
+    """The same SVD with (u_i, v_i) -> (s_i u_i, s_i v_i) (v=False: u_i alone, not an SVD any more)."""
+    top, tail = signs[: f.n_top], signs[f.r - f.n_tail :]
+    return Factors(f.S, f.U_top * top, f.V_top * top if v else f.V_top, f.U_tail * tail, f.V_tail * tail if v else f.V_tail, f.m, f.n)
+
+
+@pytest.mark.parametrize("method", ["swap_triplets", "swap_directions", "sv_only"])
+@pytest.mark.parametrize("ks", [(3, 0), (2, 3), (12, 0)])
+def test_edits_do_not_depend_on_the_signs_of_singular_pairs(method, ks):
+    """§4.1: u and v are swapped jointly, so an SVD whose pairs (u_i, v_i) are flipped jointly
+    (another valid SVD of the same matrix, as another LAPACK build may return) gives the same
+    W'. Flipping u_i alone is not an SVD of W, and the edit sees it."""
+    W_d, W_t = pair(20, 12, seed=3)
+    k_top, k_tail = editing.index_set(*ks, r=12)
+    f_t, f_d = factors(W_t, k_top, k_tail), factors(W_d, k_top, k_tail)
+    s_t = torch.where(torch.rand(12, generator=gen(5)) < 0.5, -1.0, 1.0).to(F64)
+    s_d = torch.where(torch.rand(12, generator=gen(6)) < 0.5, -1.0, 1.0).to(F64)
+    s_t[0] = s_d[0] = s_t[-1] = s_d[-1] = -1.0  # at least the first top and the last tail index flipped on both sides
+    for g_t, g_d in ((flip(f_t, s_t), f_d), (f_t, flip(f_d, s_d)), (flip(f_t, s_t), flip(f_d, s_d))):
+        # the flipped factors still reconstruct their matrix: a valid SVD, not a different one
+        U, S, V = editing.formulas.triplets(g_t, k_top, k_tail)
+        U0, _, V0 = editing.formulas.triplets(f_t, k_top, k_tail)
+        assert torch.allclose((U * S) @ V.mT, (U0 * S) @ V0.mT, rtol=0, atol=1e-12)
+        same = editing.edit_matrix(method, W_t, W_d, g_t, g_d, k_top, k_tail)
+        assert rel(same, editing.edit_matrix(method, W_t, W_d, f_t, f_d, k_top, k_tail)) < 1e-13
+    # flipping u without its v: target side for every method (sv_only reads only the target's vectors)
+    broken = editing.edit_matrix(method, W_t, W_d, flip(f_t, s_t, v=False), f_d, k_top, k_tail)
+    assert rel(broken, editing.edit_matrix(method, W_t, W_d, f_t, f_d, k_top, k_tail)) > 1e-2
+    if method != "sv_only":
+        broken = editing.edit_matrix(method, W_t, W_d, f_t, flip(f_d, s_d, v=False), k_top, k_tail)
+        assert rel(broken, editing.edit_matrix(method, W_t, W_d, f_t, f_d, k_top, k_tail)) > 1e-2
+
+
 @pytest.mark.parametrize("method", ["swap_triplets", "swap_directions", "sv_only"])
 def test_an_empty_index_set_changes_nothing(method):
     W_d, W_t = pair(12, 20)
@@ -215,6 +248,42 @@ def test_recovery_columns_come_from_the_same_protocol_baselines():
     assert out["bs"]["target_accuracy"] == 0.2 and out["bs"]["donor_accuracy"] is None and not out["bs"]["gap_significant"]
     # a reference_compat variant has no compat baselines here: nothing is mixed across protocols
     assert out["e2c"]["recovery_fraction"] is None and out["e2c"]["target_accuracy"] is None
+
+
+def test_no_gap_between_donor_and_target_leaves_recovery_null_for_the_right_reason():
+    """§4.4: ρ is null when acc_d <= acc_t, with nonzero accuracies: equal (40 % and 40 %, on
+    different hands) and inverted (donor 30 % < target 60 %), while the edited model's 50 %
+    would give ρ = 0.5 or ρ = -1/3 to a formula that ignored the rule. A real gap on the same
+    hands (donor 70 %) gives ρ and its interval: the null is the rule, not missing data."""
+    cases = {"equal": (40, 40), "inverted": (30, 60), "gap": (70, 30)}  # (donor, target) solved of 100
+    vids = {}
+    for name in cases:
+        vids |= {f"d_{name}": ("none", None, f"B_{name}"), f"t_{name}": ("none", None, f"S_{name}"), f"e_{name}": ("swap_directions", f"B_{name}", f"S_{name}")}
+    variants = pl.DataFrame(
+        [{"variant_id": v, "experiment": "baseline" if m == "none" else "E2", "method": m, "donor_id": d, "target_id": t, "reference_compat": False} for v, (m, d, t) in vids.items()]
+    )
+    solved = {}
+    for i, (name, (d, t)) in enumerate(cases.items()):
+        solved |= {f"d_{name}": outcomes(d, seed=10 + i), f"t_{name}": outcomes(t, seed=20 + i), f"e_{name}": outcomes(50, seed=30 + i)}
+    assert not np.array_equal(solved["d_equal"], solved["t_equal"])  # equal accuracy, different hands
+    attempts = pl.DataFrame(
+        [{"variant_id": v, "split": "OOD", "hand_index": i, "attempt": 1, "reward": 5.0 if s[i] else -1.0} for v, s in solved.items() for i in range(100)]
+    )
+    results = pl.DataFrame([{"variant_id": v, "split": "OOD", "accuracy": float(solved[v].mean())} for v in vids])
+    results = pl.DataFrame({k: results[k] if k in results.columns else pl.Series(k, [None] * results.height, dtype=t) for k, t in SCHEMAS["edit_eval_results"].items()})
+    out = {r["variant_id"]: r for r in with_recovery(results, variants, attempts, 2000, 0).to_dicts()}
+    for name, (d, t) in cases.items():
+        row = out[f"e_{name}"]
+        assert (row["donor_accuracy"], row["target_accuracy"], row["accuracy"]) == (d / 100, t / 100, 0.5), name
+        if name == "gap":
+            assert row["recovery_fraction"] == pytest.approx(0.5) and row["gap_significant"] and row["recovery_ci_low"] < 0.5 < row["recovery_ci_high"]
+        else:
+            assert row["recovery_fraction"] is None and not row["gap_significant"], name
+            assert row["recovery_ci_low"] is None and row["recovery_ci_high"] is None, name
+    # the same at the level of the bootstrap: the resamples see no gap either
+    equal = editing.paired_bootstrap(solved["e_equal"], solved["d_equal"], solved["t_equal"], 2000, 0)
+    inverted = editing.paired_bootstrap(solved["e_inverted"], solved["d_inverted"], solved["t_inverted"], 2000, 0)
+    assert equal.rho is None and equal.no_gap_share > 0.3 and inverted.rho is None and inverted.no_gap_share > 0.99
 
 
 # ---------------------------------------------------------------------------- tiny models in memory
@@ -424,8 +493,8 @@ def test_sweep_writes_the_three_tables_with_their_types(sweep):
     assert res.filter(pl.col("variant_id").str.starts_with("baseline"))["donor_accuracy"].is_null().all()
     edits = res.filter(~pl.col("variant_id").str.starts_with("baseline"))
     assert edits["donor_accuracy"].is_not_null().all() and edits["target_accuracy"].is_not_null().all()
-    # an untrained model solves nothing: no donor-target gap, so no recovery fraction
-    assert edits.filter(pl.col("donor_accuracy") <= pl.col("target_accuracy"))["recovery_fraction"].is_null().all()
+    # an untrained model solves nothing (0 = 0: ρ null); test_no_gap_... has the real no-gap cases
+    assert (res["accuracy"] == 0).all() and edits["recovery_fraction"].is_null().all() and not edits["gap_significant"].any()
     att = t["edit_eval_attempts"]
     assert att.group_by("variant_id", "split").agg(pl.col("hand_index").n_unique())["hand_index"].to_list() == [6] * 10
 

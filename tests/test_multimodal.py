@@ -1,19 +1,22 @@
 """A Mllama (Llama 3.2 Vision) checkpoint, as in configs/paper-llama3.2-11b.yaml, on a tiny
 scale: loaded text-only with its real weights, generating on left-padded batches, fine-tuned
-by the SFT stage, and read by the SVD matrix selection with the same names at every step."""
+by the SFT stage, read by the SVD matrix selection with the same names at every step, and
+edited under the authors' quirks like the Llama the authors edited."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGeneration
 
 from rlheal.config import SvdSection, parse_config
 from rlheal.store import Store
-from tasks import data, models, sft
+from tasks import data, editing, models, sft
 from tasks.evaluate import ModelGenerator
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tasks.svd.matrices import MULTIMODAL, check_same_matrices, read_tensor, select_matrices
@@ -170,3 +173,39 @@ def test_sft_checkpoints_read_back_with_the_names_of_step_0(pipeline, tmp_path):
     again = state(models.load_model(tmp_path))
     assert again.keys() == model.state_dict().keys()
     assert all(torch.equal(again[n], t) for n, t in model.state_dict().items())
+
+
+def test_compat_layer_range_edits_take_the_embedding_and_lm_head_of_the_saved_language_model(mllama, tmp_path):
+    """analysis.md §4.2 quirk 4 on Llama 3.2 Vision as the study holds it: the model stage saves
+    its language model (`model_type` mllama_text_model), and a reference_compat layer-range edit
+    must still take the input embedding and lm_head (untied here: 8 more embedding rows), as the
+    authors' code did on the Mllama names; the other layers stay bit for bit."""
+    dirs = {"sft-2": tmp_path / "sft-2", "sft-1": tmp_path / "sft-1"}
+    models.save_text_model(mllama, dirs["sft-2"])  # what the model stage writes
+    assert json.loads((dirs["sft-2"] / "config.json").read_text())["model_type"] == "mllama_text_model"
+    g = torch.Generator().manual_seed(1)
+    donor = {k: v + 0.1 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in saved_tensors(dirs["sft-2"]).items()}
+    shutil.copytree(dirs["sft-2"], dirs["sft-1"])
+    for f in dirs["sft-1"].glob("*.safetensors"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in donor.items()}, dirs["sft-1"] / "model.safetensors", metadata={"format": "pt"})
+    rows = {c: {"ckpt_id": c, "path": str(p), "content_hash": models.weights_hash(p)} for c, p in dirs.items()}
+    roles = pl.DataFrame({"role": ["B", "S"], "ckpt_id": ["sft-1", "sft-2"]})
+    target = saved_tensors(dirs["sft-2"])
+    for compat in (True, False):
+        cfg = parse_config({"name": "mm", "editing": {"grid": "none", "reference_compat": compat, "variants": [{"method": "swap_directions", "k_top": 64, "layers": "0-0"}]}})
+        [v] = [v for v in editing.variants(cfg, roles, N_LAYERS) if v["method"] != "none"]
+        assert v["layers"] == [0] and v["reference_compat"] == compat
+        dtype = torch.float16 if compat else torch.float32
+        with editing.resident(rows["sft-2"], dtype) as loaded:
+            assert type(loaded.model) is MllamaForCausalLM
+            with editing.applied(Store(tmp_path / "store"), cfg, v, loaded, rows["sft-2"], rows["sft-1"]) as log:
+                during = state(loaded.model)
+        changed = {n for n in target if not torch.equal(during[n], target[n].to(dtype))}
+        layer0 = {n for n in target if n.startswith("model.layers.0.") and target[n].ndim == 2}
+        if compat:  # 64 >= every rank: each matrix in scope becomes the donor's (quirk 1), in float16 (quirk 5)
+            assert changed == layer0 | {"model.embed_tokens.weight", "lm_head.weight"}
+            assert all(torch.equal(during[n], donor[n].half()) for n in changed)
+            assert {r["layer"] for r in log} == {-1, 0} and all(r["compat_early_exit"] for r in log)
+        else:  # clean E3 edits the selected block matrices of layer 0 only
+            assert changed == layer0 and {r["layer"] for r in log} == {0}

@@ -18,7 +18,7 @@ Wiring (flows/study.py), after the svd stage:
 
 from tasks.editing.apply import applied, edited, fingerprint, n_layers, resident
 from tasks.editing.formulas import METHODS, edit_matrix, index_set, resolve_edit_k
-from tasks.editing.grid import claim_variants, column_request, resolve_layers, variant_id, variants
+from tasks.editing.grid import claim_variants, column_request, column_requests, resolve_layers, variant_id, variants
 from tasks.editing.recovery import damage_fraction, paired_bootstrap, recovery_fraction
 from tasks.editing.sweep import (
     SCHEMAS, STAGE, TABLES, VERSION, artifact, collect, collect_artifact, collect_stage, edit_and_evaluate, plan, read_roles, run,
@@ -27,7 +27,7 @@ from tasks.editing.sweep import (
 
 __all__ = [
     "METHODS", "SCHEMAS", "STAGE", "TABLES", "VERSION", "applied", "artifact", "claim_variants", "collect", "collect_artifact",
-    "collect_stage", "column_request", "damage_fraction", "edit_and_evaluate", "edit_matrix", "edited", "fingerprint", "index_set",
+    "collect_stage", "column_request", "column_requests", "damage_fraction", "edit_and_evaluate", "edit_matrix", "edited", "fingerprint", "index_set",
     "n_layers", "paired_bootstrap", "plan", "read_roles", "recovery_fraction", "resident", "resolve_edit_k", "resolve_layers", "run",
     "run_variant", "stage", "variant_id", "variants",
 ]  # fmt: skip

@@ -28,17 +28,18 @@ from rlheal.config import StudyConfig, SvdSection
 from rlheal.store import Store, stable_hash
 from tasks import models
 from tasks.editing.formulas import edit_matrix, index_set, resolve_edit_k
-from tasks.editing.grid import column_request
+from tasks.editing.grid import column_requests
 from tasks.svd.engine import ColumnRequest, SvdCache, compute_placement, content_hash
-from tasks.svd.matrices import EMBEDDING, LM_HEAD, Matrix, describe_matrix, model_order, tied_embeddings, check_same_matrices, read_tensor, select_matrices, storage_dtype, tensor_index
+from tasks.svd.matrices import Matrix, check_same_matrices, every_matrix, read_tensor, select_matrices, storage_dtype
 
 log = logging.getLogger("rlheal.editing")
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Quirk 4: the authors' layer pattern, and the model types whose embedding and lm_head names
-# their code matched (it hard-coded Mllama's; Qwen's never matched).
+# their code matched (it hard-coded Mllama's; Qwen's never matched). `mllama_text_model` is
+# Llama 3.2 Vision as the study holds it: the model stage saves its language model alone.
 COMPAT_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-COMPAT_EMBED_HEAD_TYPES = ("llama", "mllama")
+COMPAT_EMBED_HEAD_TYPES = ("llama", "mllama", "mllama_text_model")
 
 
 # ---------------------------------------------------------------------------- the checkpoint
@@ -60,16 +61,6 @@ def n_layers(path: str | Path) -> int:
 def model_dtype(path: str | Path, reference_compat: bool) -> torch.dtype:
     """The target's own storage dtype (bf16 stays bf16); float16 under quirk 5."""
     return torch.float16 if reference_compat else TORCH_DTYPES.get(storage_dtype(path), torch.float32)
-
-
-def every_matrix(path: str | Path) -> list[Matrix]:
-    """Quirk 3: every 2-D tensor of the checkpoint (embeddings, lm_head, vision tower, projector);
-    a tied lm_head is the embedding, counted once."""
-    index = tensor_index(path)
-    names = [n for n, info in index.items() if len(info.shape) == 2]
-    if tied_embeddings(Path(path), set(index)) and any(EMBEDDING.fullmatch(n) for n in names):
-        names = [n for n in names if not LM_HEAD.fullmatch(n)]
-    return sorted((describe_matrix(n, index[n].shape, {}) for n in names), key=model_order)
 
 
 def base_matrices(path: str | Path, section: SvdSection, reference_compat: bool) -> list[Matrix]:
@@ -210,17 +201,20 @@ def new_weights(
     cache: SvdCache,
     dtypes: dict[str, torch.dtype],
     rows: list[dict],
+    requests: dict[str, ColumnRequest] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """(param, W' in the parameter's dtype) for every matrix of the variant that changes, in
-    model order; one `edit_matrix_log` row per matrix in scope is appended to `rows`."""
+    model order; one `edit_matrix_log` row per matrix in scope is appended to `rows`.
+    `requests`: the columns to ask of the "target" and the "donor" (default: cache.request)."""
     method, compat = variant["method"], variant["reference_compat"]
     device, dtype = cache.device, cache.dtype
-    cached: dict[str, object] = {}  # the cache artifact of each checkpoint, looked up once
+    requests = requests or {}
+    cached: dict[str, object] = {}  # the cache artifact of each side, looked up once
 
-    def factors(row: dict, mat: Matrix):
-        if row["ckpt_id"] not in cached:
-            cached[row["ckpt_id"]] = cache.weights(row)
-        return cached[row["ckpt_id"]].factors(mat)
+    def factors(side: str, row: dict, mat: Matrix):
+        if side not in cached:
+            cached[side] = cache.weights(row, requests.get(side))
+        return cached[side].factors(mat)
 
     for mat in matrices:
         r = mat.r
@@ -235,8 +229,8 @@ def new_weights(
         changes = method == "copy" or n > 0
         if changes:
             svd_needed = method != "copy" and not early
-            f_t = factors(target, mat) if svd_needed else None
-            f_d = factors(donor, mat) if svd_needed else None
+            f_t = factors("target", target, mat) if svd_needed else None
+            f_d = factors("donor", donor, mat) if svd_needed else None
             W = edit_matrix(method, W_t, W_d, f_t, f_d, k_top, k_tail, compat).to(dtypes.get(mat.param, dtype))
             W_new = W.to(dtype)
         else:
@@ -250,13 +244,14 @@ def new_weights(
             yield mat.param, W
 
 
-def request_for(cfg: StudyConfig, variant: dict) -> ColumnRequest:
-    """The sweep's column request (so every variant hits the same cache artifact), widened by
-    this variant's own k if it was not part of the configured sweep."""
+def request_for(cfg: StudyConfig, variant: dict, side: str) -> ColumnRequest:
+    """What the sweep reads from this side's (donor / target) role, so that every variant hits
+    the artifact the svd stage built for that checkpoint, widened by this variant's own k if
+    it was not part of the configured sweep."""
     own = ColumnRequest()
     if variant["method"] not in ("none", "copy"):
-        own = ColumnRequest(tuple(k for k in [variant["k_top"]] if k), tuple(k for k in [variant["k_tail"]] if k))
-    return column_request(cfg) | own
+        own = ColumnRequest(tuple(k for k in [variant["k_top"]] if k), tuple(k for k in [variant["k_tail"]] if k), all_matrices=variant["reference_compat"])
+    return column_requests(cfg).get(variant[f"{side}_role"], ColumnRequest()) | own
 
 
 @contextlib.contextmanager
@@ -271,8 +266,9 @@ def applied(store: Store, cfg: StudyConfig, variant: dict, loaded: Loaded, targe
     if mats:
         check_same_matrices(donor["path"], mats)
     device, dtype = compute_placement(device, dtype)
-    cache = SvdCache(store, base, request_for(cfg, variant), device, dtype, memory_gib=cfg.svd.batch_memory_gib)
+    cache = SvdCache(store, base, ColumnRequest(), device, dtype, memory_gib=cfg.svd.batch_memory_gib)
+    requests = {side: request_for(cfg, variant, side) for side in ("target", "donor")}
     dtypes = {m.param: loaded.params[m.param].dtype for m in mats if m.param in loaded.params}
     rows: list[dict] = []
-    with edited(loaded, new_weights(variant, mats, target, donor, cache, dtypes, rows)):
+    with edited(loaded, new_weights(variant, mats, target, donor, cache, dtypes, rows, requests)):
         yield rows

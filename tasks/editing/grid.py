@@ -207,17 +207,29 @@ def variants(cfg: StudyConfig, roles: pl.DataFrame, n_layers: int) -> list[dict]
     return sorted(out.values(), key=lambda d: order.index(d["target_id"]))
 
 
+def column_requests(cfg: StudyConfig) -> dict[str, ColumnRequest]:
+    """Role -> the singular vectors the configured sweep reads from that role's checkpoint (a
+    donor's or a target's; `copy` reads none), and under reference_compat every 2-D tensor of
+    it (quirk 3). The svd stage decomposes these checkpoints with it on top of its own grid,
+    so one cache artifact per checkpoint serves measurements and all edits (§4.5.1); every
+    other checkpoint keeps only the measurement grid's columns."""
+    out: dict[str, ColumnRequest] = {}
+    for v, compat, _ in templates(cfg, n_layers=0):
+        if v.method == "copy" or not (v.k_top or v.k_tail):
+            continue
+        own = ColumnRequest(tuple(k for k in [v.k_top] if k), tuple(k for k in [v.k_tail] if k), all_matrices=compat)
+        for role in (v.donor, v.target):
+            out[role] = out.get(role, ColumnRequest()) | own
+    return out
+
+
 def column_request(cfg: StudyConfig) -> ColumnRequest:
-    """The singular vectors every variant of the configured sweep needs, with the svd stage's own
-    grid: one cache artifact per checkpoint serves measurements and all edits (§4.5.1). Pass it
-    to the svd stage (`extra_columns`) to have it all decomposed in that single pass."""
-    top: list = []
-    tail: list = []
-    for v, _, _ in templates(cfg, n_layers=0):
-        if v.method != "copy":
-            top += [v.k_top] if v.k_top else []
-            tail += [v.k_tail] if v.k_tail else []
-    return svd_column_request(cfg) | ColumnRequest(tuple(dict.fromkeys(top)), tuple(dict.fromkeys(tail)))
+    """Every column any checkpoint of the sweep needs, with the svd stage's own grid (one
+    request for a cache that serves a whole sweep's donors and targets alike)."""
+    out = svd_column_request(cfg)
+    for req in column_requests(cfg).values():
+        out = out | req
+    return out
 
 
 def claim_variants(edit_variants: pl.DataFrame) -> dict[str, str | None]:
