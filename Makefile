@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-slow faults demo demo-seeds bench server deploy worker clean
+.PHONY: setup test test-integration test-slow faults demo demo-seeds bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -26,14 +26,24 @@ $(STAMP): pyproject.toml
 	$(PY) -c 'import torch, prefect, trl, transformers, peft, datasets, polars, pyarrow, matplotlib, flows.study'
 	touch $(STAMP)
 
+# pytest exits 5 when a selection holds no test: nothing failed.
+NONE_IS_OK := || test $$? -eq 5
+
+# The fast suite: unit and module tests, and the end-to-end tests that start from a copy of
+# the session's one finished smoke study.
 test: setup
-	$(PY) -m pytest -m "not slow and not faults" -q --durations=15
+	$(PY) -m pytest -m "not slow and not faults and not integration" -q --durations=15 $(NONE_IS_OK)
+
+# The long end-to-end tests: whole studies from an empty store (fault at every stage, Dask,
+# replicate, kill -9, two runs at once, deployment, token scan). CI runs it after `make test`.
+test-integration: setup
+	$(PY) -m pytest -m "integration and not slow and not faults" -q --durations=15 $(NONE_IS_OK)
 
 faults: setup
-	$(PY) -m pytest tests/faults -q
+	$(PY) -m pytest tests/faults -q $(NONE_IS_OK)
 
 test-slow: setup
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q $(NONE_IS_OK)
 
 demo: setup
 	$(VENV)/bin/rlheal run $(CONFIG)

@@ -1,5 +1,6 @@
 """The whole study flow on the smoke config: resume after a fault at every stage, the
-report, and the same tables on a Dask cluster."""
+report, and the same tables on a Dask cluster. The finished study every test reads is the
+session's `smoke_study` (tests/conftest.py); tests that change a store work on a copy."""
 
 import re
 import shutil
@@ -9,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import smoke_config
+from tests.conftest import assert_rebuilt, copy_study, smoke_config
 
 STAGE_ORDER = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
 
@@ -37,22 +38,28 @@ def comparable(t: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
     return {k: v.drop([c for c in v.columns if c in drop]) for k, v in t.items()}
 
 
-@pytest.fixture(scope="module")
-def reference_run(prefect_api, tmp_path_factory):
-    from flows.study import study
-
-    tmp = tmp_path_factory.mktemp("reference")
-    state = study(config_path=str(smoke_config(tmp)), return_state=True)
-    assert state.is_completed()
-    return tmp / "store"
+@pytest.fixture
+def reference_run(smoke_study):
+    """The store of the session's finished smoke study (read-only)."""
+    return smoke_study.store
 
 
-def test_fault_at_each_stage_then_resume(prefect_api, reference_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("start", [
+    # a store in which every stage has one task left to do (`copy_study(thin=True)`): each
+    # stage still computes after the fault that stopped it, at a fifth of the cost
+    "thin",
+    # an empty store: every task of every stage fails once, then computes
+    pytest.param("empty", marks=pytest.mark.integration),
+])
+def test_fault_at_each_stage_then_resume(prefect_api, smoke_study, tmp_path, monkeypatch, start):
     """Inject a failure at each stage in turn on one store: every run fails at its stage,
-    computes the stage that failed last time, and finds every earlier stage Cached."""
+    computes the stage that failed last time, and finds every earlier stage Cached; the
+    tables (and, from a thin store, every artifact it rebuilt) equal the uninterrupted run's."""
     from flows.study import study
 
-    cfg = str(smoke_config(tmp_path))
+    reference_run = smoke_study.store
+    thin = copy_study(smoke_study, tmp_path, thin=True) if start == "thin" else None
+    cfg = str(thin.config if thin else smoke_config(tmp_path))
     for i, faulty in enumerate([*STAGE_ORDER, None]):
         if faulty:
             monkeypatch.setenv("RLHEAL_FAULT", faulty)
@@ -72,6 +79,8 @@ def test_fault_at_each_stage_then_resume(prefect_api, reference_run, tmp_path, m
     assert set(ours) == set(ref)
     for name in ref:
         assert ours[name].equals(ref[name]), name
+    if thin:
+        assert_rebuilt(thin, smoke_study)  # what the resumed runs computed
 
 
 def test_report_from_the_smoke_study(reference_run):
@@ -109,11 +118,11 @@ def test_report_of_a_study_missing_stages_says_what_is_absent(reference_run, tmp
     assert (out / "fig3_losses.png").exists() and "no evaluation results" in md
 
 
-def test_status_reads_progress_from_the_store(reference_run):
+def test_status_reads_progress_from_the_store(smoke_study):
     import subprocess
     import sys
 
-    cfg = reference_run.parent / "smoke.yaml"
+    cfg = smoke_study.config
     r = subprocess.run([sys.executable, "-m", "rlheal.cli", "status", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     counts = dict(re.findall(r"^\s+(\w+)\s+#*\s+(\d+/\d+)$", r.stdout, re.M))
@@ -122,20 +131,22 @@ def test_status_reads_progress_from_the_store(reference_run):
     assert all(a == b for a, b in (c.split("/") for c in counts.values()))
 
 
-def test_changed_config_mid_study_is_refused(reference_run, tmp_path):
+def test_changed_config_mid_study_is_refused(smoke_study, tmp_path):
     import subprocess
     import sys
 
-    cfg = yaml.safe_load((reference_run.parent / "smoke.yaml").read_text())
+    mine = copy_study(smoke_study, tmp_path / "copy")  # a refusal that failed would write into it
+    cfg = yaml.safe_load(mine.config.read_text())
     cfg["sft"]["learning_rate"] = 0.5
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
-    before = sorted(p.name for p in (reference_run / "sft").iterdir())
+    before = sorted(p.name for p in (mine.store / "sft").iterdir())
     r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(changed)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "sft.learning_rate: 0.001 -> 0.5" in r.stderr
-    assert sorted(p.name for p in (reference_run / "sft").iterdir()) == before
+    assert sorted(p.name for p in (mine.store / "sft").iterdir()) == before
 
 
+@pytest.mark.integration
 def test_dask_local_cluster_gives_identical_tables(prefect_api, reference_run, tmp_path):
     from flows.study import study
 
@@ -148,7 +159,8 @@ def test_dask_local_cluster_gives_identical_tables(prefect_api, reference_run, t
         assert ours[name].equals(ref[name]), name
 
 
-def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, reference_run):
+@pytest.mark.integration
+def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, smoke_study, tmp_path):
     """A second study made with --set overrides reuses the data-independent artifacts, and
     `rlheal compare` judges both with the report's own verdicts."""
     import subprocess
@@ -156,30 +168,31 @@ def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, reference_r
 
     from flows.study import study
 
-    models_before = sorted(p.name for p in (reference_run / "model").iterdir())
-    cfg = str(reference_run.parent / "smoke.yaml")
+    store = copy_study(smoke_study, tmp_path).store  # the replicate joins a copy of the finished study
+    models_before = sorted(p.name for p in (store / "model").iterdir())
+    cfg = str(tmp_path / "smoke.yaml")
     state = study(config_path=cfg, overrides=["name=smoke-seed1", "data.train_seed=1", "rl.seed=1"], return_state=True)
     assert state.is_completed()
-    assert sorted(p.name for p in (reference_run / "model").iterdir()) == models_before  # built once
-    seed1 = tables(reference_run, "smoke-seed1")
-    assert not seed1["sft_train"].equals(tables(reference_run, "smoke")["sft_train"])  # another hand stream
+    assert sorted(p.name for p in (store / "model").iterdir()) == models_before  # built once
+    seed1 = tables(store, "smoke-seed1")
+    assert not seed1["sft_train"].equals(tables(store, "smoke")["sft_train"])  # another hand stream
 
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "smoke-seed1", "--store", str(reference_run)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "smoke-seed1", "--store", str(store)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    out = reference_run / "replicates" / "smoke+smoke-seed1"
+    out = store / "replicates" / "smoke+smoke-seed1"
     long = pl.read_parquet(out / "replicates.parquet")
     assert set(long["study"]) == {"smoke", "smoke-seed1"} and set(long["finding"]) == {"forgetting", "window", "rotation", "editing"}
     md = (out / "replicates.md").read_text()
     for name in ("smoke", "smoke-seed1"):
         # each study's verdicts are exactly those of its own report
-        own = re.findall(r"\| \*\*([a-z ]+)\*\* \|$", (reference_run / "studies" / name / "report" / "report.md").read_text(), re.M)
+        own = re.findall(r"\| \*\*([a-z ]+)\*\* \|$", (store / "studies" / name / "report" / "report.md").read_text(), re.M)
         got = long.filter(pl.col("study") == name).unique("finding", keep="first", maintain_order=True)["verdict"].to_list()
         assert own == got, (name, own, got)
     assert "## Verdicts" in md and (out / "fig_replicates.png").read_bytes()[:4] == b"\x89PNG"
     assert (long.filter(pl.col("metric") == "ood_peak")["value"].is_between(0, 1)).all()
 
-    one = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "--store", str(reference_run)], capture_output=True, text=True, timeout=60)
+    one = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "--store", str(store)], capture_output=True, text=True, timeout=60)
     assert one.returncode == 2 and "at least two" in one.stderr
-    missing = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "nosuch", "--store", str(reference_run)], capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "nosuch", "--store", str(store)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "studies/nosuch: no study tables" in missing.stderr
-    assert not (reference_run / "replicates" / "smoke+nosuch").exists()
+    assert not (store / "replicates" / "smoke+nosuch").exists()

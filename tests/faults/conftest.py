@@ -1,4 +1,5 @@
-"""Shared helpers of the fault suite: run the smoke study as a real `rlheal` process."""
+"""Shared helpers of the fault suite: run the smoke study as a real `rlheal` process. The
+uninterrupted yardstick is the session's `smoke_study` (tests/conftest.py)."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import polars as pl
 import pytest
 
 from rlheal.store import MANIFEST, Store
-from tests.conftest import smoke_config as write_config  # noqa: F401 (used by the fault tests)
+from tests.conftest import copy_study, smoke_config as write_config  # noqa: F401 (used by the fault tests)
 
 
 def rlheal(args, env, **kw) -> subprocess.CompletedProcess:
@@ -60,11 +61,8 @@ def study_tables(store: Path, study: str = "smoke") -> dict[str, pl.DataFrame]:
     return out
 
 
-@pytest.fixture(scope="session")
-def reference_store(tmp_path_factory, prefect_api):
-    """One uninterrupted smoke study, the yardstick of every fault test."""
-    tmp = tmp_path_factory.mktemp("faults-reference")
-    env = {**os.environ, "PREFECT_API_URL": prefect_api, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = rlheal(["run", str(write_config(tmp))], env)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return tmp / "store"
+@pytest.fixture
+def reference_store(smoke_study) -> Path:
+    """The store of one uninterrupted smoke study, the yardstick of every fault test (the
+    session's shared `smoke_study`: read-only)."""
+    return smoke_study.store

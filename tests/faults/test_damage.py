@@ -2,7 +2,7 @@
 
 import json
 from rlheal.store import MANIFEST
-from tests.faults.conftest import assert_sealed_or_absent, rlheal, study_tables, write_config
+from tests.faults.conftest import assert_sealed_or_absent, copy_study, rlheal, study_tables
 
 
 def _truncate(path):
@@ -24,12 +24,12 @@ DAMAGE = {
 }
 
 
-def test_damage_is_detected_and_rebuilt(tmp_path, cli_env, reference_store):
-    """All four kinds of damage in one finished study; one re-run detects, reports and
-    rebuilds each of them, and ends with the reference tables."""
-    cfg = write_config(tmp_path)
-    assert rlheal(["run", str(cfg)], cli_env).returncode == 0
-    store = tmp_path / "store"
+def test_damage_is_detected_and_rebuilt(tmp_path, cli_env, smoke_study):
+    """All four kinds of damage in one finished study (a copy of the session's); one re-run
+    detects, reports and rebuilds each of them, and ends with the reference tables."""
+    reference_store = smoke_study.store
+    mine = copy_study(smoke_study, tmp_path)
+    cfg, store = mine.config, mine.store
     for pattern, damage, _ in DAMAGE.values():
         damage(sorted(store.glob(pattern))[0])
     r = rlheal(["run", str(cfg)], cli_env)

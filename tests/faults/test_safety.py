@@ -9,7 +9,7 @@ import pytest
 
 from tasks.generalpoints import deal, score
 from tests.conftest import ROOT
-from tests.faults.conftest import rlheal, write_config
+from tests.faults.conftest import copy_study, rlheal, write_config
 
 SOURCE = [p for d in ("tasks", "flows", "rlheal") for p in (ROOT / d).rglob("*.py")]
 
@@ -68,11 +68,18 @@ def test_server_binds_to_loopback_only():
     assert "--host 127.0.0.1" in line
 
 
-def test_no_token_reaches_logs_tables_or_artifacts(tmp_path, cli_env, reference_store):
+@pytest.mark.parametrize("begin", [
+    "thin",  # a copy of the finished study with one task of every stage left to run under the secret
+    pytest.param("empty", marks=pytest.mark.integration),  # every task of the study runs under it
+])
+def test_no_token_reaches_logs_tables_or_artifacts(tmp_path, cli_env, smoke_study, begin):
     secret = "hf_SECRET_" + "x7" * 12
     env = {**cli_env, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "PREFECT_API_KEY": secret}
-    r = rlheal(["run", str(write_config(tmp_path))], env)
+    cfg = copy_study(smoke_study, tmp_path, thin=True).config if begin == "thin" else write_config(tmp_path)
+    r = rlheal(["run", str(cfg)], env)
     assert r.returncode == 0
+    if begin == "thin":  # it did run a task of every stage
+        assert "built tiny model" in r.stdout + r.stderr and "eval base id: accuracy" in r.stdout + r.stderr
     assert secret not in r.stdout + r.stderr
     for f in (tmp_path / "store").rglob("*"):
         if f.is_file():
