@@ -1,7 +1,12 @@
 """`rlheal`: validate and run studies.
 
+`validate` makes every check `run` makes before it writes anything (config, model, store,
+study name, free space) and prints the store space each stage will need.
+
 Exit status: 0 success, 1 a stage failed (re-run to resume), 2 bad input (config
-file, field or store named in the message; nothing was written).
+file, field or store named in the message; nothing was written), 3 the store's disk
+filled up during the run (the message names the store and the space needed; finished
+artifacts are kept, the unfinished one is discarded: free space and re-run to resume).
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ import os
 import sys
 from pathlib import Path
 
+from rlheal import space
 from rlheal.config import ConfigError, StudyConfig, load_config
 from rlheal.store import StoreError
 
-EXIT_BAD_INPUT = 2
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_SPACE = 1, 2, 3
 
 
 def _validate(args: argparse.Namespace) -> StudyConfig:
+    from rlheal import preflight
+
     cfg = load_config(args.config, getattr(args, "store", None), args.set)
+    preflight.check(cfg, args.force, not args.no_space_check)
     print(f"{args.config}: ok (study {cfg.name!r}, store {cfg.store})")
     return cfg
 
@@ -41,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store, args.set)
     from rlheal import preflight
 
-    preflight.check(cfg)  # a missing model, a pattern or k that fits no matrix: before anything is written
+    # validate's checks (model, store, study name, free space): before anything is written
+    args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()
@@ -53,13 +63,48 @@ def _run(args: argparse.Namespace) -> int:
     from rlheal.progress import Progress, Watcher
 
     order = [s for s in STAGES if s != "pretrain" or cfg.pretrain.enabled]
-    with Watcher(Progress(open_store(cfg.store).study_dir(cfg.name), cfg.name), order):
+    with Watcher(Progress(open_store(cfg.store).study_dir(cfg.name), cfg.name), order, stream=sys.stderr):  # today's stderr, not import time's
         state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, overrides=args.set, return_state=True)
     if not state.is_completed():
+        err = _exception(state)
+        if err is not None and space.no_space_cause(err, cfg.store, _still_needed(cfg, args.estimate)):
+            raise err  # main() says what a full disk needs
         print(f"study {cfg.name!r} did not complete ({state.name}); run the same command again to resume", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     print(f"study {cfg.name!r} complete: tables in {Path(cfg.store).absolute() / 'studies' / cfg.name / 'tables'}")
     return 0
+
+
+def _exception(state) -> BaseException | None:
+    """The exception a failed flow run ended with (a stage's own), if Prefect kept it."""
+    try:
+        err = state.result(raise_on_failure=False)
+    except Exception:
+        return None
+    return err if isinstance(err, BaseException) else None
+
+
+def _still_needed(cfg: StudyConfig, estimate: space.Estimate) -> int:
+    from rlheal import preflight
+    from rlheal.store import Store
+
+    return estimate.still_needed(preflight.done_fractions(Store(cfg.store), cfg.name))
+
+
+def no_space_message(cause: BaseException, cfg: StudyConfig | None, estimate: space.Estimate | None) -> str:
+    """What a full disk says: the store, its free space, the space the study needs, what to do."""
+    reason = str(cause) if len(str(cause)) < 200 else str(cause)[:197] + "..."
+    if cfg is None:
+        return f"out of disk space ({reason}); free some space and run the same command again"
+    root = Path(cfg.store).expanduser().absolute()
+    need = ""
+    if estimate is not None:
+        need = f", and study {cfg.name!r} needs about {space.human(_still_needed(cfg, estimate))} more there ({space.human(estimate.peak)} in all, at its peak)"
+    return (
+        f"the store {root} ran out of disk space ({reason}): its filesystem has {space.human(space.free_bytes(root))} free{need}. "
+        "Finished artifacts are kept and the one being written was discarded: free some space (or move the store "
+        "to a larger disk and pass --store) and run the same command again to resume."
+    )
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -78,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     v = sub.add_parser("validate", help="check a study config file")
     r = sub.add_parser("run", help="run (or resume) a study")
-    r.add_argument("--force", action="store_true", help="run even if the study was started with another config")
+    for cmd in (v, r):
+        cmd.add_argument("--force", action="store_true", help="run even if the study was started with another config")
+        cmd.add_argument("--no-space-check", action="store_true", help="print the store-space estimate but do not refuse a disk that looks too small")
     st = sub.add_parser("status", help="progress of a study, read from the store (no server needed)")
     c = sub.add_parser("compare", help="judge the paper's findings on replicate studies (e.g. seeds) side by side")
     c.add_argument("studies", nargs="+", metavar="STUDY", help="study names in the store")
@@ -105,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError) as err:
         print(f"rlheal: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:
+        cfg, estimate = getattr(args, "cfg", None), getattr(args, "estimate", None)
+        store = cfg.store if cfg else getattr(args, "store", None)
+        cause = space.no_space_cause(err, store, _still_needed(cfg, estimate) if cfg and estimate else 0)
+        if cause is None:
+            raise
+        print(f"rlheal: error: {no_space_message(cause, cfg, estimate)}", file=sys.stderr)
+        return EXIT_NO_SPACE
 
 
 if __name__ == "__main__":

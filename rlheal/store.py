@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -58,9 +59,22 @@ def write_parquet(df: pl.DataFrame, path: Path) -> Path:
     """Write Parquet atomically: a reader sees the old file, the new file, or nothing."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    df.write_parquet(tmp, compression="zstd", statistics=True)
-    os.replace(tmp, path)
+    try:
+        df.write_parquet(tmp, compression="zstd", statistics=True)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no half-written temp file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def existing_parent(path: str | Path) -> Path:
+    """`path` itself if it exists, else the nearest folder above it that does (where a
+    store that is not there yet will be made)."""
+    p = Path(path).expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def replace_dir(final: Path, fill: Callable[[Path], Any]) -> Any:
@@ -127,7 +141,7 @@ class Store:
         return Artifact(p.parent.parent, p.parent.name, p.name)
 
     def check_writable(self) -> None:
-        """Fail early, before any work, if the store cannot be used."""
+        """Fail early, before any work, if the store cannot be used (creates the store)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{os.getpid()}"
@@ -135,6 +149,18 @@ class Store:
             probe.unlink()
         except OSError as err:
             raise StoreError(f"{self.root}: store is not writable ({err.strerror or err})") from None
+
+    def check_usable(self) -> None:
+        """`check_writable` without leaving anything behind (`rlheal validate`, and `run` before
+        it writes): the store, or the nearest folder above it that exists, must be a folder
+        in which a folder can be made, proven by making and removing one."""
+        parent = existing_parent(self.root)
+        if not parent.is_dir():
+            raise StoreError(f"{self.root}: store is not writable ({parent} is not a directory)")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".rlheal-probe-", dir=parent))
+        except OSError as err:
+            raise StoreError(f"{self.root}: store is not writable ({err.strerror or err} in {parent})") from None
 
     # ------------------------------------------------------------------ validity
     def problem(self, art: Artifact | Path) -> str | None:
@@ -242,6 +268,19 @@ class Store:
     def claim_study(self, study: str, config: Mapping[str, Any], force: bool = False) -> None:
         """A study name in a store stands for one config: a changed config is refused (its
         tables would mix with the old ones) unless `force` points the study at it."""
+        self.check_claim(study, config, force)
+        record = self.study_dir(study) / "config.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".config.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
+            os.replace(tmp, record)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def check_claim(self, study: str, config: Mapping[str, Any], force: bool = False) -> None:
+        """`claim_study`'s refusal alone, writing nothing."""
         record = self.study_dir(study) / "config.json"
         if record.is_file() and not force:
             before, now = _flatten(json.loads(record.read_text())), _flatten(json.loads(json.dumps(config, default=str)))
@@ -252,10 +291,6 @@ class Store:
                     f"{record}: study {study!r} was run with another config; changed: " + "; ".join(changed[:8])
                     + ". Use a new study name, or --force to point the study at this config."
                 )
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f".config.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(config, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, record)
 
     def publish(self, study: str, table: str, file: Path) -> Path:
         """Expose a sealed Parquet file as `studies/<study>/tables/<table>.parquet` (atomic symlink swap)."""
