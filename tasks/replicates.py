@@ -66,11 +66,11 @@ def spread(long: pl.DataFrame) -> pl.DataFrame:
 
 
 def _fmt(metric: str, x: float) -> str:
-    if metric.endswith("_step") or metric.startswith("healed"):
+    if metric.endswith("_step") or metric.startswith(("healed", "n_")):
         return f"{x:.0f}"
-    if metric.endswith("_deg") or metric.startswith(("rho", "sigma", "energy", "ce_")):
+    if metric.endswith(("_deg", "_ratio")) or metric.startswith(("rho", "sigma", "energy", "noise_", "ce_")):
         return f"{x:.3f}"
-    return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop")) else f"{100 * x:.1f} %"
+    return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop", "id_rise")) else f"{100 * x:.1f} %"
 
 
 def markdown(long: pl.DataFrame, names: list[str]) -> str:
@@ -92,6 +92,14 @@ def markdown(long: pl.DataFrame, names: list[str]) -> str:
     return "\n".join(["# Replicates: " + ", ".join(names), "", "## Verdicts", "", head, *rows, "", "## Numbers", "", *lines, *evidence])
 
 
+def hands(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]]) -> str:
+    """How many hands each evaluation played, read from the replicates' tables."""
+    ns = sorted({int(n) for acc, _ in views.values() if acc is not None for n in acc["n"].unique()})
+    if not ns:
+        return "no evaluations"
+    return f"{ns[0]} hands per split each" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} hands per split"
+
+
 def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], out: Path) -> Path | None:
     """OOD (and ID) accuracy through SFT for every replicate (its `sft_accuracy` and
     `rl_recovery` views), RL's end point from each start, and the paper's curve on its own panel."""
@@ -109,7 +117,7 @@ def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], ou
         if rec is not None:
             ax.plot(rec["start_step"], 100 * rec["ood_after"], "s", ms=7, mfc="none", mew=1.5, color=c, label=f"{name}: OOD after RL from step")
     ax.set_xscale("symlog", linthresh=10)
-    ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(views)} replicates (500 hands per split each)")
+    ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(views)} replicates ({hands(views)})")
     ax.legend(fontsize=6, ncol=2)
     p = report.paper()
     for stage, style in (("sft", "o-"), ("rl", "s--")):

@@ -19,13 +19,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from scipy import stats  # noqa: E402
 
 log = logging.getLogger("rlheal.report")
 PAPER_CSV = Path(__file__).with_name("paper_reference.csv")
-VERSION = "1"
+VERSION = "2"  # 2: verdict rules of docs/verdicts.md (issue 14 §6)
 PAPER_SE_PP = 2.5  # sampling error of one 234-hand evaluation near 17.5 % (paper_results.md)
 
 
@@ -60,7 +62,9 @@ def number_field(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
 
 
 def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
-    """OOD accuracy before RL (the starting SFT checkpoint) and after (the run's last update)."""
+    """OOD accuracy before RL (the starting SFT checkpoint) and after (the run's last update),
+    and the gain with its paired interval over the same OOD hands (`start_gains`) where the
+    per-hand outcomes (eval_attempts) are there: status healed / hurt / flat."""
     if "eval_summary" not in t or "checkpoints" not in t:
         return None
     ck = t["checkpoints"]
@@ -68,10 +72,42 @@ def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
         return None
     ev = t["eval_summary"].filter(pl.col("split") == "ood")
     final = ck.filter(pl.col("stage") == "rl").sort("step").group_by("rl_start_step").last()
-    after = final.join(ev, on="ckpt_id").select(pl.col("rl_start_step").alias("start_step"), pl.col("step").alias("updates"), pl.col("accuracy").alias("ood_after"), pl.col("accuracy_ci_low").alias("after_low"), pl.col("accuracy_ci_high").alias("after_high"), pl.col("k").alias("k_after"))
-    before = ev.filter(pl.col("stage").is_in(["base", "sft"])).select(pl.col("step").alias("start_step"), pl.col("accuracy").alias("ood_before"), pl.col("accuracy_ci_low").alias("before_low"), pl.col("accuracy_ci_high").alias("before_high"), pl.col("k").alias("k_before"), "n")
-    out = after.join(before, on="start_step").sort("start_step")
-    return out.with_columns(gain=pl.col("ood_after") - pl.col("ood_before"), healed=pl.col("after_low") > pl.col("before_high"))
+    after = final.join(ev, on="ckpt_id").select(pl.col("rl_start_step").alias("start_step"), pl.col("ckpt_id").alias("after_id"), pl.col("step").alias("updates"), pl.col("accuracy").alias("ood_after"), pl.col("accuracy_ci_low").alias("after_low"), pl.col("accuracy_ci_high").alias("after_high"), pl.col("k").alias("k_after"))
+    before = ev.filter(pl.col("stage").is_in(["base", "sft"])).select(pl.col("step").alias("start_step"), pl.col("ckpt_id").alias("before_id"), pl.col("accuracy").alias("ood_before"), pl.col("accuracy_ci_low").alias("before_low"), pl.col("accuracy_ci_high").alias("before_high"), pl.col("k").alias("k_before"), "n")
+    out = after.join(before, on="start_step").sort("start_step").with_columns(gain=pl.col("ood_after") - pl.col("ood_before"))
+    paired = rl_outcomes(t.get("eval_attempts"), out)
+    if paired is None:
+        return out.with_columns(gain_low=pl.lit(None, pl.Float64), gain_high=pl.lit(None, pl.Float64), status=pl.lit(None, pl.String), healed=pl.lit(False))
+    g = start_gains(*(x[None] for x in paired))
+    status = np.where(g["healed"][0], "healed", np.where(g["hurt"][0], "hurt", "flat"))
+    return out.with_columns(gain_low=pl.Series(g["low"][0]), gain_high=pl.Series(g["high"][0]), status=pl.Series(status), healed=pl.Series(g["healed"][0]))
+
+
+def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """(before, after): OOD outcomes (R starts x H hands) of each RL run's starting checkpoint
+    and of its last update, on the same hands; None without complete per-hand outcomes."""
+    if attempts is None:
+        return None
+    got = solved_matrix(attempts, "ood", list(dict.fromkeys(rec["before_id"].to_list() + rec["after_id"].to_list())))
+    if got is None:
+        return None
+    _, ids, y = got
+    row = {c: i for i, c in enumerate(ids)}
+    return y[[row[c] for c in rec["before_id"]]], y[[row[c] for c in rec["after_id"]]]
+
+
+def solved_matrix(attempts: pl.DataFrame, split: str, ckpt_ids: list[str]) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+    """Per-hand outcomes of `ckpt_ids` on one split: (hand_index (H,), ckpt_ids, outcomes (C, H)),
+    1.0 where some attempt of the episode was correct (reward 5, the `k` of eval_summary).
+    None if a checkpoint has no outcomes or the checkpoints were not played on the same hands."""
+    a = attempts.filter((pl.col("split") == split) & pl.col("ckpt_id").is_in(ckpt_ids))
+    per = a.group_by("ckpt_id", "hand_index").agg(solved=(pl.col("reward") == 5).any().cast(pl.Float64))
+    if per.is_empty() or set(per["ckpt_id"]) != set(ckpt_ids):
+        return None
+    wide = per.pivot(on="ckpt_id", index="hand_index", values="solved").sort("hand_index")
+    if wide.null_count().sum_horizontal().item():
+        return None
+    return wide["hand_index"].to_numpy(), list(ckpt_ids), wide.select(ckpt_ids).to_numpy().T
 
 
 def paper(model: str = "Llama-3.2-11B-Vision-Instruct") -> pl.DataFrame:
@@ -176,33 +212,226 @@ def fig_advantages(rl_log: pl.DataFrame, out: Path) -> Path:
     return _save(fig, out, "fig5_advantages")
 
 
+def editing_lines(res: pl.DataFrame, variants: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The k_top sweeps to plot, one line per experiment and k_tail (E2 and E5 both use
+    swap_directions but are different experiments: B→S and S→R), k_top as a number in
+    increasing order; layer-range variants are not on a k axis and are left out."""
+    d = res.join(variants, on="variant_id").filter((pl.col("method") != "none") & pl.col("layers_spec").is_null())
+    d = d.with_columns(k_top=pl.col("k_top_spec").cast(pl.Float64, strict=False)).drop_nulls("k_top")
+    lines = {}
+    for (experiment, method, tail), g in d.group_by("experiment", "method", "k_tail_spec", maintain_order=True):
+        label = f"{experiment} {method}" + ("" if tail in ("0", "0.0") else f", k_tail {tail}")
+        lines[label] = g.sort("k_top")
+    return dict(sorted(lines.items()))
+
+
 def fig_editing(res: pl.DataFrame, variants: pl.DataFrame, out: Path) -> Path | None:
-    d = res.join(variants, on="variant_id").filter(pl.col("method") != "none")
-    if d.is_empty():
+    lines = editing_lines(res, variants)
+    if not lines:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for (method,), g in d.filter(pl.col("layers_spec").is_null()).group_by("method", maintain_order=True):
+    for label, g in lines.items():
         for split, ax in (("OOD", axes[0]), ("ID", axes[1])):
-            s = g.filter(pl.col("split") == split).sort("k_top_spec")
-            ax.plot(s["k_top_spec"], 100 * s["accuracy"], "o-", label=method)
-        r = g.filter(pl.col("split") == "OOD").sort("k_top_spec")
-        axes[2].plot(r["k_top_spec"], r["recovery_fraction"], "o-", label=method)
-    for ax, title in zip(axes, ("OOD accuracy (%)", "ID accuracy (%)", "recovery fraction")):
-        ax.set(xlabel="k_top", title=title)
-        ax.legend(fontsize=7)
+            s = g.filter(pl.col("split") == split)
+            ax.plot(s["k_top"], 100 * s["accuracy"], "o-", label=label)
+        r = g.filter(pl.col("split") == "OOD")
+        axes[2].plot(r["k_top"], r["recovery_fraction"], "o-", label=label)
     axes[2].axhspan(0.7, 0.8, color="tab:green", alpha=0.1, label="claim: 70-80 %")
+    for ax, title in zip(axes, ("OOD accuracy (%)", "ID accuracy (%)", "recovery fraction")):
+        ax.set(xlabel="k_top (fraction of r, or absolute)", title=title)
+        ax.legend(fontsize=7)
     return _save(fig, out, "fig6_editing")
+
+
+# ---------------------------------------------------------------------------- verdict rules
+#
+# Each rule is a numpy function over a leading axis of draws: a study is one draw, and
+# tests/test_verdicts.py runs the same functions on hundreds of synthetic studies to measure
+# every rule's false-positive rate and power (docs/verdicts.md). Outcomes are per hand (1 =
+# solved within the episode, the `k` of eval_summary), so two checkpoints are compared on the
+# same hands, paired.
+
+LEVEL = 0.95  # every interval is two-sided at this level: a one-sided claim errs at most 2.5 %
+Z = float(stats.norm.ppf(0.5 + LEVEL / 2))
+SUPPORTED, INCONCLUSIVE, NOT_SUPPORTED = 1, 0, -1
+WORDS = {SUPPORTED: "supported", INCONCLUSIVE: "inconclusive", NOT_SUPPORTED: "not supported"}
+# Rotation. The paper's Σ drift is 0.28-0.73 % (F7, every step): 1 % keeps all of it and calls
+# "moving" any drift above the paper's largest spike, so a replication of the paper passes.
+SIGMA_DRIFT_MAX = 0.01
+ROTATION_MARGIN = 1.25  # update / noise-control ratio needed, geometric mean over matrices
+SIGN_TEST_ALPHA = 0.025  # one-sided sign test over matrices: more of them above noise than chance
+# Editing: the two questions about the recovery fraction ρ (analysis.md §4.4).
+RECOVERS_SOME = 0.0  # ρ > 0
+RECOVERS_MOST = 0.5  # ρ ≥ 0.5; the paper claims 0.7-0.8
+
+
+def rules() -> dict[str, str]:
+    """The rules exactly as the functions below implement them, one sentence block per
+    finding; the report's header and docs/verdicts.md print this text."""
+    from tasks.editing.grid import CLAIM_LAYERS, CLAIM_TOP
+
+    ci = f"{100 * LEVEL:.0f} %"
+    z = f"{Z:.3f}"
+    return {
+        "forgetting": (
+            f"OOD hands are split by the parity of their index. On each half, B is the SFT checkpoint (step > 0) with the most solved hands "
+            f"(ties: the earlier step); each hand is then scored by the B chosen on the *other* half (cross-fit: B's accuracy without its selection bias). "
+            f"Drop = held-out B minus S (the last checkpoint), per hand; ID rise = ID at S minus ID at B (B chosen on all OOD hands), per hand; "
+            f"each with the normal {ci} interval of a mean of paired differences (± {z}·sd/√n). "
+            f"**Supported**: both lower ends > 0. **Not supported**: the drop's upper end ≤ 0 (no peak above the end) or the rise's upper end < 0 (ID falls too). Otherwise inconclusive."
+        ),
+        "loss": (
+            f"Needs a peak (the forgetting drop's lower end > 0), else inconclusive. Plausible peak steps: SFT checkpoints whose Wilson {ci} upper bound on OOD accuracy "
+            f"reaches B's lower bound; the peak window runs from the saved checkpoint before the first plausible step to the one after the last (one checkpoint spacing either side). "
+            f"m = the logged step with the lowest OOD reference-answer CE (ties: the earlier). **Supported** (loss does not show the peak): m outside the window. **Not supported**: m inside it."
+        ),
+        "window": (
+            f"Per start: gain = OOD after RL minus before, per hand, {ci} interval: healed (lower end > 0), hurt (upper end < 0), flat otherwise. "
+            f"Between starts: differences of gains, paired per hand, with Bonferroni-simultaneous intervals over all R(R−1)/2 pairs (one-sided 2.5 %). "
+            f"**Not supported** (no window): the earliest or the latest start heals (recovery is not bounded on that side), or no start heals and one is hurt. "
+            f"**Supported**: otherwise, if a healed start has an earlier and a later start that do not heal and whose gains are both significantly below its own. Otherwise inconclusive; fewer than 3 starts: no data."
+        ),
+        "rotation": (
+            f"Rows B→S of svd_pair_metrics and the noise control of the same pair (tgt_id noise:B..S: B plus iid noise of the same ‖ΔW‖_F), matched on matrix and k. "
+            f"σ drift: mean over matrices of sdrift_mean_abs_rel_all. Per matrix: the geometric mean over k of angle_u_mean_deg(B→S)/angle_u_mean_deg(noise) and of energy_rotation(B→S)/energy_rotation(noise). "
+            f"**Supported**: drift < {100 * SIGMA_DRIFT_MAX:g} %, both geometric means over matrices ≥ {ROTATION_MARGIN:g}, and for both more matrices above 1 than chance allows "
+            f"(one-sided sign test, p ≤ {SIGN_TEST_ALPHA:g}; needs ≥ {math.ceil(-math.log2(SIGN_TEST_ALPHA))} matrices). **Not supported**: drift ≥ {100 * SIGMA_DRIFT_MAX:g} % or either geometric mean ≤ 1. Otherwise inconclusive."
+        ),
+        "editing_some": (
+            f"The claimed variants (E2 with k_top {CLAIM_TOP:g} on every layer, E3 on layers {CLAIM_LAYERS} with k_top 1.0; those that edit no matrix are skipped), OOD recovery fraction ρ with its paired-bootstrap {ci} interval (analysis.md §4.4; "
+            f"no interval when the donor-target gap is not significant). Per variant: supported if the interval lies above {RECOVERS_SOME:g}, not supported if it lies at or below {RECOVERS_SOME:g}, inconclusive otherwise. "
+            f"**Supported**: every variant supported; **not supported**: any variant not supported; otherwise inconclusive."
+        ),
+        "editing_most": (
+            f"As above with the question ρ ≥ {RECOVERS_MOST:g}: a variant is supported if its interval's lower end is ≥ {RECOVERS_MOST:g}, not supported if its upper end is < {RECOVERS_MOST:g}. "
+            f"A wide interval such as [−0.1, 0.9] is inconclusive for both questions."
+        ),
+    }
+
+
+def mean_interval(x: np.ndarray, z: float = Z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over the last axis (hands) and its normal interval mean ± z·sd/√n."""
+    n = x.shape[-1]
+    m = x.mean(-1)
+    h = z * x.std(-1, ddof=1) / math.sqrt(n) if n > 1 else np.full_like(m, np.inf)
+    return m, m - h, m + h
+
+
+def wilson(k: np.ndarray, n: int | np.ndarray, z: float = Z) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval (the eval stage's, GP §9), vectorised."""
+    p = np.asarray(k, dtype=np.float64) / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return np.clip(c - h, 0, 1), np.clip(c + h, 0, 1)
+
+
+def _status(supported: np.ndarray, refuted: np.ndarray) -> np.ndarray:
+    return np.where(supported, SUPPORTED, np.where(refuted, NOT_SUPPORTED, INCONCLUSIVE))
+
+
+def judge_forgetting(ood: np.ndarray, idd: np.ndarray, half: np.ndarray) -> dict[str, np.ndarray]:
+    """ood (D, C, H) and idd (D, C, H') outcomes of the SFT checkpoints with step > 0 in step
+    order (the last is S); half (H,) 0/1 of each OOD hand."""
+    rows = np.arange(ood.shape[0])
+    b = ood.mean(-1).argmax(1)  # the first maximum: ties go to the earlier step
+    on_half = np.stack([ood[..., half == h].mean(-1) for h in (0, 1)], axis=-1)  # (D, C, 2)
+    pick = on_half.argmax(1)  # (D, 2): B chosen on half 0 and on half 1
+    scored_by = pick[:, 1 - half]  # (D, H): each hand scored by the other half's B
+    held_out = np.take_along_axis(ood, scored_by[:, None, :], axis=1)[:, 0]
+    drop, drop_lo, drop_hi = mean_interval(held_out - ood[:, -1])
+    rise, rise_lo, rise_hi = mean_interval(idd[:, -1] - idd[rows, b])
+    status = _status((drop_lo > 0) & (rise_lo > 0), (drop_hi <= 0) | (rise_hi < 0))
+    return {"status": status, "b": b, "pick": pick, "held_out": held_out.mean(-1), "drop": drop, "drop_lo": drop_lo, "drop_hi": drop_hi, "rise": rise, "rise_lo": rise_lo, "rise_hi": rise_hi}
+
+
+def judge_loss(k: np.ndarray, n: int, steps: np.ndarray, saved: np.ndarray, b: np.ndarray, peak: np.ndarray, ce_steps: np.ndarray, ce: np.ndarray) -> dict[str, np.ndarray]:
+    """k (D, C): OOD hands solved (of n) by the SFT checkpoints at `steps` (step > 0, sorted);
+    saved: every evaluated step, base included, sorted; b (D,): index of B; peak (D,): the
+    forgetting drop is significant; ce (D, L): OOD reference CE at the logged `ce_steps`."""
+    lo, hi = wilson(k, n)
+    plausible = hi >= lo[np.arange(k.shape[0]), b][:, None]
+    first = np.where(plausible, steps, np.inf).min(1)
+    last = np.where(plausible, steps, -np.inf).max(1)
+    w_lo = saved[np.clip(np.searchsorted(saved, first, "left") - 1, 0, len(saved) - 1)]
+    w_hi = saved[np.clip(np.searchsorted(saved, last, "right"), 0, len(saved) - 1)]
+    m = ce_steps[np.argmin(ce, axis=1)]
+    inside = (m >= w_lo) & (m <= w_hi)
+    status = np.where(~peak, INCONCLUSIVE, np.where(inside, NOT_SUPPORTED, SUPPORTED))
+    return {"status": status, "min_step": m, "window_lo": w_lo, "window_hi": w_hi, "first": first, "last": last}
+
+
+def start_gains(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]:
+    """Per RL start: gain (after − before, paired per hand) and its interval; (D, R, H) in."""
+    gain, lo, hi = mean_interval(after - before)
+    return {"gain": gain, "low": lo, "high": hi, "healed": lo > 0, "hurt": hi < 0}
+
+
+def judge_window(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]:
+    """before / after (D, R, H): OOD outcomes at each start (R >= 2, in step order) and after RL."""
+    D, R, H = before.shape
+    g = after - before
+    s = start_gains(before, after)
+    healed, hurt = s["healed"], s["hurt"]
+    z = float(stats.norm.ppf(1 - (1 - LEVEL) / 2 / (R * (R - 1) // 2)))
+    c = g - g.mean(-1, keepdims=True)
+    cov = np.einsum("drh,dsh->drs", c, c) / (H - 1)
+    var = np.diagonal(cov, axis1=1, axis2=2)
+    se = np.sqrt(np.maximum(var[:, :, None] + var[:, None, :] - 2 * cov, 0) / H)
+    above = s["gain"][:, :, None] - s["gain"][:, None, :] - z * se > 0  # [d, j, i]: start j significantly above start i
+    order = np.arange(R)
+    fails = above & ~healed[:, None, :]  # ... and start i does not heal
+    left = (fails & (order[None, :] < order[:, None])).any(2)
+    right = (fails & (order[None, :] > order[:, None])).any(2)
+    window = (healed & left & right).any(1)
+    no_window = healed[:, 0] | healed[:, -1] | (~healed.any(1) & hurt.any(1))
+    return s | {"status": np.where(no_window, NOT_SUPPORTED, np.where(window, SUPPORTED, INCONCLUSIVE)), "z_pairs": np.full(D, z)}
+
+
+def judge_rotation(drift: np.ndarray, angle_ratio: np.ndarray, energy_ratio: np.ndarray) -> dict[str, np.ndarray]:
+    """Per draw and matrix (D, M): σ drift of B→S, and the update / noise-control ratios of the
+    mean top-k angle and of the rotation energy (geometric means over k)."""
+    M = drift.shape[1]
+    d = drift.mean(1)
+    la, le = np.log(angle_ratio), np.log(energy_ratio)
+    A, E = np.exp(la.mean(1)), np.exp(le.mean(1))
+    pa, pe = (stats.binom.sf((x > 0).sum(1) - 1, M, 0.5) for x in (la, le))
+    supported = (d < SIGMA_DRIFT_MAX) & (A >= ROTATION_MARGIN) & (E >= ROTATION_MARGIN) & (pa <= SIGN_TEST_ALPHA) & (pe <= SIGN_TEST_ALPHA)
+    return {"status": _status(supported, (d >= SIGMA_DRIFT_MAX) | (A <= 1) | (E <= 1)), "drift": d, "angle_ratio": A, "energy_ratio": E, "p_angle": pa, "p_energy": pe}
+
+
+def claim_status(lo: np.ndarray, hi: np.ndarray, threshold: float, inclusive: bool) -> np.ndarray:
+    """Supported when the interval lies inside the claim's region (ρ > t, or ρ ≥ t when
+    `inclusive`), not supported when it lies outside; NaN bounds (no interval) are inconclusive."""
+    with np.errstate(invalid="ignore"):
+        inside = lo >= threshold if inclusive else lo > threshold
+        outside = hi < threshold if inclusive else hi <= threshold
+    return _status(inside, outside)
+
+
+def judge_recovery(lo: np.ndarray, hi: np.ndarray) -> dict[str, np.ndarray]:
+    """lo / hi (D, V): the recovery intervals of the claimed variants (NaN where null)."""
+    out = {}
+    for key, (t, inclusive) in {"some": (RECOVERS_SOME, False), "most": (RECOVERS_MOST, True)}.items():
+        per = claim_status(lo, hi, t, inclusive)
+        out[key] = _status((per == SUPPORTED).all(1), (per == NOT_SUPPORTED).any(1))
+        out[f"{key}_per_variant"] = per
+    return out
 
 
 # ---------------------------------------------------------------------------- verdicts
 
 
-# The paper's four findings, in report order; the keys name them in tables (replicates).
+# The paper's findings as this study judges them, in report order; the keys name them in
+# tables (replicates). The paper's claim 1 is two questions here (forgetting, loss), its
+# claim 5 two more (editing_some, editing_most).
 FINDINGS = {
-    "forgetting": "OOD accuracy peaks early in SFT, then falls while ID keeps rising; loss does not show the peak",
+    "forgetting": "OOD accuracy peaks early in SFT, then falls while ID keeps rising",
+    "loss": "The reference-answer loss does not show the OOD peak",
     "window": "RL restores OOD ability only from checkpoints inside a window (not too early, not too late)",
     "rotation": "Singular values barely move while singular vectors rotate",
-    "editing": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers OOD ability",
+    "editing_some": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers some of the lost OOD ability (ρ > 0)",
+    "editing_most": "... and recovers most of it (ρ ≥ 0.5; the paper: 70-80 %)",
 }
 
 
@@ -218,113 +447,205 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f} %"
 
 
+def _pp(x: float) -> str:
+    return f"{100 * x:+.1f} pp"
+
+
+def _iv(m: float, lo: float, hi: float) -> str:
+    return f"{_pp(m)} [{_pp(lo)}, {_pp(hi)}]"
+
+
 def _ci(row: dict, prefix: str = "accuracy") -> str:
     return f"{_pct(row[prefix])} [{_pct(row[prefix + '_ci_low'])}, {_pct(row[prefix + '_ci_high'])}] ({row['k']}/{row['n']})"
 
 
-def verdict_forgetting(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None) -> Verdict:
-    finding = FINDINGS["forgetting"]
+@dataclass
+class _SftOutcomes:
+    """Per-hand outcomes of the SFT checkpoints (step > 0) behind the forgetting and loss rules."""
+
+    steps: np.ndarray
+    ids: list[str]
+    ood_hands: np.ndarray
+    ood: np.ndarray
+    idd: np.ndarray
+
+
+def _sft_outcomes(acc: pl.DataFrame | None, attempts: pl.DataFrame | None) -> _SftOutcomes | str:
     if acc is None:
-        return Verdict(finding, "no evaluation results", "no data")
-    ood = acc.filter((pl.col("split") == "ood") & (pl.col("step") > 0)).sort("step")
-    idd = acc.filter(pl.col("split") == "id").sort("step")
-    if ood.height < 2:
-        return Verdict(finding, "fewer than two SFT checkpoints evaluated", "no data")
-    b = ood.sort(["accuracy", "step"], descending=[True, False]).row(0, named=True)
-    s = ood.row(-1, named=True)
-    id_b = idd.filter(pl.col("step") == b["step"]).row(0, named=True)
-    id_s = idd.row(-1, named=True)
-    loss = ""
-    if sft_log is not None and sft_log.drop_nulls("ce_ood").height:
-        m = sft_log.drop_nulls("ce_ood").sort("ce_ood").row(0, named=True)
-        loss = f"; OOD reference CE is lowest at step {m['step']} ({m['ce_ood']:.3f} nats)"
-    evidence = f"OOD peak at step {b['step']}: {_ci(b)}; at the last step {s['step']}: {_ci(s)}; ID {_pct(id_b['accuracy'])} → {_pct(id_s['accuracy'])}{loss}"
-    values = {"peak_step": b["step"], "ood_peak": b["accuracy"], "last_step": s["step"], "ood_last": s["accuracy"], "id_at_peak": id_b["accuracy"], "id_last": id_s["accuracy"], "ood_drop": b["accuracy"] - s["accuracy"]}
+        return "no evaluation results"
+    if attempts is None:
+        return "no per-hand outcomes (eval_attempts)"
+    sft = acc.filter(pl.col("step") > 0)
+    both = sft.group_by("ckpt_id", "step").agg(pl.col("split").n_unique().alias("splits")).filter(pl.col("splits") == 2).sort("step")
+    if both.height < 2:
+        return "fewer than two SFT checkpoints evaluated on both splits"
+    ids = both["ckpt_id"].to_list()
+    ood, idd = solved_matrix(attempts, "ood", ids), solved_matrix(attempts, "id", ids)
+    if ood is None or idd is None or len(ood[0]) < 4:
+        return "per-hand outcomes missing for some SFT checkpoint (or fewer than 4 OOD hands)"
+    return _SftOutcomes(both["step"].to_numpy(), ids, ood[0], ood[2], idd[2])
+
+
+def verdict_forgetting(acc: pl.DataFrame | None, attempts: pl.DataFrame | None) -> tuple[Verdict, dict | None]:
+    """docs/verdicts.md §forgetting; also returns the rule's arrays for `verdict_loss`."""
+    finding = FINDINGS["forgetting"]
+    o = _sft_outcomes(acc, attempts)
+    if isinstance(o, str):
+        return Verdict(finding, o, "no data"), None
+    r = {k: v[0] for k, v in judge_forgetting(o.ood[None], o.idd[None], o.ood_hands % 2).items()} | {"outcomes": o}
+    row = {(x["ckpt_id"], x["split"]): x for x in acc.iter_rows(named=True)}
+    b, s = row[(o.ids[r["b"]], "ood")], row[(o.ids[-1], "ood")]
+    id_b, id_s = row[(o.ids[r["b"]], "id")], row[(o.ids[-1], "id")]
+    picks = [int(o.steps[i]) for i in r["pick"]]
+    evidence = (
+        f"OOD peak on all hands at step {b['step']}: {_ci(b)}; B chosen on even / odd hands: step {picks[0]} / {picks[1]}, "
+        f"held-out accuracy {_pct(r['held_out'])} vs S (step {s['step']}) {_ci(s)}: drop {_iv(r['drop'], r['drop_lo'], r['drop_hi'])}; "
+        f"ID at B {_pct(id_b['accuracy'])} → at S {_pct(id_s['accuracy'])}: rise {_iv(r['rise'], r['rise_lo'], r['rise_hi'])}"
+    )
+    values = {
+        "peak_step": b["step"], "ood_peak": b["accuracy"], "ood_peak_held_out": r["held_out"], "last_step": s["step"], "ood_last": s["accuracy"],
+        "ood_drop": r["drop"], "ood_drop_low": r["drop_lo"], "id_at_peak": id_b["accuracy"], "id_last": id_s["accuracy"], "id_rise": r["rise"], "id_rise_low": r["rise_lo"],
+    }  # fmt: skip
     if b.get("number_field") is not None and s.get("number_field") is not None:
         evidence += f"; OOD number field {_pct(b['number_field'])} → {_pct(s['number_field'])}"
         values |= {"ood_number_field_peak": b["number_field"], "ood_number_field_last": s["number_field"]}
-    if loss:
-        values |= {"ce_ood_min_step": m["step"], "ce_ood_min": m["ce_ood"], "ce_ood_last": sft_log.drop_nulls("ce_ood").sort("step")["ce_ood"][-1]}
-    if b["accuracy_ci_low"] <= s["accuracy_ci_high"]:
-        return Verdict(finding, evidence, "inconclusive", values)  # the peak and the end overlap
-    # the peak is significantly above the end; forgetting needs ID not to fall meanwhile
-    return Verdict(finding, evidence, "supported" if id_s["accuracy"] >= id_b["accuracy"] else "not supported", values)
+    return Verdict(finding, evidence, WORDS[int(r["status"])], values), r
 
 
-def verdict_window(rec: pl.DataFrame | None) -> Verdict:
+def verdict_loss(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None, forgetting: dict | None) -> Verdict:
+    finding = FINDINGS["loss"]
+    if forgetting is None:
+        return Verdict(finding, "no per-hand SFT evaluation (see forgetting)", "no data")
+    if sft_log is None or "ce_ood" not in sft_log.columns or sft_log.drop_nulls("ce_ood").height < 2:
+        return Verdict(finding, "no OOD reference CE logged during SFT", "no data")
+    o: _SftOutcomes = forgetting["outcomes"]
+    ce = sft_log.drop_nulls("ce_ood").sort("step")
+    saved = np.sort(acc.filter(pl.col("split") == "ood")["step"].unique().to_numpy())
+    k = o.ood.sum(1)
+    r = {x: v[0] for x, v in judge_loss(k[None], o.ood.shape[1], o.steps, saved, np.array([forgetting["b"]]), np.array([forgetting["drop_lo"] > 0]), ce["step"].to_numpy(), ce["ce_ood"].to_numpy()[None]).items()}
+    b = int(o.steps[forgetting["b"]])
+    around = saved[max(0, np.searchsorted(saved, b) - 1) : np.searchsorted(saved, b) + 2].tolist()
+    gaps = np.unique(np.diff(np.unique(ce["step"].to_numpy())))
+    spacing = f"checkpoints around B at steps {', '.join(map(str, around))}; CE logged every {'/'.join(map(str, gaps[:3]))} steps"
+    m = int(r["min_step"])
+    evidence = f"OOD reference CE is lowest at step {m} ({ce.filter(pl.col('step') == m)['ce_ood'][0]:.3f} nats; at the last step {ce['ce_ood'][-1]:.3f}); OOD peak at step {b}, plausible peak steps {int(r['first'])}-{int(r['last'])}, peak window [{int(r['window_lo'])}, {int(r['window_hi'])}] ({spacing})"
+    if forgetting["drop_lo"] <= 0:
+        evidence += "; no significant OOD peak, so nothing for the loss to show"
+    values = {"ce_ood_min_step": m, "ce_ood_min": float(ce["ce_ood"].min()), "ce_ood_last": float(ce["ce_ood"][-1]), "peak_window_lo_step": int(r["window_lo"]), "peak_window_hi_step": int(r["window_hi"])}
+    return Verdict(finding, evidence, WORDS[int(r["status"])], values)
+
+
+def verdict_window(rec: pl.DataFrame | None, attempts: pl.DataFrame | None) -> Verdict:
     finding = FINDINGS["window"]
     if rec is None or rec.height < 3:
         return Verdict(finding, "fewer than three RL runs evaluated" if rec is not None else "no RL results", "no data")
-    parts = [f"from {r['start_step']}: {_pct(r['ood_before'])} → {_pct(r['ood_after'])} [{_pct(r['after_low'])}, {_pct(r['after_high'])}]" for r in rec.iter_rows(named=True)]
-    healed = rec["healed"].to_list()
-    inner = any(healed[1:-1])
-    ends = healed[0] or healed[-1]
-    verdict = "supported" if inner and not ends else ("not supported" if not any(healed) and (rec["after_high"] < rec["before_low"]).any() else "inconclusive")
-    values = {f"gain_from_{r['start_step']}": r["gain"] for r in rec.iter_rows(named=True)} | {f"healed_from_{r['start_step']}": float(r["healed"]) for r in rec.iter_rows(named=True)}
-    return Verdict(finding, "; ".join(parts), verdict, values)
+    paired = rl_outcomes(attempts, rec)
+    if paired is None or paired[0].shape[1] < 4:
+        return Verdict(finding, "no per-hand OOD outcomes (eval_attempts) for the RL runs, or fewer than 4 hands", "no data")
+    r = {k: v[0] for k, v in judge_window(*(x[None] for x in paired)).items()}
+    words = np.where(r["healed"], "healed", np.where(r["hurt"], "hurt", "flat"))
+    parts = [f"from {x['start_step']}: {_pct(x['ood_before'])} → {_pct(x['ood_after'])}, gain {_iv(g, lo, hi)} {w}" for x, g, lo, hi, w in zip(rec.iter_rows(named=True), r["gain"], r["low"], r["high"], words)]
+    values = {f"gain_from_{s}": float(g) for s, g in zip(rec["start_step"], r["gain"])} | {f"healed_from_{s}": float(h) for s, h in zip(rec["start_step"], r["healed"])}
+    return Verdict(finding, "; ".join(parts) + f" (contrasts between starts at z = {r['z_pairs']:.2f})", WORDS[int(r["status"])], values)
 
 
 def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> Verdict:
-    """Judged on the forgetting segment B→S against its own noise control (analysis.md §3.8)."""
+    """B→S against the noise control of the same pair (analysis.md §3.8)."""
+    from tasks.svd.engine import noise_id
+
     finding = FINDINGS["rotation"]
     if pairs is None or roles is None:
         return Verdict(finding, "no SVD results", "no data")
     ids = dict(zip(roles["role"], roles["ckpt_id"]))
     if "B" not in ids or "S" not in ids or ids["B"] == ids["S"]:
         return Verdict(finding, "B and S are not distinct checkpoints", "no data")
-    valid = pl.col("skip_reason").is_null() & (pl.col("ref_id") == ids["B"])
-    w = pairs.filter(valid & (pl.col("comparison") == "weights") & (pl.col("tgt_id") == ids["S"]))
-    noise = pairs.filter(valid & (pl.col("comparison") == "noise_control"))
-    if w.is_empty():
-        return Verdict(finding, "no valid comparisons", "no data")
-    drift = w["sdrift_mean_abs_rel_all"].mean()
-    rot = w["energy_rotation"].mean()
-    stretch = w["energy_stretch"].mean()
-    angle = w["angle_u_mean_deg"].mean()
-    noise_angle = noise["angle_u_mean_deg"].mean() if noise.height else float("nan")
-    evidence = f"B={ids['B']} → S={ids['S']}: mean abs relative σ drift {drift:.4f}; mean top-k angle {angle:.2f}° (noise control of the same ‖ΔW‖: {noise_angle:.2f}°); ΔW energy in the top-k block: stretch {stretch:.3f}, rotation {rot:.3f}"
-    values = {"sigma_drift": drift, "angle_deg": angle, "noise_angle_deg": noise_angle, "angle_over_noise_deg": angle - noise_angle, "energy_rotation": rot, "energy_stretch": stretch}
-    if math.isnan(noise_angle):
-        return Verdict(finding, evidence, "inconclusive", values)
-    return Verdict(finding, evidence, "supported" if drift < 0.01 and angle > noise_angle and rot > stretch else "not supported", values)
+    cols = ["sdrift_mean_abs_rel_all", "angle_u_mean_deg", "energy_rotation"]
+    valid = pairs.filter(pl.col("skip_reason").is_null() & (pl.col("ref_id") == ids["B"]) & pl.all_horizontal(pl.col(c).is_not_null() for c in cols))
+    w = valid.filter((pl.col("comparison") == "weights") & (pl.col("tgt_id") == ids["S"]))
+    noise = valid.filter((pl.col("comparison") == "noise_control") & (pl.col("tgt_id") == noise_id(ids["B"], ids["S"])))
+    m = w.join(noise.select("param", "k", *[pl.col(c).alias(f"noise_{c}") for c in cols]), on=["param", "k"])
+    m = m.filter((pl.col("noise_angle_u_mean_deg") > 0) & (pl.col("noise_energy_rotation") > 0) & (pl.col("angle_u_mean_deg") > 0) & (pl.col("energy_rotation") > 0))
+    if m.is_empty():
+        return Verdict(finding, f"no valid B→S rows with a matching noise control ({noise_id(ids['B'], ids['S'])})", "no data")
+    per = (
+        m.group_by("param")
+        .agg(
+            drift=pl.col("sdrift_mean_abs_rel_all").mean(),
+            angle_ratio=(pl.col("angle_u_mean_deg") / pl.col("noise_angle_u_mean_deg")).log().mean().exp(),
+            energy_ratio=(pl.col("energy_rotation") / pl.col("noise_energy_rotation")).log().mean().exp(),
+            angle=pl.col("angle_u_mean_deg").mean(), noise_angle=pl.col("noise_angle_u_mean_deg").mean(),
+            stretch=pl.col("energy_stretch").mean(), rotation=pl.col("energy_rotation").mean(), noise_rotation=pl.col("noise_energy_rotation").mean(),
+        )
+        .sort("param")
+    )  # fmt: skip
+    r = {k: v[0] for k, v in judge_rotation(*(per[c].to_numpy()[None] for c in ("drift", "angle_ratio", "energy_ratio"))).items()}
+    n = per.height
+    evidence = (
+        f"B={ids['B']} → S={ids['S']}, {n} matrices, k-specs {', '.join(sorted(m['k_spec'].unique()))}: mean abs relative σ drift {r['drift']:.4f} (limit {SIGMA_DRIFT_MAX:g}); "
+        f"mean top-k angle {per['angle'].mean():.2f}° vs {per['noise_angle'].mean():.2f}° for the same pair's noise control: ratio {r['angle_ratio']:.2f} "
+        f"({int((per['angle_ratio'] > 1).sum())}/{n} matrices above 1, sign test p = {r['p_angle']:.3g}); "
+        f"rotation energy {per['rotation'].mean():.4f} vs {per['noise_rotation'].mean():.4f}: ratio {r['energy_ratio']:.2f} ({int((per['energy_ratio'] > 1).sum())}/{n} above 1, p = {r['p_energy']:.3g}); "
+        f"stretch energy {per['stretch'].mean():.4f}; margin {ROTATION_MARGIN:g}"
+    )
+    values = {"sigma_drift": r["drift"], "angle_deg": per["angle"].mean(), "noise_angle_deg": per["noise_angle"].mean(), "angle_ratio": r["angle_ratio"], "energy_rotation": per["rotation"].mean(), "noise_energy_rotation": per["noise_rotation"].mean(), "energy_rotation_ratio": r["energy_ratio"], "energy_stretch": per["stretch"].mean(), "n_matrices": n}
+    return Verdict(finding, evidence, WORDS[int(r["status"])], values)
 
 
-def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> Verdict:
-    finding = FINDINGS["editing"]
+def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> dict[str, Verdict]:
+    """The two questions on the claimed variants: `editing_some` (ρ > 0), `editing_most` (ρ ≥ 0.5)."""
+    keys = ("editing_some", "editing_most")
     if res is None or variants is None:
-        return Verdict(finding, "no editing results", "no data")
+        return {k: Verdict(FINDINGS[k], "no editing results", "no data") for k in keys}
     from tasks.editing import claim_variants
 
     claims = {v: k for k, v in claim_variants(variants).items() if v is not None}
-    picks = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & pl.col("variant_id").is_in(list(claims)))
+    picks = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & pl.col("variant_id").is_in(list(claims))).sort("variant_id")
     if picks.is_empty():
-        return Verdict(finding, "the two claimed variants were not run", "no data")
-    parts, verdicts, values = [], [], {}
+        return {k: Verdict(FINDINGS[k], "the two claimed variants were not run", "no data") for k in keys}
+    skipped, judged = [], []
     for r in picks.iter_rows(named=True):
-        lo, hi = r.get("recovery_ci_low"), r.get("recovery_ci_high")
         what = f"layers {r['layers_spec']}" if r["layers_spec"] else f"top {r['k_top_spec']}"
         if r.get("n_matrices_edited") == 0:
             # e.g. the first quarter of a 2-layer model is no layer at all: no evidence either way
-            parts.append(f"{what}: edits no matrix of this model, no evidence")
-            continue
-        if r["recovery_fraction"] is not None:
-            values[f"rho {what}"] = r["recovery_fraction"]
-        parts.append(f"{what}: ρ = {r['recovery_fraction']:.2f} [{lo if lo is None else f'{lo:.2f}'}, {hi if hi is None else f'{hi:.2f}'}]" if r["recovery_fraction"] is not None else f"{what}: ρ undefined (no gap)")
-        verdicts.append("inconclusive" if lo is None else ("supported" if lo > 0 else "not supported"))
-    if not verdicts:
-        return Verdict(finding, "; ".join(parts), "no data", values)
-    verdict = "supported" if all(v == "supported" for v in verdicts) else ("not supported" if all(v == "not supported" for v in verdicts) else "inconclusive")
-    return Verdict(finding, "; ".join(parts), verdict, values)
+            skipped.append(f"{what}: edits no matrix of this model, no evidence")
+        else:
+            judged.append((what, r))
+    if not judged:
+        return {k: Verdict(FINDINGS[k], "; ".join(skipped), "no data") for k in keys}
+    nan = float("nan")
+    lo = np.array([[nan if r.get("recovery_ci_low") is None else r["recovery_ci_low"] for _, r in judged]])
+    hi = np.array([[nan if r.get("recovery_ci_high") is None else r["recovery_ci_high"] for _, r in judged]])
+    out = judge_recovery(lo, hi)
+    values = {f"rho {what}": r["recovery_fraction"] for what, r in judged if r["recovery_fraction"] is not None}
+    values |= {f"rho_low {what}": r["recovery_ci_low"] for what, r in judged if r.get("recovery_ci_low") is not None}
+    values |= {f"rho_high {what}": r["recovery_ci_high"] for what, r in judged if r.get("recovery_ci_high") is not None}
+    verdicts = {}
+    for key, q in zip(keys, ("some", "most")):
+        parts = []
+        for (what, r), st in zip(judged, out[f"{q}_per_variant"][0]):
+            if r["recovery_fraction"] is None:
+                rho = "ρ undefined (no donor-target gap)"
+            elif r.get("recovery_ci_low") is None:
+                rho = f"ρ = {r['recovery_fraction']:.2f}, no interval (the donor-target gap is not significant)"
+            else:
+                rho = f"ρ = {r['recovery_fraction']:.2f} [{r['recovery_ci_low']:.2f}, {r['recovery_ci_high']:.2f}]"
+            parts.append(f"{what}: {rho}: {WORDS[int(st)]}")
+        # the numbers once, on the first question, so replicates do not list them twice
+        verdicts[key] = Verdict(FINDINGS[key], "; ".join(parts + skipped), WORDS[int(out[q][0])], values if q == "some" else {})
+    return verdicts
 
 
 def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.DataFrame | None) -> dict[str, Verdict]:
-    """The paper's four findings (keys of FINDINGS), judged on one study's tables and its
-    `sft_accuracy` and `rl_recovery` views."""
+    """The findings (keys of FINDINGS), judged on one study's tables and its `sft_accuracy`
+    and `rl_recovery` views."""
+    attempts = t.get("eval_attempts")
+    forgetting, arrays = verdict_forgetting(acc, attempts)
     return {
-        "forgetting": verdict_forgetting(acc, t.get("sft_log")),
-        "window": verdict_window(rec),
+        "forgetting": forgetting,
+        "loss": verdict_loss(acc, t.get("sft_log"), arrays),
+        "window": verdict_window(rec, attempts),
         "rotation": verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
-        "editing": verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
+        **verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
     }
 
 
@@ -361,21 +682,31 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
 
     cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate", "number_field"]
     section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
-    section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "after_low", "after_high", "healed")) + "\n")
+    section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "gain", "gain_low", "gain_high", "status")) + "\n\nGain: OOD after RL minus before, paired over the same hands, with its 95 % interval; healed / hurt when the interval excludes 0.\n")
     section("Format errors", acc is not None, lambda: with_fig(fig_format_errors(acc, out)))
     section("Losses", "sft_log" in t, lambda: with_fig(fig_losses(t["sft_log"], acc, out)))
     section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
-    section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out)))
+    section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out), editing_table(t["edit_eval_results"], t["edit_variants"])))
 
     verdicts = list(all_verdicts(t, acc, rec).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
-    md = "\n".join(
-        [f"# {title}\n", "## Verdicts\n", "Computed from the tables; *inconclusive* when the intervals overlap. Paper values are approximate (±0.3 pp read-off, ±2.5 pp sampling error, one seed).\n", vtable, "", *sections]
-    )
+    md = "\n".join([f"# {title}\n", "## Verdicts\n", vtable, "", rules_markdown(), "", *sections])
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(to_html(md, out))
     return {"figures": [p.name for p in figures], "absent": absent, "verdicts": [v.__dict__ for v in verdicts]}
+
+
+def rules_markdown() -> str:
+    """The verdict rules as implemented (`rules()`), for the report's header and docs/verdicts.md."""
+    lines = ["How each verdict is reached (docs/verdicts.md gives each rule's null hypothesis, false-positive rate and power, measured by simulation). Paper values are approximate (±0.3 pp read-off, ±2.5 pp sampling error, one seed).", ""]
+    return "\n".join(lines + [f"- **{key}**: {text}" for key, text in rules().items()])
+
+
+def editing_table(res: pl.DataFrame, variants: pl.DataFrame) -> str:
+    cols = ["experiment", "method", "k_top_spec", "k_tail_spec", "layers_spec", "split", "n_hands", "n_correct", "accuracy", "recovery_fraction", "recovery_ci_low", "recovery_ci_high"]
+    d = res.join(variants, on="variant_id")
+    return _md_table(d.select([c for c in cols if c in d.columns]).sort("experiment", "method", "split")) + "\n"
 
 
 def to_html(md: str, out: Path) -> str:

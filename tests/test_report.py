@@ -1,47 +1,36 @@
-"""The verdicts on the paper's four findings, and their comparison across replicates, as
-plain functions on small tables."""
+"""The report's views, figures and verdict header, and the comparison of replicates, as plain
+functions on small tables (the verdict rules themselves: tests/test_verdicts.py)."""
 
+import matplotlib.figure
+import numpy as np
 import polars as pl
 
-from tasks import report
+from tasks import replicates, report
 from tasks.replicates import overall, spread
 
 
-def acc_table(ood: dict[int, tuple[float, float, float]], idd: dict[int, float]) -> pl.DataFrame:
-    rows = [{"split": "ood", "step": s, "accuracy": a, "accuracy_ci_low": lo, "accuracy_ci_high": hi, "k": round(500 * a), "n": 500} for s, (a, lo, hi) in ood.items()]
-    rows += [{"split": "id", "step": s, "accuracy": a, "accuracy_ci_low": a - 0.04, "accuracy_ci_high": a + 0.04, "k": round(500 * a), "n": 500} for s, a in idd.items()]
-    return pl.DataFrame(rows)
-
-
-def test_forgetting_needs_a_peak_significantly_above_the_end():
-    idd = {0: 0.0, 30: 0.6, 320: 0.8}
-    clear = report.verdict_forgetting(acc_table({0: (0.0, 0.0, 0.01), 30: (0.19, 0.16, 0.22), 320: (0.05, 0.03, 0.07)}, idd), None)
-    assert clear.verdict == "supported" and clear.values["peak_step"] == 30
-    assert abs(clear.values["ood_drop"] - 0.14) < 1e-12
-    overlap = report.verdict_forgetting(acc_table({0: (0.0, 0.0, 0.01), 30: (0.10, 0.07, 0.13), 320: (0.08, 0.06, 0.11)}, idd), None)
-    assert overlap.verdict == "inconclusive"
-    id_falls = report.verdict_forgetting(acc_table({0: (0.0, 0.0, 0.01), 30: (0.19, 0.16, 0.22), 320: (0.05, 0.03, 0.07)}, {0: 0.0, 30: 0.8, 320: 0.6}), None)
-    assert id_falls.verdict == "not supported"
-
-
-def editing_tables(first_quarter_edits: int):
+def editing_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):
     variants = pl.DataFrame([
         {"variant_id": "top", "method": "swap_directions", "reference_compat": False, "k_tail_spec": "0", "experiment": "E2", "k_top_spec": "0.2", "layers_spec": None, "n_matrices_edited": 14},
         {"variant_id": "quarter", "method": "swap_directions", "reference_compat": False, "k_tail_spec": "0", "experiment": "E3", "k_top_spec": "1.0", "layers_spec": "0-0.25", "n_matrices_edited": first_quarter_edits},
     ])  # fmt: skip
     res = pl.DataFrame([
-        {"variant_id": "top", "split": "OOD", "recovery_fraction": 0.75, "recovery_ci_low": 0.6, "recovery_ci_high": 0.9},
-        {"variant_id": "quarter", "split": "OOD", "recovery_fraction": 0.0, "recovery_ci_low": 0.0, "recovery_ci_high": 0.0},
+        {"variant_id": "top", "split": "OOD", "accuracy": 0.15, "recovery_fraction": 0.75, "recovery_ci_low": 0.6, "recovery_ci_high": 0.9},
+        {"variant_id": "quarter", "split": "OOD", "accuracy": 0.1, "recovery_fraction": sum(quarter_interval) / 2, "recovery_ci_low": quarter_interval[0], "recovery_ci_high": quarter_interval[1]},
     ])  # fmt: skip
     return res, variants
 
 
 def test_an_edit_that_touches_no_matrix_is_no_evidence():
     v = report.verdict_editing(*editing_tables(first_quarter_edits=0))
-    assert v.verdict == "supported" and "layers 0-0.25: edits no matrix of this model" in v.evidence
-    assert v.values == {"rho top 0.2": 0.75}
+    assert (v["editing_some"].verdict, v["editing_most"].verdict) == ("supported", "supported")
+    assert "layers 0-0.25: edits no matrix of this model" in v["editing_some"].evidence
+    assert v["editing_some"].values == {"rho top 0.2": 0.75, "rho_low top 0.2": 0.6, "rho_high top 0.2": 0.9}
+    # the first quarter edits, and recovers nothing: the conjunction of the two claims fails
     both = report.verdict_editing(*editing_tables(first_quarter_edits=3))
-    assert both.verdict == "inconclusive"  # one claim supported, the other's interval sits at 0
+    assert (both["editing_some"].verdict, both["editing_most"].verdict) == ("not supported", "not supported")
+    mixed = report.verdict_editing(*editing_tables(first_quarter_edits=3, quarter_interval=(0.3, 0.6)))
+    assert (mixed["editing_some"].verdict, mixed["editing_most"].verdict) == ("supported", "inconclusive")
 
 
 def test_replicate_verdicts_and_spread():
@@ -65,3 +54,74 @@ def test_number_field_reads_the_first_attempt_against_the_hand():
     assert nf.to_dicts() == [{"ckpt_id": "s", "split": "ood", "number_field": 0.5}]  # hand 1's retry does not count
     t["eval_attempts"] = t["eval_attempts"].with_columns(response=pl.lit("no answer block"))
     assert report.number_field(t)["number_field"].to_list() == [0.0]
+
+
+def editing_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """E2 (B→S) and E5 (S→R) both with method swap_directions, k_top given as absolute k (the
+    authors' preset), which sort differently as strings ("1024" < "256" < "64")."""
+    rows, res = [], []
+    for exp, ks in (("E2", ["64", "1024", "256"]), ("E5", ["1024", "256"])):
+        for k in ks:
+            vid = f"{exp}-{k}"
+            rows.append({"variant_id": vid, "experiment": exp, "method": "swap_directions", "k_top_spec": k, "k_tail_spec": "0", "layers_spec": None})
+            for split in ("OOD", "ID"):
+                res.append({"variant_id": vid, "split": split, "accuracy": int(k) / 2048 + (exp == "E5"), "recovery_fraction": int(k) / 1024})
+    rows.append({"variant_id": "none-S", "experiment": "baseline", "method": "none", "k_top_spec": "0", "k_tail_spec": "0", "layers_spec": None})
+    res += [{"variant_id": "none-S", "split": s, "accuracy": 0.1, "recovery_fraction": None} for s in ("OOD", "ID")]
+    return pl.DataFrame(res), pl.DataFrame(rows)
+
+
+def test_fig_editing_draws_each_experiment_on_its_own_line_in_numeric_k_order(tmp_path, monkeypatch):
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, out, name: figs.append(fig) or out / f"{name}.png")
+    report.fig_editing(*editing_sweep(), tmp_path)
+    for ax in figs[0].axes:
+        lines = {ln.get_label(): [float(x) for x in ln.get_xdata()] for ln in ax.get_lines()}
+        assert lines == {"E2 swap_directions": [64.0, 256.0, 1024.0], "E5 swap_directions": [256.0, 1024.0]}, lines
+    ood = {ln.get_label(): list(ln.get_ydata()) for ln in figs[0].axes[0].get_lines()}
+    assert ood["E5 swap_directions"] == [100 * (256 / 2048 + 1), 100 * (1024 / 2048 + 1)]  # E5's own points, not E2's
+
+
+def test_replicates_figure_reads_the_hand_count_from_the_tables(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: titles.append(self.axes[0].get_title()))
+    acc = pl.DataFrame({"split": ["ood", "id", "ood", "id"], "step": [0, 0, 10, 10], "accuracy": [0.0, 0.0, 0.1, 0.2], "n": [234] * 4})
+    replicates.figure({"a": (acc, None), "b": (acc, None)}, tmp_path)
+    assert titles == ["2 replicates (234 hands per split each)"]
+
+
+def test_the_report_header_states_the_rules_it_applies(tmp_path):
+    """report.md's verdict section prints the rules from the constants the rule functions use,
+    and one verdict row per finding."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    res, variants = editing_tables(first_quarter_edits=3, quarter_interval=(-0.1, 0.9))
+    res.write_parquet(tables / "edit_eval_results.parquet")
+    variants.write_parquet(tables / "edit_variants.parquet")
+    info = report.build(tables, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    head = md.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
+    assert report.rules_markdown() in head
+    assert f"drift < {100 * report.SIGMA_DRIFT_MAX:g} %" in head and f"≥ {report.ROTATION_MARGIN:g}" in head and f"≥ {report.RECOVERS_MOST:g}" in head
+    rows = [r for r in head.splitlines() if r.startswith("| ") and r.endswith("** |")]
+    assert [r.rsplit("**", 2)[1] for r in rows] == ["no data"] * 4 + ["inconclusive", "inconclusive"]
+    assert [v["finding"] for v in info["verdicts"]] == list(report.FINDINGS.values())
+
+
+def test_rl_recovery_gains_are_paired_per_hand():
+    """The gain interval comes from per-hand differences on the same OOD hands; Wilson
+    intervals of the two accuracies overlap here although every changed hand improved."""
+    n = 200
+    before, after = np.zeros(n), np.zeros(n)
+    before[:40] = 1
+    after[:52] = 1  # +12 hands, none lost: 20 % → 26 %
+    att = pl.concat([
+        pl.DataFrame({"ckpt_id": c, "split": "ood", "hand_index": np.arange(n), "attempt": 1, "reward": np.where(y > 0, 5.0, -1.0)})
+        for c, y in (("sft-8", before), ("rl-8-5", after))
+    ])  # fmt: skip
+    k = {"sft-8": 40, "rl-8-5": 52}
+    summary = pl.DataFrame([{"ckpt_id": c, "stage": s, "step": st, "split": "ood", "n": n, "k": k[c], "accuracy": k[c] / n, "accuracy_ci_low": float(report.wilson(np.array([k[c]]), n)[0][0]), "accuracy_ci_high": float(report.wilson(np.array([k[c]]), n)[1][0])} for c, s, st in (("sft-8", "sft", 8), ("rl-8-5", "rl", 5))])
+    ck = pl.DataFrame({"ckpt_id": ["sft-8", "rl-8-5"], "stage": ["sft", "rl"], "step": [8, 5], "rl_start_step": [None, 8]}, schema_overrides={"rl_start_step": pl.Int32})
+    rec = report.rl_recovery({"eval_attempts": att, "eval_summary": summary, "checkpoints": ck}).row(0, named=True)
+    assert rec["after_low"] < rec["before_high"]  # the unpaired intervals overlap
+    assert rec["status"] == "healed" and rec["healed"] and rec["gain_low"] > 0.02
