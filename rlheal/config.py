@@ -171,9 +171,11 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
 
 class DecodingSection(Section):
     """Generation settings, always explicit (training.md §6): a preset, then any field set here
-    overrides it. A checkpoint's generation_config.json is never consulted."""
+    overrides it. A checkpoint's generation_config.json is never consulted. Each stage has its
+    own default preset (evaluation `greedy`, RL `rl_default`); a section that sets only some
+    fields keeps its stage's preset, and only an explicit `preset:` changes it."""
 
-    preset: Literal[tuple(DECODING_PRESETS)] = "greedy"  # type: ignore[valid-type]
+    preset: Literal[tuple(DECODING_PRESETS)] = Field("greedy", description="the stage's default unless set: eval greedy, rl rl_default")  # type: ignore[valid-type]
     do_sample: bool | None = None
     temperature: float | None = Field(None, gt=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -186,6 +188,13 @@ class DecodingSection(Section):
         values = dict(DECODING_PRESETS[self.preset])
         values.update({k: v for k, v in self.model_dump(exclude={"preset", "seed"}).items() if v is not None})
         return {**values, "seed": self.seed, "preset": self.preset}
+
+
+class RlDecodingSection(DecodingSection):
+    """RL rollouts sample (training.md §3.2, §6): `{max_new_tokens: 64}` alone is `rl_default`
+    with 64 new tokens, not greedy."""
+
+    preset: Literal[tuple(DECODING_PRESETS)] = Field("rl_default", description="rl_default unless set; PPO needs samples (rl.allow_greedy_rollouts)")  # type: ignore[valid-type]
 
 
 class EvalSection(Section):
@@ -257,8 +266,13 @@ class RlSection(Section):
     algorithm: Literal["ppo", "grpo"] = "ppo"
     from_steps: Literal["all"] | list[int] = Field("all", description="SFT steps RL starts from; [] = no RL")
     seed: int = Field(0, ge=0, description="training-hand stream of the rollouts")
-    save_steps: list[int] = Field([0, 5, 10, 20], min_length=1, description="updates to save; the run lasts to the last")
-    decoding: DecodingSection = DecodingSection(preset="rl_default")
+    save_steps: list[int] = Field([0, 5, 10, 20], min_length=1, description="updates to save; the run lasts to the last, which must be > 0 when RL runs")
+    decoding: RlDecodingSection = RlDecodingSection()
+    allow_greedy_rollouts: bool = Field(
+        False,
+        description="accept PPO rollouts with do_sample false; off by default: PPO's ratio and clip need samples, "
+        "greedy rollouts give it argmax outputs only (no exploration). GRPO samples with rl.grpo's own settings",
+    )
     adv_hist_bins: int = Field(40, ge=2)
     adv_hist_range: float = Field(10.0, gt=0)
     ppo: PpoSection = PpoSection()
@@ -268,6 +282,20 @@ class RlSection(Section):
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
         return _increasing(v)
+
+    @model_validator(mode="after")
+    def _runs(self) -> RlSection:
+        if self.from_steps == []:  # no RL: nothing below is used
+            return self
+        if self.num_updates == 0:
+            raise ValueError(f"save_steps: {self.save_steps} asks for a run of 0 updates; list at least one update > 0, or set rl.from_steps: [] for no RL")
+        if self.algorithm == "ppo" and not self.decoding.resolved()["do_sample"] and not self.allow_greedy_rollouts:
+            raise ValueError(
+                f"decoding: rolls out greedily (do_sample false, preset {self.decoding.preset!r}), and PPO needs samples "
+                "(training.md §3.2); use a sampling preset (rl_default, authors_rl_*) or do_sample: true, "
+                "or set rl.allow_greedy_rollouts: true to run greedy rollouts anyway"
+            )
+        return self
 
     @property
     def num_updates(self) -> int:
@@ -466,6 +494,8 @@ def load_config(path: str | Path, store: str | Path | None = None, overrides: Se
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read config file ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason}); save the config as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

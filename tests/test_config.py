@@ -120,3 +120,58 @@ def test_cli_set_bad_value_exits_2_naming_the_field(tmp_path):
     r = rlheal("run", str(CONFIGS / "smoke.yaml"), "--store", str(tmp_path / "store"), "--set", "eval.batch_size=0")
     assert r.returncode == 2 and "eval.batch_size" in r.stderr
     assert not (tmp_path / "store").exists()
+
+
+def test_rl_of_zero_updates_is_a_config_error(tmp_path):
+    """`rl.save_steps: [0]` used to reach PPO and divide by T_max = 0 in the cosine schedule."""
+    assert "rl.save_steps: [0] asks for a run of 0 updates" in error_of({"name": "s", "rl": {"save_steps": [0]}})
+    assert "rl.save_steps" in error_of({"name": "s", "rl": {"algorithm": "grpo", "save_steps": [0]}})
+    assert parse_config({"name": "s", "rl": {"save_steps": [0], "from_steps": []}}).rl.num_updates == 0  # no RL at all
+    r = rlheal("validate", str(write(tmp_path, {"name": "s", "rl": {"save_steps": [0]}})))
+    assert r.returncode == 2 and "rl.save_steps" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a UTF-8 text file \(byte 9"):
+        load_config(bad)
+    r = rlheal("validate", str(bad))
+    assert r.returncode == 2 and "latin1.yaml: not a UTF-8 text file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# training.md §3.5 (coefficients), §3.6 (the "Llama script" / "Qwen script" rows and the "Paper
+# presets" bullet), §6 (the authors_rl_* presets); starts: training.md §2.1, §5 and
+# paper_results.md §2.3 (F1). Written out from the spec, not read back from the YAML.
+AUTHORS_PPO = {
+    "epochs": 4, "minibatch_size": None, "clip": 0.1, "value_clip": 0.1, "value_coef": 0.5, "max_grad_norm": 0.01,
+    "gamma": 0.9, "lam": 0.95, "learning_rate": 1e-6, "lr_min": 1e-9, "adam_epsilon": 1e-7, "thought_coef": 0.5,
+    "cut_gae_at_truncation": False,
+}  # fmt: skip
+PAPER_RL = {
+    "paper-llama3.2-11b.yaml": {
+        "per_update": 512, "updates": 100, "save_steps": list(range(0, 101, 5)), "rl_start": 1100,
+        "from_steps": [0, 90, 140, *range(200, 1601, 100)],
+        "decoding": {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 512},
+    },
+    "paper-qwen2.5-7b.yaml": {
+        "per_update": 128, "updates": 300, "save_steps": [0, 10, 20, 30, 50, 100, 150, 200, 250, 300], "rl_start": 800,
+        "from_steps": [800],
+        "decoding": {"do_sample": True, "temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 512},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_RL))
+def test_paper_presets_run_the_authors_rl(name):
+    cfg, want = load_config(CONFIGS / name), PAPER_RL[name]
+    rl, p = cfg.rl, cfg.rl.ppo
+    assert (rl.algorithm, rl.seed) == ("ppo", 0)  # their scripts used seed 0
+    assert p.num_envs * p.steps_per_env == want["per_update"]
+    assert rl.num_updates == want["updates"] and (p.lr_t_max or rl.num_updates) == want["updates"]  # T_max = num_updates
+    assert rl.save_steps == want["save_steps"]
+    assert {k: v for k, v in rl.decoding.resolved().items() if k not in ("seed", "preset")} == want["decoding"]
+    assert {k: getattr(p, k) for k in AUTHORS_PPO} == AUTHORS_PPO
+    assert p.compute_dtype == "float32"  # deviation 14 kept (training.md §8)
+    assert rl.from_steps == want["from_steps"] and set(rl.from_steps) <= set(cfg.sft.save_steps)
+    assert (cfg.roles.rl_start or cfg.sft.save_steps[-1]) == want["rl_start"]  # R: the run of their RL scripts

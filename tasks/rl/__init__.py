@@ -50,10 +50,11 @@ def key_config(cfg: StudyConfig, start: dict) -> dict:
     labels are written into the tables), the evaluation hands the stream skips, the
     verifier and the chat rendering."""
     rl = cfg.rl
+    unused = {"from_steps", "allow_greedy_rollouts"}  # which runs exist; a validation switch
     if rl.algorithm == "ppo":
-        section = rl.model_dump(exclude={"from_steps", "grpo"})
+        section = rl.model_dump(exclude={*unused, "grpo"})
     else:  # GRPO takes its generation settings from rl.grpo, not rl.decoding
-        section = {**rl.model_dump(exclude={"from_steps", "ppo", "decoding"}), "seed_torch": rl.decoding.seed}
+        section = {**rl.model_dump(exclude={*unused, "ppo", "decoding"}), "seed_torch": rl.decoding.seed}
     return {
         "rl": section,
         "start": {k: start[k] for k in ("ckpt_id", "step", "content_hash")},
