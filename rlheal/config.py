@@ -123,6 +123,12 @@ class SftSection(Section):
     """Supervised fine-tuning (training.md §2)."""
 
     save_steps: list[int] = Field([0, 10, 20, 40, 80], min_length=1, description="checkpoint steps; 0 = the base")
+    save_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description="dtype of saved SFT checkpoints (training keeps fp32 weights, bf16 autocast on GPU); auto = the starting "
+        "model's stored dtype. bfloat16 halves the disk but rounds each weight to 2^-8 relative: at lr 1e-6 the change "
+        "between nearby checkpoints falls below that, so the svd stage would read it as zero (analysis.md §2)",
+    )
     learning_rate: float = Field(1e-6, gt=0)
     lr_schedule: Literal["log_warmup_constant", "cosine", "constant", "linear_warmup_constant"] = "log_warmup_constant"
     warmup_steps: int = Field(376, ge=0)
