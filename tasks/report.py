@@ -159,14 +159,23 @@ def fig_format_errors(acc: pl.DataFrame, out: Path) -> Path:
     return _save(fig, out, "fig2_format_errors")
 
 
+def ce_target(sft_log: pl.DataFrame) -> str:
+    """Which answer the logged CE scores: the one SFT trains on (`data.answer`), named so a
+    reader never mistakes the dealt reference for the trained target (training.md §7.3)."""
+    if "ce_target" in sft_log.columns and sft_log.drop_nulls("ce_target").height:
+        return str(sft_log.drop_nulls("ce_target")["ce_target"][0])
+    return "reference"
+
+
 def fig_losses(sft_log: pl.DataFrame, acc: pl.DataFrame | None, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     tr = sft_log.drop_nulls("train_loss")
     ax.plot(tr["step"], tr["train_loss"], color="gray", label="train loss")
     ce = sft_log.drop_nulls("ce_ood")
     if ce.height:
-        ax.plot(ce["step"], ce["ce_ood"], "o-", color="tab:red", label="OOD reference CE")
-        ax.plot(ce["step"], ce["ce_id"], "o-", color="tab:blue", label="ID reference CE")
+        target = ce_target(sft_log)
+        ax.plot(ce["step"], ce["ce_ood"], "o-", color="tab:red", label=f"OOD CE of the {target} answer")
+        ax.plot(ce["step"], ce["ce_id"], "o-", color="tab:blue", label=f"ID CE of the {target} answer")
         best = ce.sort("ce_ood").row(0, named=True)
         ax.axvline(best["step"], color="tab:red", ls=":", label=f"OOD CE minimum (step {best['step']})")
     if acc is not None and acc.filter(pl.col("split") == "ood").height:
@@ -528,7 +537,7 @@ def verdict_loss(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None, forgett
     gaps = np.unique(np.diff(np.unique(ce["step"].to_numpy())))
     spacing = f"checkpoints around B at steps {', '.join(map(str, around))}; CE logged every {'/'.join(map(str, gaps[:3]))} steps"
     m = int(r["min_step"])
-    evidence = f"OOD reference CE is lowest at step {m} ({ce.filter(pl.col('step') == m)['ce_ood'][0]:.3f} nats; at the last step {ce['ce_ood'][-1]:.3f}); OOD peak at step {b}, plausible peak steps {int(r['first'])}-{int(r['last'])}, peak window [{int(r['window_lo'])}, {int(r['window_hi'])}] ({spacing})"
+    evidence = f"OOD CE of the {ce_target(sft_log)} answer is lowest at step {m} ({ce.filter(pl.col('step') == m)['ce_ood'][0]:.3f} nats; at the last step {ce['ce_ood'][-1]:.3f}); OOD peak at step {b}, plausible peak steps {int(r['first'])}-{int(r['last'])}, peak window [{int(r['window_lo'])}, {int(r['window_hi'])}] ({spacing})"
     if forgetting["drop_lo"] <= 0:
         evidence += "; no significant OOD peak, so nothing for the loss to show"
     values = {"ce_ood_min_step": m, "ce_ood_min": float(ce["ce_ood"].min()), "ce_ood_last": float(ce["ce_ood"][-1]), "peak_window_lo_step": int(r["window_lo"]), "peak_window_hi_step": int(r["window_hi"])}

@@ -125,3 +125,22 @@ def test_rl_recovery_gains_are_paired_per_hand():
     rec = report.rl_recovery({"eval_attempts": att, "eval_summary": summary, "checkpoints": ck}).row(0, named=True)
     assert rec["after_low"] < rec["before_high"]  # the unpaired intervals overlap
     assert rec["status"] == "healed" and rec["healed"] and rec["gain_low"] > 0.02
+
+
+def test_the_loss_evidence_names_the_answer_its_ce_scores():
+    """With `data.answer: first` the CE scores the first canonical solution, not the dealt
+    reference (training.md §7.3): the verdict and the loss figure say which."""
+    import numpy as np
+
+    from tests.test_verdicts import HANDS, sft_study, verdicts
+
+    steps = np.array([10, 20, 30, 40])
+    ood = np.zeros((4, HANDS))
+    for i, a in enumerate([0.10, 0.20, 0.08, 0.04]):
+        ood[i, : int(a * HANDS)] = 1
+    idd = np.tile((np.arange(HANDS) < 300).astype(float), (4, 1))
+    ce_steps = np.arange(2, 41, 2)
+    t = sft_study(ood, idd, steps, 1 - ce_steps / 100, ce_steps)
+    assert "CE of the reference answer" in verdicts(t)["loss"].evidence  # tables from before the column
+    t["sft_log"] = t["sft_log"].with_columns(ce_target=pl.lit("first"))
+    assert "CE of the first answer" in verdicts(t)["loss"].evidence

@@ -34,7 +34,7 @@ from tasks.svd.analysis import read_checkpoints, run_meta
 from tasks.svd.engine import content_hash
 from tasks.svd.matrices import EMBEDDING, LM_HEAD, tied_embeddings, tensor_index
 
-VERSION = "1"
+VERSION = "2"  # 2: compat quirk 4 also for mllama_text_model (Llama 3.2 Vision as the model stage saves it)
 STAGE = "editing"
 TABLES = ("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts")
 TASK = "generalpoints"
