@@ -297,8 +297,10 @@ def rules() -> dict[str, str]:
         "window": (
             f"Per start: gain = OOD after RL minus before, per hand, {ci} interval: healed (lower end > 0), hurt (upper end < 0), flat otherwise. "
             f"Between starts: differences of gains, paired per hand, with Bonferroni-simultaneous intervals over all R(R−1)/2 pairs (one-sided 2.5 %). "
-            f"**Not supported** (no window): the earliest or the latest start heals (recovery is not bounded on that side), or no start heals and one is hurt. "
-            f"**Supported**: otherwise, if a healed start has an earlier and a later start that do not heal and whose gains are both significantly below its own. Otherwise inconclusive; fewer than 3 starts: no data."
+            f"Starts are the SFT checkpoints (step > 0): RL from the untuned base (step 0) measures learning the answer format, not recovering OOD ability, so it is left out of this verdict (the RL table still lists it). "
+            f"**Not supported** (no window): the earliest or the latest start heals at the Bonferroni level over the R starts (gain − z·se > 0 with z for one-sided 2.5 %/R: recovery is not bounded on that side). "
+            f"**Supported**: otherwise, if a healed start has an earlier and a later start that do not heal and whose gains are both significantly below its own. "
+            f"Otherwise inconclusive, including when no start heals (that is lack of power: the window may lie between the tested starts); fewer than 3 starts: no data."
         ),
         "rotation": (
             f"Rows B→S of svd_pair_metrics and the noise control of the same pair (tgt_id noise:B..S: B plus iid noise of the same ‖ΔW‖_F), matched on matrix and k. "
@@ -381,7 +383,7 @@ def judge_window(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]
     D, R, H = before.shape
     g = after - before
     s = start_gains(before, after)
-    healed, hurt = s["healed"], s["hurt"]
+    healed = s["healed"]
     z = float(stats.norm.ppf(1 - (1 - LEVEL) / 2 / (R * (R - 1) // 2)))
     c = g - g.mean(-1, keepdims=True)
     cov = np.einsum("drh,dsh->drs", c, c) / (H - 1)
@@ -393,8 +395,16 @@ def judge_window(before: np.ndarray, after: np.ndarray) -> dict[str, np.ndarray]
     left = (fails & (order[None, :] < order[:, None])).any(2)
     right = (fails & (order[None, :] > order[:, None])).any(2)
     window = (healed & left & right).any(1)
-    no_window = healed[:, 0] | healed[:, -1] | (~healed.any(1) & hurt.any(1))
-    return s | {"status": np.where(no_window, NOT_SUPPORTED, np.where(window, SUPPORTED, INCONCLUSIVE)), "z_pairs": np.full(D, z)}
+    # An edge start that heals means recovery is not bounded on that side: judged at the
+    # Bonferroni level over the R starts (one-sided 2.5 % in all), as strict as the contrasts
+    # that "supported" needs. No start healing is a lack of power (the window may lie between
+    # the tested starts), not evidence of no window: inconclusive.
+    z_starts = float(stats.norm.ppf(1 - (1 - LEVEL) / 2 / R))
+    sd = np.sqrt(var / H)
+    edge_heals = s["gain"][:, [0, -1]] - z_starts * sd[:, [0, -1]] > 0  # (D, 2): earliest, latest
+    no_window = edge_heals.any(1)
+    status = np.where(no_window, NOT_SUPPORTED, np.where(window, SUPPORTED, INCONCLUSIVE))
+    return s | {"status": status, "z_pairs": np.full(D, z), "z_starts": np.full(D, z_starts), "edge_heals": edge_heals}
 
 
 def judge_rotation(drift: np.ndarray, angle_ratio: np.ndarray, energy_ratio: np.ndarray) -> dict[str, np.ndarray]:
@@ -546,8 +556,10 @@ def verdict_loss(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None, forgett
 
 def verdict_window(rec: pl.DataFrame | None, attempts: pl.DataFrame | None) -> Verdict:
     finding = FINDINGS["window"]
+    if rec is not None:
+        rec = rec.filter(pl.col("start_step") > 0)  # RL from the base (step 0) learns the format: not a recovery start
     if rec is None or rec.height < 3:
-        return Verdict(finding, "fewer than three RL runs evaluated" if rec is not None else "no RL results", "no data")
+        return Verdict(finding, "fewer than three RL runs from SFT checkpoints (step > 0) evaluated" if rec is not None else "no RL results", "no data")
     paired = rl_outcomes(attempts, rec)
     if paired is None or paired[0].shape[1] < 4:
         return Verdict(finding, "no per-hand OOD outcomes (eval_attempts) for the RL runs, or fewer than 4 hands", "no data")
@@ -555,7 +567,11 @@ def verdict_window(rec: pl.DataFrame | None, attempts: pl.DataFrame | None) -> V
     words = np.where(r["healed"], "healed", np.where(r["hurt"], "hurt", "flat"))
     parts = [f"from {x['start_step']}: {_pct(x['ood_before'])} → {_pct(x['ood_after'])}, gain {_iv(g, lo, hi)} {w}" for x, g, lo, hi, w in zip(rec.iter_rows(named=True), r["gain"], r["low"], r["high"], words)]
     values = {f"gain_from_{s}": float(g) for s, g in zip(rec["start_step"], r["gain"])} | {f"healed_from_{s}": float(h) for s, h in zip(rec["start_step"], r["healed"])}
-    return Verdict(finding, "; ".join(parts) + f" (contrasts between starts at z = {r['z_pairs']:.2f})", WORDS[int(r["status"])], values)
+    note = "; no start heals (lack of power, not evidence of no window)" if not r["healed"].any() else ""
+    edges = [w for w, e in zip(("earliest", "latest"), r["edge_heals"]) if e]
+    if edges:
+        note += f"; the {' and '.join(edges)} start heals at the simultaneous level (recovery not bounded on that side)"
+    return Verdict(finding, "; ".join(parts) + f" (contrasts between starts at z = {r['z_pairs']:.2f}, edge starts at z = {r['z_starts']:.2f}){note}", WORDS[int(r["status"])], values)
 
 
 def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> Verdict:

@@ -50,6 +50,9 @@ STEPS, OOD_SFT, OOD_RL = f1()
 ID_SFT = np.interp(STEPS, [90, 140, 1600], [0.20, 0.2479, 0.6838])
 ACC_B, ACC_S = 0.1752, 0.0897  # F3: Premax and Moderate OOD, the editing claim's donor and target
 FOUR_STARTS = np.isin(STEPS, [140, 500, 1100, 1400])  # a 4-start design like the toy's, across the paper's window
+# Coarse 4-start designs (review D1): log-spaced, and evenly spaced from 400; the window
+# (500-1100) may lie between tested starts, so their power is measured, not required.
+COARSE = {"200, 400, 800, 1600": np.isin(STEPS, [200, 400, 800, 1600]), "400, 800, 1200, 1600": np.isin(STEPS, [400, 800, 1200, 1600])}
 
 
 def draw(rng: np.random.Generator, p, draws: int, hands: int = HANDS, r: float = 0.0) -> np.ndarray:
@@ -248,6 +251,9 @@ SCENARIOS = {
     # More than 500 hands can show (docs/verdicts.md): measured and printed, not required.
     ("editing_most", "paper: ρ = 0.75, independent models"): (lambda g, n, b: run_editing(g, n, b, 0.75, "most"), True, 0.0, False),
     ("editing_most", "paper: ρ = 0.75, r = 0.5"): (lambda g, n, b: run_editing(g, n, b, 0.75, "most", r=0.5), True, 0.0, False),
+    # Appended (seeds follow the position): coarse designs, measured and printed, not required.
+    **{("window", f"4 starts ({k}): no effect"): ((lambda m: lambda g, n, b: run_window(g, n, False, m))(m), False, None, False) for k, m in COARSE.items()},
+    **{("window", f"paper: 4 starts ({k}), RL as F1"): ((lambda m: lambda g, n, b: run_window(g, n, True, m))(m), True, 0.0, False) for k, m in COARSE.items()},
 }
 
 
@@ -583,6 +589,148 @@ def test_docs_state_the_rules_as_implemented():
     text = DOCS.read_text()
     for key, rule in report.rules().items():
         assert f"- **{key}**: {rule}" in text, f"docs/verdicts.md: the {key} rule differs from tasks/report.py (regenerate with `python tests/test_verdicts.py`)"
+
+
+# ---------------------------------------------------------------------------- review D1, D2, D5: cases that pin each clause
+
+
+def window_case(gains: list[list[tuple[int, int, int]]], hands: int = HANDS) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic before / after outcomes (R, hands): per start a list of (first hand,
+    count, change) blocks; change +1 solves hands the start did not, −1 loses hands it solved.
+    Every start solves hands 0-49 before RL; a −1 block must lie there or on hands it solves."""
+    R = len(gains)
+    before = np.zeros((R, hands))
+    before[:, :50] = 1
+    after = before.copy()
+    for i, blocks in enumerate(gains):
+        for first, count, change in blocks:
+            if change < 0:
+                before[i, first : first + count] = 1
+            after[i, first : first + count] = 1 if change > 0 else 0
+    return before, after
+
+
+def window_status(before, after) -> str:
+    return report.WORDS[int(report.judge_window(before[None], after[None])["status"][0])]
+
+
+def test_window_needs_a_significantly_lower_start_on_both_sides():
+    """(M14) A healed inner start (+5 pp) with a flat start significantly below it on the left
+    only: on the right two flat but noisy starts (50 hands gained, 50 lost) are not
+    significantly below it at z = 2.64. A window needs both sides: inconclusive."""
+    noisy = [(100, 50, +1), (0, 50, -1)]
+    before, after = window_case([[], [(50, 25, +1)], noisy, noisy])
+    s = report.judge_window(before[None], after[None])
+    assert list(s["healed"][0]) == [False, True, False, False] and not s["edge_heals"][0].any()
+    assert window_status(before, after) == "inconclusive"
+    starts = np.array([40, 80, 160, 320])
+    assert verdicts(rl_study(before, after, starts))["window"].verdict == "inconclusive"
+
+
+def test_window_flanking_starts_must_not_heal():
+    """(M2) The big heal (+8 pp at the third start) is significantly above the small heal
+    (+3 pp) on its left, but that start heals too; the only non-healing start on the left is
+    noisy (120 hands gained, 120 lost) and not significantly below. Recovery from the second
+    start is no boundary of the window: inconclusive."""
+    before, after = window_case([[(200, 120, +1), (300, 0, 0)], [(50, 15, +1)], [(50, 40, +1)], []])
+    before[0, :] = 0
+    before[0, 320:440] = 1
+    after[0] = 0
+    after[0, 200:320] = 1  # start 0: 120 hands gained, 120 lost, net 0
+    s = report.judge_window(before[None], after[None])
+    assert list(s["healed"][0]) == [False, True, True, False] and not s["edge_heals"][0].any()
+    assert window_status(before, after) == "inconclusive"
+
+
+def test_window_no_start_heals_is_inconclusive():
+    """(D1, M15) RL heals from no start and hurts from one: lack of power (the window may lie
+    between the tested starts), not evidence of no window. Inconclusive, with the evidence
+    saying so; the old rule said "not supported"."""
+    before, after = window_case([[], [(0, 30, -1)], [(50, 3, +1)], []])
+    assert report.judge_window(before[None], after[None])["hurt"][0].any()
+    assert window_status(before, after) == "inconclusive"
+    v = verdicts(rl_study(before, after, np.array([40, 80, 160, 320])))["window"]
+    assert v.verdict == "inconclusive" and "no start heals" in v.evidence, v
+
+
+def test_an_edge_heal_is_judged_at_the_simultaneous_level():
+    """(D2) The latest of 5 starts heals at the per-start 1.96 σ (t = 2.25) but not at the
+    Bonferroni level over the starts (z = 2.58 for 5): no evidence of unbounded recovery, so
+    the verdict is the window's (two healed starts flanked by a flat and a hurt one:
+    supported), not "not supported". A clear edge heal still reads "not supported"."""
+    base = [[], [(50, 60, +1)], [(50, 60, +1)], [(0, 30, -1)], []]
+    weak = base[:4] + [[(100, 75, +1), (0, 50, -1)]]  # +5 pp, sd ≈ 0.50
+    for gains, want in [(base, "supported"), (weak, "supported")]:
+        before, after = window_case(gains)
+        s = report.judge_window(before[None], after[None])
+        assert window_status(before, after) == want, (gains, s["low"], s["edge_heals"])
+    before, after = window_case(weak)
+    s = report.judge_window(before[None], after[None])
+    assert s["healed"][0, -1] and not s["edge_heals"][0, -1], (s["low"], s["gain"])
+    strong = base[:4] + [[(100, 60, +1)]]
+    assert window_status(*window_case(strong)) == "not supported"
+
+
+def rl_study_from_base(before: np.ndarray, after: np.ndarray, starts: np.ndarray, base_after: np.ndarray, updates: int = 10) -> dict[str, pl.DataFrame]:
+    """`rl_study` plus an RL run from the untuned base (step 0, all hands unsolved before)."""
+    t = rl_study(before, after, starts, updates)
+    att = pl.concat([t["eval_attempts"], attempts_rows("rl-0-10", "ood", base_after)])
+    meta = {c: (st, int(sp)) for c, st, sp in zip(t["checkpoints"]["ckpt_id"], t["checkpoints"]["stage"], t["checkpoints"]["step"])} | {"rl-0-10": ("rl", updates)}
+    row = pl.DataFrame({"ckpt_id": ["rl-0-10"], "stage": ["rl"], "step": [updates], "parent": ["base"], "rl_start_step": [0]}, schema_overrides={"step": pl.Int32, "rl_start_step": pl.Int32})
+    return {"eval_attempts": att, "eval_summary": summary_rows(att, meta), "checkpoints": pl.concat([t["checkpoints"], row], how="vertical_relaxed")}
+
+
+def test_window_leaves_out_rl_from_the_base():
+    """(D2) RL from the base (step 0) heals a lot (it learns the answer format, §2.3), which
+    as the earliest start would read "not supported"; the verdict leaves it out and judges
+    the SFT starts, while the RL table keeps the base row."""
+    before, after = window_case([[], [(50, 60, +1)], [(50, 60, +1)], [(0, 30, -1)]])
+    base_after = (np.arange(HANDS) < 100).astype(float)
+    t = rl_study_from_base(before, after, np.array([40, 80, 160, 320]), base_after)
+    rec = report.rl_recovery(t)
+    assert rec["start_step"].to_list() == [0, 40, 80, 160, 320] and rec["status"][0] == "healed"
+    v = report.verdict_window(rec, t["eval_attempts"])
+    assert v.verdict == "supported" and "from 0:" not in v.evidence, v
+    assert report.verdict_window(rec.head(3), t["eval_attempts"]).verdict == "no data"  # base + 2 SFT starts
+
+
+def test_rotation_needs_most_matrices_above_noise():
+    """(M8) A large geometric mean carried by 3 of 14 matrices (ratio 100 there, 0.9 in the
+    rest: geometric mean 2.5) is no consistent rotation: the sign test (3/14 above 1) makes it
+    inconclusive, for the angles, for the rotation energy, and for both."""
+    M = 14
+    few = np.where(np.arange(M) < 3, 100.0, 0.9)
+    broad = np.full(M, 2.0)
+    drift = np.full((1, M), 0.003)
+    for angle, energy in [(few, broad), (broad, few), (few, few)]:
+        r = report.judge_rotation(drift, angle[None], energy[None])
+        assert min(r["angle_ratio"][0], r["energy_ratio"][0]) >= report.ROTATION_MARGIN
+        assert r["status"][0] == report.INCONCLUSIVE, (angle, energy, r)
+    assert report.judge_rotation(drift, broad[None], broad[None])["status"][0] == report.SUPPORTED
+    update = {"sdrift_mean_abs_rel_all": np.full((M, 2), 0.003), "angle_u_mean_deg": np.repeat(few[:, None], 2, 1), "energy_rotation": np.full((M, 2), 0.02), "energy_stretch": np.full((M, 2), 0.001)}
+    noise = {**update, "angle_u_mean_deg": np.ones((M, 2)), "energy_rotation": np.full((M, 2), 0.01)}
+    v = verdicts(svd_study(update, noise))["rotation"]
+    assert v.verdict == "inconclusive" and "3/14 matrices above 1" in v.evidence, v
+
+
+def test_loss_plausible_peak_steps_reach_bs_lower_bound():
+    """(M16) Step 50's OOD accuracy (14.4 %, Wilson upper bound ≈ 17.7 %) is below B's point
+    estimate (20 % at step 20) but reaches B's lower bound (≈ 16.7 %): a plausible peak step,
+    so the window runs to step 60 and a CE minimum at step 50 shows the peak (not supported).
+    Judged against B's point estimate the window would stop at step 30 ("supported")."""
+    steps = np.array([10, 20, 30, 40, 50, 60])
+    ood = np.zeros((6, HANDS))
+    for i, a in enumerate([0.10, 0.20, 0.12, 0.08, 0.144, 0.04]):
+        ood[i, : int(round(a * HANDS))] = 1
+    lo_b, _ = report.wilson(np.array([100]), HANDS)
+    _, hi_50 = report.wilson(np.array([72]), HANDS)
+    assert lo_b[0] < hi_50[0] < 0.20
+    idd = np.tile((np.arange(HANDS) < 300).astype(float), (6, 1))
+    idd[-1, 300:340] = 1
+    ce_steps = np.arange(2, 61, 2)
+    ce = 1 + np.abs(ce_steps - 50) / 100  # lowest at step 50
+    v = verdicts(sft_study(ood, idd, steps, ce, ce_steps))["loss"]
+    assert v.values["ce_ood_min_step"] == 50 and v.values["peak_window_hi_step"] == 60 and v.verdict == "not supported", v
 
 
 def most_power_by_hands(draws: int, hands=(500, 1000, 2000, 4000, 8000)) -> str:
