@@ -64,8 +64,14 @@ RL_TABLES = (15_500, 110)  # checkpoints + rl_log of one run; per update
 SFT_TABLES = (6_400, 40)  # checkpoints + sft_log; per logged step
 SVD_TABLES = 17_000  # roles, correlations, vs_accuracy
 SVD_PAIR_ROW, SVD_SERIES_ROW = 200, 8.5  # svd_pair_metrics; svd_spectra and svd_principal_angles (one float each)
-EDIT_TABLES = 30_000  # edit_variants, edit_matrix_log, edit_eval_results, edit_eval_attempts of one variant
-EDIT_MATRIX_ROW = 24
+# editing (measured on the smoke study, 8 runs of 160 attempt rows, and the toy's, ~3400 rows):
+# the four tables of one run with an empty edit_matrix_log (a baseline), its manifest (the
+# variant's config), and what a non-empty edit_matrix_log adds (column statistics) plus its rows.
+EDIT_TABLES, EDIT_MANIFEST = 24_300, 2_300
+EDIT_MATRIX_LOG, EDIT_MATRIX_ROW = 4_600, 24
+# The study-wide copy of the attempts compresses about twice as well as one run's table (the
+# same hands, similar responses): 7 bytes a row against 15 on the toy.
+EDIT_COMBINED_ROW = 0.5
 REPORT = 700_000  # six figures, report.md and report.html (the smoke study: 650 kB)
 TASK_RESULT = 450  # one Prefect result record per task run, kept in the store
 TRAINER_EXTRA = 40_000  # a trainer checkpoint's scheduler, RNG, trainer_state and training_args files
@@ -299,8 +305,11 @@ def estimate(
     e = cfg.editing
     n_runs = n_variants + n_baselines
     if e.enabled and n_runs:
-        rows = EDIT_MATRIX_ROW * len(shapes) + per_row * 2 * attempts
-        stored, files, kept = n_runs * (EDIT_TABLES + rows + MANIFEST_BASE) + EDIT_TABLES + n_runs * rows, 5 * (n_runs + 1), ""
+        matrix_log = EDIT_MATRIX_LOG + EDIT_MATRIX_ROW * len(shapes)  # a variant's; a baseline's is empty
+        one = EDIT_TABLES + EDIT_MANIFEST + per_row * 2 * attempts
+        combined = EDIT_TABLES + MANIFEST_BASE + MANIFEST_PER_FILE * 4 + (EDIT_MATRIX_LOG if n_variants else 0)
+        combined += n_variants * EDIT_MATRIX_ROW * len(shapes) + EDIT_COMBINED_ROW * per_row * 2 * attempts * n_runs
+        stored, files, kept = n_runs * one + n_variants * matrix_log + combined, 5 * (n_runs + 1), ""
         if e.keep_checkpoints or e.reference_compat:  # in the target's dtype (quirk 5: float16)
             per_ckpt = max(model.checkpoint_bytes(2 if e.reference_compat else {"sft": sft_bytes, "rl": 4}.get(k)) for k in (editing_roles or {"S": "sft"}).values())
             stored, files, kept = stored + n_variants * per_ckpt, files + n_variants * CHECKPOINT_FILES, f", {n_variants} edited checkpoints"

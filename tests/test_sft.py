@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -221,33 +222,57 @@ def test_training_precision_is_fp32_weights_everywhere_with_bf16_autocast_on_cud
     assert sft.training_precision("cpu") == (torch.float32, None)
 
 
-class _Loaded(Exception):
-    """Raised by the stand-in loader: train() got as far as loading the weights."""
+class _Built(Exception):
+    """Raised by the stand-in SFTTrainer: train() got as far as handing TRL its model."""
 
 
 def test_sft_on_cuda_trains_fp32_weights_under_trls_bf16_mixed_precision(tiny_run, tmp_path, monkeypatch):
-    """What train() would do on a GPU, run on a CPU: the weights it loads for the optimizer
-    and the SFTConfig it hands TRL (whose bf16 flag is accelerate's autocast)."""
+    """What train() would do on a GPU, run on a CPU: the real model is loaded (on the CPU,
+    in the dtype train() asks for) and everything train() does to it up to the trainer
+    runs; a stand-in SFTTrainer then records the parameters the optimizer and the trainer
+    actually receive, and the SFTConfig (whose bf16 flag is accelerate's autocast)."""
     import transformers.training_args
+    import trl
 
     _, cfg, data_dir, model_dir, _ = tiny_run
-    loads = []
+    real_load, real_args, real_cuda = sft.models.load_model, sft.trainer_args, torch.cuda.is_available
+    loads, seen = [], {}
 
-    def record(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
+    def load_on_cpu(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
         loads.append((dtype, str(device)))
-        raise _Loaded
+        return real_load(path, dtype, "cpu", trust_remote_code)
+
+    def args_for(cfg, out, device):  # the real SFTConfig for `device`; building it looks for a GPU
+        seen["device"] = str(device)
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", real_cuda)
+            return real_args(cfg, out, device)
+
+    class Trainer:
+        def __init__(self, model=None, args=None, optimizers=(None, None), **kw):
+            opt, _ = optimizers
+            seen["model"] = {p.dtype for p in model.parameters()}
+            seen["optimizer"] = {p.dtype for g in opt.param_groups for p in g["params"]}
+            seen["n_optimized"] = sum(p.numel() for g in opt.param_groups for p in g["params"])
+            seen["n_model"] = sum(p.numel() for p in model.parameters())
+            seen["args"] = (args.bf16, args.fp16, args.mixed_precision, args.use_cpu)
+            raise _Built
 
     store = Store(tmp_path / "store")
     run = sft.artifact(store, cfg, Store.from_path(model_dir), Store.from_path(data_dir))
-    with monkeypatch.context() as m, pytest.raises(_Loaded):
+    with monkeypatch.context() as m, pytest.raises(_Built):
         m.setattr(sft.torch.cuda, "is_available", lambda: True)
-        m.setattr(sft.models, "load_model", record)
+        m.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
+        m.setattr(sft.models, "load_model", load_on_cpu)
+        m.setattr(sft, "trainer_args", args_for)
+        m.setattr(trl, "SFTTrainer", Trainer)
         sft.train(store, run, cfg, model_dir, data_dir)
-    assert loads == [(torch.float32, "cuda")]  # fp32 master weights, not bf16 ones
-
-    monkeypatch.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
-    args = sft.trainer_args(cfg, tmp_path, "cuda")
-    assert (args.bf16, args.fp16, args.mixed_precision, args.use_cpu) == (True, False, "bf16", False)
+    assert loads == [(torch.float32, "cuda")] and seen["device"] == "cuda"  # fp32 master weights, not bf16 ones
+    # what the optimizer updates and the trainer trains: every parameter, all float32
+    assert seen["model"] == seen["optimizer"] == {torch.float32}, seen
+    assert seen["n_optimized"] == seen["n_model"] > 0
+    # with bf16 autocast over them (accelerate's mixed precision), not fp16, not the CPU
+    assert seen["args"] == (True, False, "bf16", False)
     assert not sft.trainer_args(cfg, tmp_path, "cpu").bf16
 
 
@@ -273,6 +298,26 @@ def test_checkpoints_are_saved_in_the_configured_dtype(tiny_run, tmp_path):
     (tmp_path / "hub").mkdir()
     (tmp_path / "hub" / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
     assert sft.save_dtype(auto, tmp_path / "hub") == torch.bfloat16
+
+
+def test_save_dtype_auto_reads_the_dtype_key_transformers_5_writes(tiny_run, tmp_path):
+    """sft.save_dtype: auto from a starting model whose config.json says `"dtype": "bfloat16"`
+    (what transformers 5 writes; no `torch_dtype`): the checkpoints are bf16, not the
+    float32 fallback (which the tiny model's own float32 would not tell apart)."""
+    _, _, _, model_dir, _ = tiny_run
+    start = tmp_path / "bf16-model"
+    shutil.copytree(model_dir, start)
+    sft.cast_checkpoint(start, torch.bfloat16)
+    config = json.loads((start / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+    assert {t.dtype for t in load_file(start / "model.safetensors").values()} == {torch.bfloat16}
+    store = Store(tmp_path / "store")
+    cfg = parse_config({**SMALL, "model": {"name_or_path": str(start)}, "sft": {**SMALL["sft"], "save_steps": [0, 2], "save_dtype": "auto", "ce_every": 1000}})
+    assert sft.save_dtype(cfg.sft, start) == torch.bfloat16
+    ckpts = pl.read_parquet(Path(sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))) / "checkpoints.parquet")
+    saved = Path(ckpts.filter(pl.col("step") == 2)["path"][0])
+    assert {t.dtype for t in load_file(saved / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
