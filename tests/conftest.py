@@ -82,16 +82,6 @@ def cli_env(prefect_api, tmp_path):
 # ---------------------------------------------------------------- one finished smoke study
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`) every test of the shared smoke study runs
-    on one worker, which builds it once, while the other takes the rest of the suite."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if {"smoke_study", "reference_store", "reference_run"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("smoke_study"))
-
-
 class Study(NamedTuple):
     """A study on disk: its store root, its config file (whose `store` is that root), its name."""
 
@@ -124,7 +114,8 @@ def smoke_study(prefect_api, tmp_path_factory, request) -> Study:
     """The smoke study, run once per session as a user runs it (`rlheal run`), uninterrupted:
     the yardstick of every resume, fault and replicate test and the input of every test that
     reads a finished study. READ-ONLY: copy it with `copy_study` to change anything. Under
-    pytest-xdist the workers share one build (a file lock; the others wait for it)."""
+    pytest-xdist the workers share one build (a file lock: the first to need it builds it,
+    the others wait for it)."""
     from filelock import FileLock
 
     if not hasattr(request.config, "workerinput"):  # no pytest-xdist worker

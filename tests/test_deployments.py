@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, copy_study
+from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
 
@@ -69,13 +69,10 @@ def test_deployments_file_is_valid_for_prefect(tmp_path):
     assert any(s["cron"] for d in spec["deployments"] for s in d.get("schedules", []))
 
 
-@pytest.mark.parametrize("begin", [
-    "thin",  # a copy of the session's finished smoke study with one task of every stage left
-    pytest.param("empty", marks=pytest.mark.integration),  # the whole study on the worker
-])
-def test_deploy_worker_and_run_the_smoke_deployment(server, smoke_study, tmp_path, begin):
+@pytest.mark.integration  # a server, a worker and a whole smoke study: `make test-integration`
+def test_deploy_worker_and_run_the_smoke_deployment(server, tmp_path):
     env = {**server, "RLHEAL_HOME": str(ROOT)}
-    store = copy_study(smoke_study, tmp_path / "copy", thin=True).store if begin == "thin" else tmp_path / "store"
+    store = tmp_path / "store"
     prefect("work-pool", "create", "rlheal", "--type", "process", env=env)
     out = prefect("deploy", "--prefect-file", "deployments.yaml", "--all", "--no-prompt", env=env, timeout=180)
     assert "smoke" in out

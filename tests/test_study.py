@@ -15,17 +15,27 @@ from tests.conftest import assert_rebuilt, copy_study, smoke_config
 STAGE_ORDER = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
 
 
-def task_states(flow_state) -> dict[str, str]:
-    """Task run name -> state name for the DAG subflow of a study flow run."""
+def task_states(flow_state, settle: float = 120) -> dict[str, str]:
+    """Task run name -> state name for the DAG subflow of a study flow run. The server records
+    task runs and their states from events, after the flow has returned (seconds later on a
+    busy machine): read until every run has a final state and two reads a second apart agree."""
+    import time
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
+    deadline, last = time.time() + settle, None
     with get_client(sync_client=True) as client:
         parent = flow_state.state_details.flow_run_id
-        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
-        ids = [parent, *(f.id for f in subflows)]
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
-    return {r.name: r.state.name for r in runs if not r.name.startswith("rlheal-stages")}
+        while True:
+            subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+            ids = [parent, *(f.id for f in subflows)]
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": ids}))
+            now = {r.name: r.state.name if r.state and r.state.is_final() else None for r in runs if not r.name.startswith("rlheal-stages")}
+            if (now == last and None not in now.values()) or time.time() > deadline:
+                return now
+            last = now
+            time.sleep(1)
 
 
 def tables(store: Path, study: str) -> dict[str, pl.DataFrame]:
