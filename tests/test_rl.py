@@ -29,24 +29,29 @@ from tests.conftest import kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# A weak tiny SFT model: 30 steps at a high learning rate. It has learned the answer
-# format but not to read the cards, so its rewards spread over -3 .. -10: weak, not hopeless.
+# A weak tiny SFT model: 30 steps at a high learning rate. It has learned parts of the answer
+# format but not to read the cards: sampled at temperature 1, most first attempts score -3
+# (illegal characters) and a long tail of formulas with many violations scores -4 .. -28.
+# Its weights hinge on float details (a 1 % relative difference between AVX-512 and AVX2
+# kernels, ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2), its sampled behaviour does
+# not: mean sampled first-attempt reward -5.85 and -5.76 (greedy: -6.67 and -4.00).
 WEAK = {
     "name": "t",
     "data": {"train_size": 960, "eval_size": 8},
     "sft": {"save_steps": [0, 30], "batch_size": 32, "per_device_batch_size": 32, "learning_rate": 1e-2, "lr_schedule": "constant", "ce_every": 1000},
     "eval": {"ce_hands": 0},
 }
-# PPO on that model. training.md's defaults (lr 1e-6, grad norm 0.01) are for 11B models;
-# a 100k-parameter model needs a larger step. One graded attempt per hand keeps the
-# conversations short; the value coefficient is lowered so that the value loss of the
-# early updates (returns near -10) does not drown the policy gradient in the shared backbone.
+# PPO on that model, rollouts sampled at temperature 1. training.md's defaults (lr 1e-6,
+# grad norm 0.01) are for 11B models; a 100k-parameter model needs a larger step: 3e-4
+# (1e-4 gained 0.4 to 1.1 over 6 runs, too close to the noise). One graded attempt per hand
+# keeps the conversations short; the value coefficient is lowered so that the value loss of
+# the early updates (returns near -10) does not drown the policy gradient in the shared backbone.
 PPO = {
     "verifier": {"verify_iter": 1},
     "rl": {
         "save_steps": [0, 6, 12],
         "decoding": {"temperature": 1.0, "max_new_tokens": 64},
-        "ppo": {"num_envs": 32, "steps_per_env": 2, "micro_batch_size": 32, "learning_rate": 1e-4, "max_grad_norm": 1.0, "value_coef": 0.05},
+        "ppo": {"num_envs": 32, "steps_per_env": 2, "micro_batch_size": 32, "learning_rate": 3e-4, "max_grad_norm": 1.0, "value_coef": 0.05},
     },
 }
 # Small and quick: for the resume and table tests.
@@ -198,6 +203,49 @@ def test_sequence_score_is_the_generation_log_probability(tmp_path):
     torch.testing.assert_close(V, ppo.values_of(model, head, prompts), rtol=1e-5, atol=1e-5)  # V at the last prompt token
 
 
+def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
+    """L = thought_coef * sum_{i=2}^{s-1} l_i + sum_{i=s}^{n-1} l_i (training.md §3.4) with real
+    splits s > 2, checked against l_i computed by hand from each sample's own unpadded forward
+    pass. The l_i of this untrained model are about -ln(vocab) ~ -5.8, so weighting the thought
+    by 1 (or 0), scoring o_0 or o_1, or moving the split by one token each changes L by
+    nats; the test asserts that each of those wrong formulas misses."""
+    cfg = parse_config({"name": "t"})
+    models.build_tiny(tmp_path, cfg.model)
+    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    gen = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
+    answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
+    responses = [
+        answer,  # the key near the end: s = 24 of n = 33
+        encode(tok, "Let me count: 10, 5, 9, 10. ") + answer,  # a longer thought
+        encode(tok, "I do not know how to make 24 from these."),  # no key: s = n - 5
+    ]
+    prompts = [gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, i))}]) for i in range(3)]
+    prompts[1] = prompts[1][:-7]  # different lengths: left padding in the batch
+    splits = [ppo.split_index(tok, r) for r in responses]
+    assert all(s > 2 for s in splits) and len(set(splits)) == 3 and splits[2] == len(responses[2]) - 5, splits
+    tau, p = 0.7, cfg.rl.ppo
+    assert p.thought_coef == 0.5  # the authors' weight (§3.4), the default
+    steps = [Step(q, r, 0.0, False, False, "no_solution", False) for q, r in zip(prompts, responses)]
+    L, _ = ppo.sequence_scores(model, ppo.ValueHead(ppo.hidden_size(model)), steps, splits, tau, p)
+
+    def l_of(prompt, response):  # l_i for i = 0..n-1 from this sample alone
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0].double()
+        z = logits[len(prompt) - 1 : len(prompt) + len(response) - 1] / tau  # z_i predicts o_i
+        return torch.log_softmax(z, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+    ls = [l_of(q, r) for q, r in zip(prompts, responses)]
+    assert all(float(lv.max()) < -1.0 for lv in ls)  # every term matters
+
+    def score(weight=0.5, first=2, shift=0):
+        return torch.stack([weight * lv[first : s + shift].sum() + lv[s + shift :].sum() for lv, s in zip(ls, splits)]).float()
+
+    torch.testing.assert_close(L, score(), rtol=1e-5, atol=1e-4)
+    wrong = {"thought weight 1": score(weight=1.0), "no thought": score(weight=0.0), "o_1 scored": score(first=1), "o_0 scored": score(first=0), "split one later": score(shift=1), "split one earlier": score(shift=-1)}
+    for what, value in wrong.items():
+        assert (value - L).abs().min() > 0.1, what
+
+
 def test_a_hands_prompt_has_the_same_token_ids_in_every_stage():
     """training.md §0: SFT rows, PPO rollouts, GRPO prompts and evaluation."""
     tok = models.build_tokenizer()
@@ -260,37 +308,129 @@ def ppo_gain(store, data_dir, start, cfg, greedy: bool = False) -> tuple[float, 
     return first_attempt_reward(start["path"], cfg, greedy)[0], first_attempt_reward(last, cfg, greedy)[0], run_dir
 
 
-def test_ppo_raises_the_id_reward_of_a_weak_sft_model(weak):
-    """Mean first-attempt reward (rollout decoding, T = 1) on 256 held-out ID hands before
-    and after 12 updates. Measured for seeds 0, 1, 2, 3: -6.67 -> -4.00, -5.00, -4.75, -4.05
-    (this model answers every hand alike; PPO trades its formula with grammar and number
-    penalties for one with number penalties only). The margin is under the smallest gain."""
-    store, data_dir, start = weak
-    cfg = study(PPO)
-    before, after, run_dir = ppo_gain(store, data_dir, start, cfg)
-    print(f"PPO from the weak model, seed 0: first-attempt reward {before:.3f} -> {after:.3f}")
-    assert after > before + 1.0, (before, after)
+class Recorder:
+    """Watches one PPO run from outside: the ratio rho of every micro-batch of the update
+    epochs (with which samples have a policy term, n > 1 and a finite L), and at each save
+    the in-memory model's logits and value on a fixed input, for checks against the logged
+    statistics and the saved checkpoints."""
 
+    def __init__(self, monkeypatch, probe: torch.Tensor):
+        self.probe, self.ratios, self.saved, self._scored = probe, [], {}, None
+        scores, loss, save = ppo.sequence_scores, ppo.policy_loss, ppo.save_checkpoint
+
+        def sequence_scores(model, head, steps, splits, tau, p):
+            L, V = scores(model, head, steps, splits, tau, p)
+            self._scored = torch.tensor([len(s.response) > 1 for s in steps]) & torch.isfinite(L.detach().cpu())
+            return L, V
+
+        def policy_loss(ratio, adv, clip):  # called right after the update's sequence_scores
+            self.ratios.append((ratio.detach().cpu().clone(), self._scored))
+            return loss(ratio, adv, clip)
+
+        def save_checkpoint(store, run, update, model, tok, head, extra):
+            with torch.no_grad():
+                out = model(input_ids=self.probe, output_hidden_states=True)
+                self.saved[update] = (out.logits.clone(), head(out.hidden_states[-1][:, -1]).clone())
+            return save(store, run, update, model, tok, head, extra)
+
+        monkeypatch.setattr(ppo, "sequence_scores", sequence_scores)
+        monkeypatch.setattr(ppo, "policy_loss", policy_loss)
+        monkeypatch.setattr(ppo, "save_checkpoint", save_checkpoint)
+
+    def per_update(self, updates: int) -> list[torch.Tensor]:
+        """The scored ratios of each update, all its epochs together (float64)."""
+        assert len(self.ratios) % updates == 0
+        k = len(self.ratios) // updates
+        return [torch.cat([r[m] for r, m in self.ratios[u * k : (u + 1) * k]]).double() for u in range(updates)]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(weak):
+    """PPO seed 0 from the weak model, watched by a Recorder: (cfg, run dir, recorder)."""
+    store, data_dir, start = weak
+    cfg = study(PPO, {"rl": {"seed": 0, "decoding": {"seed": 0}}})
+    tok = models.load_tokenizer(start["path"])
+    probe = torch.tensor([Generator(None, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string).prompt_ids([{"role": "user", "content": render_prompt(deal("id", 7, 0))}])])
+    with pytest.MonkeyPatch.context() as mp:
+        recorder = Recorder(mp, probe)
+        run_dir = Path(rl.run(store, cfg, start, data_dir))
+    return cfg, run_dir, recorder
+
+
+# PPO's gain over 10 runs (see the test): smallest 0.85, mean 1.30, sd 0.35.
+GAIN_MARGIN = 0.5
+
+
+def test_ppo_raises_the_id_reward_of_a_weak_sft_model(weak, ppo_run):
+    """Mean first-attempt reward on 256 held-out ID hands before and after 12 updates, both
+    sampled at the rollout temperature 1 with one fixed seed: an average over 256 samples,
+    which moves little when float details move a weight (greedy outputs of this model do
+    change: the old greedy test failed on another CPU). PPO learns to cut the tail of long,
+    many-violation formulas. Measured, before -> after for PPO seeds 0, 1, 2, 3 (rl.seed =
+    decoding.seed), the weak model built and trained with each kernel set:
+      AVX-512 (this machine): -5.85 -> -4.55, -3.73, -4.56, -4.83
+      AVX2 (ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2): -5.76 -> -4.38, -4.50, -4.55, -4.25
+      SSE (ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2), seeds 0, 1: -5.41 -> -4.56, -4.40
+    Gains 0.85 to 2.12, mean 1.30, sd 0.35: the margin 0.5 is 2.3 sd under the mean and 0.35
+    under the smallest gain; a PPO that learns nothing gains 0 +- 0.3 (two independent
+    256-sample means). With another SFT hand stream (data.train_seed 1) the model is much
+    less weak (-3.32) and gains only 0.15 to 0.30: the margin is this fixture's, not any
+    weak model's."""
+    store, data_dir, start = weak
+    cfg, run_dir, _ = ppo_run
+    assert cfg.rl.decoding.resolved()["do_sample"] and cfg.rl.decoding.resolved()["temperature"] == 1.0  # rollouts and both evaluations sample
+    last = pl.read_parquet(run_dir / "checkpoints.parquet")["path"][-1]
+    before, after = first_attempt_reward(start["path"], cfg)[0], first_attempt_reward(last, cfg)[0]
+    print(f"PPO from the weak model, seed 0: first-attempt reward {before:.3f} -> {after:.3f}")
+    assert after > before + GAIN_MARGIN, (before, after)
+
+
+def test_ppo_run_tables_checkpoints_and_logged_statistics(weak, ppo_run):
+    """The tables of a PPO run, its checkpoints against the model it had in memory, and the
+    logged PPO statistics against a recomputation from the ratios the update used (§3.5)."""
+    store, data_dir, start = weak
+    cfg, run_dir, recorder = ppo_run
+    p, updates = cfg.rl.ppo, cfg.rl.num_updates
     log = pl.read_parquet(run_dir / "rl_log.parquet")
     assert log.schema == pl.Schema(common.LOG_SCHEMA)
-    assert log["update"].to_list() == list(range(1, 13))
-    assert set(log["rl_start_step"]) == {30} and set(log["parent"]) == {"sft-30"}
+    assert log["update"].to_list() == list(range(1, updates + 1))
+    assert set(log["rl_start_step"]) == {start["step"]} and set(log["parent"]) == {start["ckpt_id"]}
     n = sum(log.row(0, named=True)[f"count_{o}"] for o in OUTCOMES)
-    assert n == 64 and all(len(h) == 40 + 2 and sum(h) == 64 for h in log["adv_hist"])
-    assert log["learning_rate"][0] == pytest.approx(1e-4) and log["learning_rate"][-1] < 1e-5  # cosine to T_max = 12
-    assert log.select(pl.col("clip_fraction").is_between(0, 1).all()).item() and (log["approx_kl"] >= 0).all()
+    assert n == p.num_envs * p.steps_per_env and all(len(h) == 40 + 2 and sum(h) == n for h in log["adv_hist"])
+    # the learning rate of every update is the cosine of §3.5 (T_max = num_updates)
+    assert log["learning_rate"].to_list() == pytest.approx([ppo.cosine_lr(u, p, updates) for u in range(updates)], rel=1e-9)
+    # approx_kl = mean(rho - 1 - ln rho), clip_fraction = share of |rho - 1| > eps, over the scored
+    # samples of all epochs of the update. Epochs 2-4 see a policy the first step moved, so the
+    # KL is > 0 in every update, and early updates clip.
+    for u, ratio in enumerate(recorder.per_update(updates)):
+        assert log["approx_kl"][u] == pytest.approx(float((ratio - 1 - ratio.log()).mean()), rel=1e-3, abs=1e-7)
+        assert log["clip_fraction"][u] == pytest.approx(float(((ratio.float() - 1).abs() > p.clip).double().mean()))
+        assert log["approx_kl"][u] > 0
+    assert log["clip_fraction"][0] > 0.05
 
     ckpts = pl.read_parquet(run_dir / "checkpoints.parquet")
-    assert ckpts["ckpt_id"].to_list() == ["rl-30-0", "rl-30-6", "rl-30-12"]
+    assert ckpts["ckpt_id"].to_list() == [f"rl-{start['step']}-{u}" for u in cfg.rl.save_steps]
     assert ckpts["path"][0] == start["path"] and ckpts["content_hash"][0] == start["content_hash"]  # registered, not copied
-    assert set(ckpts["parent"]) == {"sft-30"} and ckpts["content_hash"].n_unique() == 3
-    last = Path(ckpts["path"][-1])
-    assert store.is_sealed(last) and (last / rl.VALUE_HEAD).is_file()
-    assert AutoModelForCausalLM.from_pretrained(last) is not None  # a plain HF directory
-    assert set(load_file(last / rl.VALUE_HEAD)) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"}
+    assert set(ckpts["parent"]) == {start["ckpt_id"]} and ckpts["content_hash"].n_unique() == 3
+    first = load_file(Path(start["path"]) / "model.safetensors")
+    assert sorted(recorder.saved) == cfg.rl.save_steps[1:]
+    for update, path in zip(cfg.rl.save_steps[1:], ckpts["path"][1:]):
+        path = Path(path)
+        assert store.is_sealed(path)
+        weights = load_file(path / "model.safetensors")
+        assert sorted(weights) == sorted(first) and all(not torch.equal(weights[k], first[k]) for k in first)  # every tensor trained
+        # a plain HF directory that reloads as the model PPO had in memory at that update
+        logits, value = recorder.saved[update]
+        hf = AutoModelForCausalLM.from_pretrained(path).eval()
+        head = ppo.ValueHead(ppo.hidden_size(hf))
+        head.load_state_dict(load_file(path / rl.VALUE_HEAD))
+        with torch.no_grad():
+            out = hf(input_ids=recorder.probe, output_hidden_states=True)
+            torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-6)
+            torch.testing.assert_close(head(out.hidden_states[-1][:, -1]), value, rtol=0, atol=1e-6)
     assert not common.work_dir(Store.from_path(run_dir)).exists()  # resume state dropped once sealed
     assert Path(rl.run(store, cfg, start, data_dir)) == run_dir  # a second call is a cache hit
-    assert rl.collect([run_dir, run_dir])["rl_log"].height == 24  # the study-wide tables
+    assert rl.collect([run_dir, run_dir])["rl_log"].height == 2 * updates  # the study-wide tables
 
 
 @pytest.mark.slow
@@ -299,7 +439,7 @@ def test_ppo_raises_the_id_reward_over_seeds(weak, seed):
     store, data_dir, start = weak
     before, after, _ = ppo_gain(store, data_dir, start, study(PPO, {"rl": {"seed": seed, "decoding": {"seed": seed}}}))
     print(f"PPO from the weak model, seed {seed}: first-attempt reward {before:.3f} -> {after:.3f}")
-    assert after > before + 1.0, (before, after)
+    assert after > before + GAIN_MARGIN, (before, after)
 
 
 # A tiny model that has learned to read the cards (640 SFT steps, about a minute on 2 cores):
@@ -318,16 +458,20 @@ def reader(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_ppo_solves_more_hands_from_a_model_that_reads_the_cards(reader, seed):
-    """Greedy first attempts on 256 held-out ID hands before and after 16 updates. Measured
-    for seeds 0, 1, 2: reward -1.79 -> -1.34, -1.16, -1.23; hands solved 3 -> 6, 9, 9."""
+def test_ppo_raises_the_reward_of_a_model_that_reads_the_cards(reader, seed):
+    """Sampled first attempts (temperature 1, as the rollouts) on 256 held-out ID hands before
+    and after 16 updates at lr 1e-4. Measured (AVX-512 kernels) for seeds 0, 1, 2: -2.31 ->
+    -2.04, -2.07, -2.04 (hands solved 2 -> 4, 3, 4; greedy -1.79 -> -1.38, -1.46, -1.46).
+    The margin is half the smallest gain (0.24). Solved counts (2-4 of 256) are too few to
+    assert on; the greedy figures hinge on float details (see the weak model's test)."""
     store, data_dir, start = reader
-    cfg = study(READER, PPO, {"rl": {"seed": seed, "decoding": {"seed": seed}, "save_steps": [0, 16]}})
+    cfg = study(READER, PPO, {"rl": {"seed": seed, "decoding": {"seed": seed}, "save_steps": [0, 16], "ppo": {"learning_rate": 1e-4}}})
     run_dir = Path(rl.run(store, cfg, start, data_dir))
     last = pl.read_parquet(run_dir / "checkpoints.parquet")["path"][-1]
-    (before, solved_before), (after, solved_after) = first_attempt_reward(start["path"], cfg, True), first_attempt_reward(last, cfg, True)
-    print(f"PPO from the reader, seed {seed}: greedy first-attempt reward {before:.3f} -> {after:.3f}, solved {solved_before} -> {solved_after}")
-    assert after > before + 0.15 and solved_after > solved_before, (before, after, solved_before, solved_after)
+    (before, solved_before), (after, solved_after) = first_attempt_reward(start["path"], cfg), first_attempt_reward(last, cfg)
+    greedy_before, greedy_after = first_attempt_reward(start["path"], cfg, True), first_attempt_reward(last, cfg, True)
+    print(f"PPO from the reader, seed {seed}: sampled first-attempt reward {before:.3f} -> {after:.3f}, solved {solved_before} -> {solved_after}; greedy {greedy_before} -> {greedy_after}")
+    assert after > before + 0.12, (before, after, solved_before, solved_after)
 
 
 def test_grpo_two_steps_writes_its_checkpoint(weak):
