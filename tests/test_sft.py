@@ -403,14 +403,7 @@ def test_every_logged_learning_rate_follows_the_schedule(first_answer_runs, tiny
         assert len(set(want)) >= 3
 
 
-def _labels_nll(model, tok, prompt: str, answer: str, date_string) -> float:
-    """The HF model's own loss on one hand: prompt tokens labelled -100."""
-    seq, n = prompt_completion_ids(tok, [{"role": "user", "content": prompt}], [{"role": "assistant", "content": answer}], date_string)
-    ids = torch.tensor([seq])
-    labels = ids.clone()
-    labels[0, :n] = -100
-    with torch.no_grad():
-        return model(input_ids=ids, labels=labels).loss.item()
+from tests.test_evaluate import _labels_nll  # noqa: E402  (one independent CE_h for both files)
 
 
 def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
