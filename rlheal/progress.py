@@ -111,8 +111,9 @@ class Watcher:
     """Prints the study's progress line whenever a stage advances, from a daemon thread that
     reads progress.json: the terminal's view of what the Prefect UI shows as artifacts."""
 
-    def __init__(self, progress: Progress, order: list[str], stream: TextIO = sys.stderr, every: float = 2.0):
-        self.progress, self.order, self.stream, self.every = progress, order, stream, every
+    def __init__(self, progress: Progress, order: list[str], stream: TextIO | None = None, every: float = 2.0):
+        self.progress, self.order, self.every = progress, order, every
+        self.stream = stream if stream is not None else sys.stderr  # today's stderr, not import time's
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._last: dict | None = None
@@ -129,11 +130,17 @@ class Watcher:
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
             if line := self.poll():
-                print(line, file=self.stream, flush=True)
+                self._emit(line)
+
+    def _emit(self, line: str) -> None:
+        # One write per line: print() writes the text and its newline separately, and a log
+        # record from another thread landing between them glues itself onto the progress line.
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def __enter__(self) -> Watcher:
         self._last = self.progress.summary()  # what an earlier run finished is not news
-        print(format_line(self.progress.study, self._last, self.order, 0), file=self.stream, flush=True)
+        self._emit(format_line(self.progress.study, self._last, self.order, 0))
         self._thread.start()
         return self
 
@@ -141,4 +148,4 @@ class Watcher:
         self._stop.set()
         self._thread.join(timeout=5)
         if line := self.poll():
-            print(line, file=self.stream, flush=True)
+            self._emit(line)

@@ -37,3 +37,25 @@ def test_watcher_prints_only_when_a_stage_advances(tmp_path):
 
 def test_line_format():
     assert format_line("s", {"data": (1, 1), "eval": (3, 40)}, ORDER, 125.7) == "[s 2:05] data 1/1 | sft - | eval 3/40 | report -"
+
+
+class _Writes(io.StringIO):
+    """Records each write call: a line must reach the stream whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, s):
+        self.calls.append(s)
+        return super().write(s)
+
+
+def test_each_progress_line_is_one_write(tmp_path):
+    # print() wrote the text and then its newline; a log record from the flow's thread landing in
+    # between glued itself onto the last progress line (seen in CI: "report 1/12026-12-01 ... Finished").
+    p = Progress(tmp_path, "toy")
+    out = _Writes()
+    with Watcher(p, ORDER, stream=out, every=3600):
+        p.done("data", "data")
+    assert len(out.calls) == 2 and all(c.startswith("[toy ") and c.endswith(" -\n") for c in out.calls), out.calls
