@@ -225,6 +225,11 @@ class PpoSection(Section):
     clip: float = Field(0.1, gt=0)
     value_clip: float = Field(0.1, gt=0)
     value_coef: float = Field(0.5, ge=0)
+    value_warmup_updates: int = Field(
+        0, ge=0,
+        description="first updates that train the value head alone (no policy term, backbone not stepped), "
+        "so a fresh critic predicts returns before its advantages steer the policy; they count in rl.num_updates",
+    )
     max_grad_norm: float = Field(0.01, gt=0)
     gamma: float = Field(0.9, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)

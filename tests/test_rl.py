@@ -598,3 +598,19 @@ def test_kill_9_mid_run_then_resume(weak, uninterrupted, tmp_path):
     final = _final_weights(run_dir)
     for k in reference:
         torch.testing.assert_close(final[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
+def test_value_warmup_trains_the_head_alone_then_the_policy(weak, tmp_path):
+    # rl.ppo.value_warmup_updates: the first updates step the value head only. Broken variants
+    # this catches: the policy term left on (the backbone moves by update 2), the value loss's
+    # gradient left on the shared backbone (it moves too), the head frozen as well (equal at 1
+    # and 2), or the warm-up never ending (the backbone still at update 4).
+    _, data_dir, start = weak
+    cfg = study(QUICK, {"rl": {"save_steps": [0, 1, 2, 4], "ppo": {"value_warmup_updates": 2}}})
+    run_dir = Path(rl.run(Store(tmp_path), cfg, start, data_dir))
+    at = {r["step"]: Path(r["path"]) for r in pl.read_parquet(run_dir / "checkpoints.parquet").to_dicts()}
+    policy = {s: load_file(at[s] / "model.safetensors") for s in (0, 2, 4)}
+    assert all(torch.equal(policy[0][k], policy[2][k]) for k in policy[0]), "the policy moved during the value warm-up"
+    assert any(not torch.equal(policy[2][k], policy[4][k]) for k in policy[4]), "the policy never moved after the warm-up"
+    head = {s: load_file(at[s] / rl.VALUE_HEAD) for s in (1, 2)}
+    assert any(not torch.equal(head[1][k], head[2][k]) for k in head[1]), "the head did not train in the warm-up"

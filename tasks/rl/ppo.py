@@ -274,6 +274,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
 
         # 5. epochs of clipped updates over shuffled minibatches, micro-batched
         stats = {"loss": [], "policy": [], "value": [], "clipped": [], "kl": []}
+        critic_only = update < p.value_warmup_updates
         for _epoch in range(p.epochs):
             order = torch.randperm(N)
             for lo in range(0, N, minibatch):
@@ -288,7 +289,8 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
                     pg = policy_loss(ratio, b_norm[idx], p.clip)
                     v = value_loss(V, V_old[idx], b_returns[idx], p.value_clip)
                     scored = finite & has_policy[idx]
-                    per_sample = torch.where(scored, pg, 0.0) + p.value_coef * torch.where(finite, v, 0.0)
+                    policy_term = torch.zeros_like(pg) if critic_only else torch.where(scored, pg, 0.0)
+                    per_sample = policy_term + p.value_coef * torch.where(finite, v, 0.0)
                     # mean over the minibatch; skipped samples count as zero, as the authors' per-sample loop did
                     (per_sample.sum() / len(mb)).backward()
                     with torch.no_grad():
@@ -297,6 +299,9 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
                         stats["value"] += v[finite].tolist()
                         stats["clipped"] += ((ratio - 1).abs() > p.clip)[scored].tolist()
                         stats["kl"] += ((ratio - 1) - logratio)[scored].tolist()
+                if critic_only:  # the value loss also reaches the shared backbone: keep it still
+                    for w in model.parameters():
+                        w.grad = None
                 grad_norm = nn.utils.clip_grad_norm_(params, p.max_grad_norm)
                 optimizer.step()
 
