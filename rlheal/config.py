@@ -327,8 +327,8 @@ class SvdSection(Section):
         r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|cross_attn|mlp)\.(?P<module>q|k|v|o|gate|up|down)_proj\.weight"
     ]
     exclude: list[str] = []
-    include_embeddings: bool = False
-    include_lm_head: bool = False
+    include_embeddings: bool = Field(False, description="also analyse (and, in the editing stage, edit) the input embedding; off as analysis.md §1.1")
+    include_lm_head: bool = Field(False, description="also analyse (and edit) the lm_head; of a tied model this is the embedding, counted once")
     k: list[KSpec] = Field([0.0625, 0.125, 0.25], min_length=1, description="k-specs: int = absolute, float in (0,1] = fraction of r")
     columns: Literal["needed", "all"] = "needed"
     batch_memory_gib: float = Field(4.0, gt=0)
