@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-integration test-slow faults demo demo-seeds bench server deploy worker clean
+.PHONY: setup test test-integration test-slow faults demo demo-seeds demo-long demo-long-seeds bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -57,11 +57,23 @@ demo: setup
 # The demo's study again with two more seeds (SFT hand stream, RL hands and sampling), then
 # the four findings judged on all three side by side: store/replicates/toy+toy-seed1+toy-seed2/.
 SEEDS ?= 1 2
-demo-seeds: demo
+# $(call seeds,CONFIG,NAME): NAME-seed<n> for each of SEEDS, then the comparison with NAME.
+define seeds
 	for n in $(SEEDS); do \
-	  $(VENV)/bin/rlheal run $(CONFIG) --set name=toy-seed$$n --set data.train_seed=$$n --set rl.seed=$$n --set rl.decoding.seed=$$((42 + n)) || exit 1; \
+	  $(VENV)/bin/rlheal run $(1) --set name=$(2)-seed$$n --set data.train_seed=$$n --set rl.seed=$$n --set rl.decoding.seed=$$((42 + n)) || exit 1; \
 	done
-	$(VENV)/bin/rlheal compare toy $(foreach n,$(SEEDS),toy-seed$(n))
+	$(VENV)/bin/rlheal compare $(2) $(foreach n,$(SEEDS),$(2)-seed$(n))
+endef
+demo-seeds: demo
+	$(call seeds,$(CONFIG),toy)
+
+# The recovery-window study (issue 15): RL with the settings chosen on ID criteria alone
+# (docs/toy-rl.md) from early, mid and late SFT starts; at most 45 minutes on 2 cores.
+demo-long: setup
+	$(VENV)/bin/rlheal run configs/toy-long.yaml
+
+demo-long-seeds: demo-long
+	$(call seeds,configs/toy-long.yaml,toy-long)
 
 bench: setup
 	$(PY) benchmarks/bench_verifier.py

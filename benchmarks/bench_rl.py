@@ -2,6 +2,7 @@
 time (as the authors generated), and seconds per PPO update.
 
     python benchmarks/bench_rl.py [--envs 32] [--rounds 4] [--updates 3]
+    python benchmarks/bench_rl.py --config configs/toy-long.yaml   # a study's RL settings
     python benchmarks/bench_rl.py --qwen      # GPU: Qwen2.5-0.5B-shaped random model, bf16
 
 Both rollouts run the same number of generations with the same checkpoint and decoding:
@@ -21,7 +22,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from rlheal.config import parse_config
+from rlheal.config import load_config, parse_config
 from rlheal.store import Store
 from tasks import data, models, rl, sft
 from tasks.rl import common
@@ -29,7 +30,14 @@ from tasks.rl.ppo import precision
 from tasks.rl.rollout import Envs, Generator, rollout
 
 
-def study(envs: int, rounds: int, updates: int, max_new_tokens: int):
+def study(envs: int, rounds: int, updates: int, max_new_tokens: int, rl_from: str | None = None):
+    """The bench study; with `rl_from`, that config's RL section (its PPO and decoding
+    settings) replaces the defaults, run for `updates` updates."""
+    if rl_from is not None:
+        rl_section = load_config(rl_from).rl.model_dump(mode="json")
+        rl_section.update(save_steps=[0, updates], from_steps="all")
+        raw = study(envs, rounds, updates, max_new_tokens).model_dump(mode="json")
+        return parse_config({**raw, "rl": rl_section})
     return parse_config(
         {
             "name": "bench",
@@ -79,7 +87,7 @@ def seconds_per_update(store: Store, cfg, start: dict, data_dir: Path) -> list[f
 
 
 def run_tiny(args) -> None:
-    cfg = study(args.envs, args.rounds, args.updates, args.max_new_tokens)
+    cfg = study(args.envs, args.rounds, args.updates, args.max_new_tokens, args.config)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         data_dir = data.run(store, cfg)
@@ -89,7 +97,10 @@ def run_tiny(args) -> None:
         n_params = sum(q.numel() for q in model.parameters())
         compare(model, tok, cfg, f"tiny model after 40 SFT steps ({n_params:,} parameters), torch threads {torch.get_num_threads()}", False)
         per_update = seconds_per_update(store, cfg, start, Path(data_dir))
-    print(f"  PPO update ({cfg.rl.ppo.num_envs * cfg.rl.ppo.steps_per_env} samples, {cfg.rl.ppo.epochs} epochs): " + ", ".join(f"{s:.2f}" for s in per_update) + " s per update")
+    n = cfg.rl.ppo.num_envs * cfg.rl.ppo.steps_per_env
+    mean = sum(per_update) / len(per_update)
+    print(f"  PPO update ({n} samples, {cfg.rl.ppo.epochs} epochs, minibatch {cfg.rl.ppo.minibatch_size or n}): " + ", ".join(f"{s:.2f}" for s in per_update) + " s per update")
+    print(f"  {1 / mean:.3f} updates/s, {n / mean:.1f} generations/s (rollout, scoring and update together)")
 
 
 def run_qwen(args) -> None:
@@ -127,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--updates", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--config", default=None, help="take the RL settings (PPO, decoding) from this study config")
     ap.add_argument("--qwen", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)

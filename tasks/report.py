@@ -83,6 +83,36 @@ def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
     return out.with_columns(gain_low=pl.Series(g["low"][0]), gain_high=pl.Series(g["high"][0]), status=pl.Series(status), healed=pl.Series(g["healed"][0]))
 
 
+def rl_starts(t: dict[str, pl.DataFrame], rec: pl.DataFrame | None) -> pl.DataFrame | None:
+    """One row per RL start (issue 15 §5): ID accuracy before and after RL (Wilson 95 %),
+    the mean rollout reward of the first and last fifth of the updates (ID hands, at the
+    rollout temperature), and the raw advantage distribution: mean interquartile and
+    5-95 % spread over updates, and the normalised entropy of the run's summed histogram
+    (1 = spread evenly over the bins, 0 = one bin): the paper's "flat" distribution."""
+    if rec is None or "rl_log" not in t:
+        return None
+    ev = t["eval_summary"].filter(pl.col("split") == "id").select("ckpt_id", "accuracy", "accuracy_ci_low", "accuracy_ci_high")
+    ids = rec.select("start_step", "before_id", "after_id")
+    before = ids.join(ev.rename({c: f"id_before{c[8:]}" for c in ev.columns if c != "ckpt_id"}), left_on="before_id", right_on="ckpt_id")
+    both = before.join(ev.rename({c: f"id_after{c[8:]}" for c in ev.columns if c != "ckpt_id"}), left_on="after_id", right_on="ckpt_id")
+    rows = []
+    for (step,), g in t["rl_log"].sort("update").group_by("rl_start_step", maintain_order=True):
+        fifth = max(1, g.height // 5)
+        hist = np.sum(np.stack(g["adv_hist"].to_list()), axis=0) if "adv_hist" in g.columns else None
+        p = hist / hist.sum() if hist is not None and hist.sum() else None
+        entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(len(p))) if p is not None else None
+        rows.append({
+            "start_step": step,
+            "reward_first_fifth": g["reward_mean"].head(fifth).mean(),
+            "reward_last_fifth": g["reward_mean"].tail(fifth).mean(),
+            "adv_iqr": (g["adv_q75"] - g["adv_q25"]).mean(),
+            "adv_q05_q95": (g["adv_q95"] - g["adv_q05"]).mean(),
+            "adv_entropy": entropy,
+        })  # fmt: skip
+    logs = pl.DataFrame(rows, schema_overrides={"start_step": both.schema["start_step"]})
+    return both.join(logs, on="start_step", how="left").drop("before_id", "after_id").sort("start_step")
+
+
 def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
     """(before, after): OOD outcomes (R starts x H hands) of each RL run's starting checkpoint
     and of its last update, on the same hands; None without complete per-hand outcomes."""
@@ -708,6 +738,8 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
     cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate", "number_field"]
     section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
     section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "gain", "gain_low", "gain_high", "status")) + "\n\nGain: OOD after RL minus before, paired over the same hands, with its 95 % interval; healed / hurt when the interval excludes 0.\n")
+    starts = rl_starts(t, rec)
+    section("RL per start", starts is not None, lambda: _md_table(starts) + "\n\nID accuracy before and after RL (Wilson 95 %); rollout reward (ID hands, rollout temperature) averaged over the first and last fifth of the updates; raw advantages: mean interquartile range and 5-95 % spread per update, and the normalised entropy of the run's histogram (1 = flat, 0 = one bin).\n")
     section("Format errors", acc is not None, lambda: with_fig(fig_format_errors(acc, out)))
     section("Losses", "sft_log" in t, lambda: with_fig(fig_losses(t["sft_log"], acc, out)))
     section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))

@@ -4,6 +4,7 @@ functions on small tables (the verdict rules themselves: tests/test_verdicts.py)
 import matplotlib.figure
 import numpy as np
 import polars as pl
+import pytest
 
 from tasks import replicates, report
 from tasks.replicates import overall, spread
@@ -144,3 +145,23 @@ def test_the_loss_evidence_names_the_answer_its_ce_scores():
     assert "CE of the reference answer" in verdicts(t)["loss"].evidence  # tables from before the column
     t["sft_log"] = t["sft_log"].with_columns(ce_target=pl.lit("first"))
     assert "CE of the first answer" in verdicts(t)["loss"].evidence
+
+
+def test_rl_starts_give_id_accuracy_reward_and_advantage_spread_per_start():
+    rec = pl.DataFrame({"start_step": [8, 16], "before_id": ["sft-8", "sft-16"], "after_id": ["rl-8-10", "rl-16-10"]})
+    acc = {"sft-8": 0.5, "rl-8-10": 0.7, "sft-16": 0.9, "rl-16-10": 0.8}
+    summary = pl.DataFrame([{"ckpt_id": c, "split": sp, "accuracy": a if sp == "id" else 0.0, "accuracy_ci_low": a - 0.1, "accuracy_ci_high": a + 0.1} for c, a in acc.items() for sp in ("id", "ood")])
+    bins = 4  # + 2 overflow bins = 6
+    logs = []
+    for step, hist in ((8, [0, 1, 1, 1, 1, 0]), (16, [0, 0, 4, 0, 0, 0])):
+        for u in range(1, 11):
+            logs.append({"rl_start_step": step, "update": u, "reward_mean": float(u if step == 8 else -u), "adv_q05": -2.0, "adv_q25": -1.0, "adv_q75": 1.0 + step / 8, "adv_q95": 3.0, "adv_hist": hist})
+    rows = report.rl_starts({"eval_summary": summary, "rl_log": pl.DataFrame(logs).sample(fraction=1.0, shuffle=True, seed=1)}, rec).to_dicts()
+    assert [r["start_step"] for r in rows] == [8, 16]
+    a, b = rows
+    assert (a["id_before"], a["id_after"], b["id_before"], b["id_after"]) == (0.5, 0.7, 0.9, 0.8)  # ID, not OOD, joined by checkpoint
+    assert a["id_after_ci_low"] == pytest.approx(0.6)
+    assert (a["reward_first_fifth"], a["reward_last_fifth"]) == (1.5, 9.5)  # updates in order, though the log was shuffled
+    assert (b["reward_first_fifth"], b["reward_last_fifth"]) == (-1.5, -9.5)
+    assert (a["adv_iqr"], b["adv_iqr"], a["adv_q05_q95"]) == (3.0, 4.0, 5.0)
+    assert a["adv_entropy"] == pytest.approx(np.log(4) / np.log(6)) and b["adv_entropy"] == 0.0

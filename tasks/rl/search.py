@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", default=None, help="artifact store directory (overrides the config's `store`)")
     ap.add_argument("--doc", type=Path, default=None, help="rewrite this file's record table (docs/toy-rl.md)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # force: an imported library may have configured the root logger already, hiding rl's progress lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     try:
         base = load_config(args.config, store=args.store)
         search = load_search(Path(args.search))
