@@ -225,6 +225,12 @@ class PpoSection(Section):
     clip: float = Field(0.1, gt=0)
     value_clip: float = Field(0.1, gt=0)
     value_coef: float = Field(0.5, ge=0)
+    critic_detached: bool = Field(
+        False,
+        description="the value head reads a detached copy of the final hidden state: the critic learns without its "
+        "loss moving the shared backbone (the authors' critic is not detached; on a 100k-parameter model its "
+        "value loss can outweigh the policy gradient)",
+    )
     value_warmup_updates: int = Field(
         0, ge=0,
         description="first updates that train the value head alone (no policy term, backbone not stepped), "

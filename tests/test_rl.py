@@ -614,3 +614,21 @@ def test_value_warmup_trains_the_head_alone_then_the_policy(weak, tmp_path):
     assert any(not torch.equal(policy[2][k], policy[4][k]) for k in policy[4]), "the policy never moved after the warm-up"
     head = {s: load_file(at[s] / rl.VALUE_HEAD) for s in (1, 2)}
     assert any(not torch.equal(head[1][k], head[2][k]) for k in head[1]), "the head did not train in the warm-up"
+
+
+@pytest.mark.parametrize("detached", [False, True])
+def test_a_detached_critic_moves_the_head_only(tmp_path, detached):
+    # rl.ppo.critic_detached: V's gradient stops at the final hidden state. Attached (the
+    # authors' design), the same value loss reaches every backbone matrix it depends on.
+    cfg = parse_config({"name": "t"})
+    models.build_tiny(tmp_path, cfg.model)
+    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    gen = Generator(model, tok, {**cfg.rl.decoding.resolved(), "max_new_tokens": 8}, cfg.chat.date_string)
+    prompt = gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])
+    head = ppo.ValueHead(ppo.hidden_size(model))
+    p = cfg.rl.ppo.model_copy(update={"critic_detached": detached})
+    _, V = ppo.sequence_scores(model, head, [Step(prompt, [5, 6, 7, 8], 0.0, False, False, "no_solution", False)], [1], 1.0, p)
+    V.sum().backward()
+    backbone = [w.grad for name, w in model.named_parameters() if "layers." in name]
+    assert head.net[-1].bias.grad is not None and head.net[-1].bias.grad.abs().sum() > 0  # the critic still learns
+    assert (all(g is None or not g.any() for g in backbone)) == detached

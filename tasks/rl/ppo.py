@@ -108,7 +108,8 @@ def sequence_scores(model, head: ValueHead, steps: list[Step], splits: list[int]
         logp = logp.bfloat16().float()
     L = p.thought_coef * (logp * thought.to(device)).sum(1) + (logp * action.to(device)).sum(1)
     last_prompt = torch.tensor([width - len(s.response) - 1 for s in steps], device=device)
-    V = _value(head, out.hidden_states[-1][torch.arange(B, device=device), last_prompt])
+    h = out.hidden_states[-1][torch.arange(B, device=device), last_prompt]
+    V = _value(head, h.detach() if p.critic_detached else h)
     if p.compute_dtype == "bf16":
         V = V.bfloat16().float()
     return L, V
