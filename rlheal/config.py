@@ -233,7 +233,7 @@ class PpoSection(Section):
     )
     value_warmup_updates: int = Field(
         0, ge=0,
-        description="first updates that train the value head alone (no policy term, backbone not stepped), "
+        description="PPO: first updates that train the value head alone (no policy term, backbone not stepped), "
         "so a fresh critic predicts returns before its advantages steer the policy; they count in rl.num_updates",
     )
     max_grad_norm: float = Field(0.01, gt=0)
@@ -306,6 +306,8 @@ class RlSection(Section):
             return self
         if self.num_updates == 0:
             raise ValueError(f"save_steps: {self.save_steps} asks for a run of 0 updates; list at least one update > 0, or set rl.from_steps: [] for no RL")
+        if self.algorithm == "ppo" and self.ppo.value_warmup_updates >= self.num_updates:
+            raise ValueError(f"ppo.value_warmup_updates: {self.ppo.value_warmup_updates} warm-up updates leave none of the run's {self.num_updates} to train the policy")
         if self.algorithm == "ppo" and not self.decoding.resolved()["do_sample"] and not self.allow_greedy_rollouts:
             raise ValueError(
                 f"decoding: rolls out greedily (do_sample false, preset {self.decoding.preset!r}), and PPO needs samples "

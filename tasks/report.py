@@ -98,7 +98,8 @@ def rl_starts(t: dict[str, pl.DataFrame], rec: pl.DataFrame | None) -> pl.DataFr
     rows = []
     for (step,), g in t["rl_log"].sort("update").group_by("rl_start_step", maintain_order=True):
         fifth = max(1, g.height // 5)
-        hist = np.sum(np.stack(g["adv_hist"].to_list()), axis=0) if "adv_hist" in g.columns else None
+        hists = g["adv_hist"].drop_nulls().to_list() if "adv_hist" in g.columns else []  # GRPO reusing a generation logs none
+        hist = np.sum(np.stack(hists), axis=0) if hists else None
         p = hist / hist.sum() if hist is not None and hist.sum() else None
         entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(len(p))) if p is not None else None
         rows.append({

@@ -153,15 +153,20 @@ def test_rl_starts_give_id_accuracy_reward_and_advantage_spread_per_start():
     summary = pl.DataFrame([{"ckpt_id": c, "split": sp, "accuracy": a if sp == "id" else 0.0, "accuracy_ci_low": a - 0.1, "accuracy_ci_high": a + 0.1} for c, a in acc.items() for sp in ("id", "ood")])
     bins = 4  # + 2 overflow bins = 6
     logs = []
-    for step, hist in ((8, [0, 1, 1, 1, 1, 0]), (16, [0, 0, 4, 0, 0, 0])):
+    for step in (8, 16):
         for u in range(1, 11):
-            logs.append({"rl_start_step": step, "update": u, "reward_mean": float(u if step == 8 else -u), "adv_q05": -2.0, "adv_q25": -1.0, "adv_q75": 1.0 + step / 8, "adv_q95": 3.0, "adv_hist": hist})
+            # start 8: each update's histogram sits in one bin, a different one at odd and even
+            # updates, so the run's summed histogram is spread over two bins (entropy log 2 / log 6)
+            # although every single update's is not; start 16: one bin throughout
+            hist = ([0, 1, 0, 0, 0, 0] if u % 2 else [0, 0, 0, 0, 1, 0]) if step == 8 else [0, 0, 4, 0, 0, 0]
+            logs.append({"rl_start_step": step, "update": u, "reward_mean": float(u if step == 8 else -u), "adv_q05": -2.0, "adv_q25": -1.0, "adv_q75": float(u) if step == 8 else 3.0, "adv_q95": 3.0, "adv_hist": hist})
+    logs.append({"rl_start_step": 16, "update": 11, "reward_mean": -11.0, "adv_q05": None, "adv_q25": None, "adv_q75": None, "adv_q95": None, "adv_hist": None})  # GRPO reusing a generation
     rows = report.rl_starts({"eval_summary": summary, "rl_log": pl.DataFrame(logs).sample(fraction=1.0, shuffle=True, seed=1)}, rec).to_dicts()
     assert [r["start_step"] for r in rows] == [8, 16]
     a, b = rows
     assert (a["id_before"], a["id_after"], b["id_before"], b["id_after"]) == (0.5, 0.7, 0.9, 0.8)  # ID, not OOD, joined by checkpoint
     assert a["id_after_ci_low"] == pytest.approx(0.6)
     assert (a["reward_first_fifth"], a["reward_last_fifth"]) == (1.5, 9.5)  # updates in order, though the log was shuffled
-    assert (b["reward_first_fifth"], b["reward_last_fifth"]) == (-1.5, -9.5)
-    assert (a["adv_iqr"], b["adv_iqr"], a["adv_q05_q95"]) == (3.0, 4.0, 5.0)
-    assert a["adv_entropy"] == pytest.approx(np.log(4) / np.log(6)) and b["adv_entropy"] == 0.0
+    assert (b["reward_first_fifth"], b["reward_last_fifth"]) == (-1.5, pytest.approx(-10.5))  # 11 updates: fifths of 2
+    assert (a["adv_iqr"], b["adv_iqr"], a["adv_q05_q95"]) == (6.5, 4.0, 5.0)  # the mean over updates of q75 - q25 (u + 1)
+    assert a["adv_entropy"] == pytest.approx(np.log(2) / np.log(6)) and b["adv_entropy"] == 0.0

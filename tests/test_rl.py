@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlheal.config import parse_config
+from rlheal.config import ConfigError, parse_config
 from rlheal.faults import InjectedFault
 from rlheal.store import Store
 from tasks import data, evaluate, models, rl, sft
@@ -571,7 +571,7 @@ def test_interrupted_run_resumes_at_its_last_save_and_ends_equal(weak, uninterru
 KILL_SCRIPT = """
 import json, sys
 from pathlib import Path
-from rlheal.config import parse_config
+from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
 from tasks import rl
 cfg = parse_config(json.loads(sys.argv[1]))
@@ -606,12 +606,17 @@ def test_value_warmup_trains_the_head_alone_then_the_policy(weak, tmp_path):
     # gradient left on the shared backbone (it moves too), the head frozen as well (equal at 1
     # and 2), or the warm-up never ending (the backbone still at update 4).
     _, data_dir, start = weak
-    cfg = study(QUICK, {"rl": {"save_steps": [0, 1, 2, 4], "ppo": {"value_warmup_updates": 2}}})
+    cfg = study(QUICK, {"rl": {"save_steps": [0, 1, 2, 3, 4], "ppo": {"value_warmup_updates": 2}}})
     run_dir = Path(rl.run(Store(tmp_path), cfg, start, data_dir))
     at = {r["step"]: Path(r["path"]) for r in pl.read_parquet(run_dir / "checkpoints.parquet").to_dicts()}
-    policy = {s: load_file(at[s] / "model.safetensors") for s in (0, 2, 4)}
+    policy = {s: load_file(at[s] / "model.safetensors") for s in (0, 2, 3)}
     assert all(torch.equal(policy[0][k], policy[2][k]) for k in policy[0]), "the policy moved during the value warm-up"
-    assert any(not torch.equal(policy[2][k], policy[4][k]) for k in policy[4]), "the policy never moved after the warm-up"
+    assert any(not torch.equal(policy[2][k], policy[3][k]) for k in policy[3]), "the policy did not move in the first update after the warm-up"
+    # a warm-up update trains no policy: no policy statistics are logged for it
+    log = pl.read_parquet(run_dir / "rl_log.parquet").sort("update")
+    assert log["approx_kl"].is_null().to_list() == [True, True, False, False] and log["policy_loss"].is_null().to_list() == [True, True, False, False]
+    with pytest.raises(ConfigError, match="value_warmup_updates"):
+        study(QUICK, {"rl": {"ppo": {"value_warmup_updates": 4}}})
     head = {s: load_file(at[s] / rl.VALUE_HEAD) for s in (1, 2)}
     assert any(not torch.equal(head[1][k], head[2][k]) for k in head[1]), "the head did not train in the warm-up"
 

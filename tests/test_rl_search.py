@@ -1,6 +1,8 @@
 """The RL search (tasks/rl/search.py): ID-only selection hands, the documented criteria of
 docs/toy-rl.md, the choice rule, and one real search run on the smoke model."""
 
+import itertools
+
 import polars as pl
 import pytest
 import yaml
@@ -8,30 +10,34 @@ import yaml
 from rlheal.config import ConfigError, load_config, parse_config
 from tasks import evaluate
 from tasks.generalpoints import SPLITS, overlap_key
-from tasks.data import eval_hands
+from tasks.data import eval_hands, training_hands
 from tasks.rl import search
 from tests.conftest import CONFIGS, smoke_config
 
 
-def _log(rewards, kl=0.01, ev=0.3):
+def _log(rewards, kl=0.01, ev=0.3, algorithm="ppo"):
     n = len(rewards)
-    return pl.DataFrame({"update": list(range(1, n + 1)), "reward_mean": rewards, "approx_kl": [kl] * n, "clip_fraction": [0.1] * n, "explained_variance": [ev] * n})
+    kls = kl if isinstance(kl, list) else [kl] * n
+    return pl.DataFrame({"update": list(range(1, n + 1)), "algorithm": algorithm, "reward_mean": rewards, "approx_kl": kls, "clip_fraction": [0.1] * n, "explained_variance": [ev] * n}, schema_overrides={"approx_kl": pl.Float64})
 
 
 BEFORE = {"accuracy": 0.70, "format_error": 0.30}
 
 
-def test_selection_hands_are_id_hands_outside_the_evaluation_set():
+def test_selection_hands_are_played_by_no_stage():
     cfg = load_config(CONFIGS / "toy.yaml")
-    table = search.selection_table(cfg, 7, 300)
+    table = search.selection_table(cfg, 7, 300, 2000)
     held = eval_hands(cfg.data.eval_seed, cfg.data.eval_size)
     evaluation = {overlap_key(h, cfg.data.overlap) for s in SPLITS for h in held[s]}
-    assert table.height == 300 and set(table["split"]) == {"id"}
+    sft_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(cfg.data.train_seed, evaluation, cfg.data.overlap), cfg.data.train_size)}
+    rl_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(cfg.rl.seed, evaluation, cfg.data.overlap), 2000)}
     keys = {overlap_key(h, cfg.data.overlap) for h in evaluate.hands_from_table(table)}
-    assert not keys & evaluation
-    assert table["eval_set_hash"][0] == "selection-7-300"
-    with pytest.raises(ConfigError, match="selection.seed"):
-        search.selection_table(cfg, cfg.data.eval_seed, 10)
+    assert table.height == 300 and set(table["split"]) == {"id"}
+    assert not keys & evaluation and not keys & sft_hands and not keys & rl_hands
+    assert table["eval_set_hash"][0] == "selection-7-300-2000"
+    for seed, field in ((cfg.data.eval_seed, "data.eval_seed"), (cfg.data.train_seed, "data.train_seed")):
+        with pytest.raises(ConfigError, match=f"selection.seed: {seed} is {field}"):
+            search.selection_table(cfg, seed, 10, 0)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +45,13 @@ def test_selection_hands_are_id_hands_outside_the_evaluation_set():
     [
         ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, 0.01, None),
         ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.36}, 0.01, "format_ok"),  # +6 points
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.33}, 0.01, None),  # +3 points: within the slack
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30 + 15 / 300}, 0.01, None),  # exactly +5 (15 of 300 hands)
+        ([1.0] * 10, {"accuracy": 0.8, "format_error": 0.30}, 0.01, None),  # a flat reward is not a fall
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, 1.1e-4, None),
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, 0.09, None),
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, [0.5] * 4 + [0.01] * 6, None),  # the median, not the mean
+        ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, [None] * 10, "kl_ok"),  # PPO must log a KL
         ([1.0] * 5 + [0.5] * 5, {"accuracy": 0.8, "format_error": 0.30}, 0.01, "reward_ok"),
         ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, 5e-5, "kl_ok"),
         ([0.0] * 5 + [1.0] * 5, {"accuracy": 0.8, "format_error": 0.30}, 0.2, "kl_ok"),
@@ -49,6 +62,11 @@ def test_criteria_flag_each_kind_of_instability(rewards, after, kl, flag):
     assert c["gain"] == pytest.approx(0.1)
     failed = [k for k in ("format_ok", "reward_ok", "kl_ok") if not c[k]]
     assert failed == ([flag] if flag else []) and c["stable"] == (flag is None)
+
+
+def test_grpo_without_a_kl_penalty_is_not_judged_on_kl():
+    c = search.criteria(_log([0.0] * 5 + [1.0] * 5, [None] * 10, algorithm="grpo"), BEFORE, {"accuracy": 0.8, "format_error": 0.3})
+    assert c["kl_ok"] and c["stable"] and c["median_approx_kl"] is None
 
 
 def test_criteria_compare_the_first_and_last_fifth_of_the_updates():
@@ -68,6 +86,12 @@ def test_choice_takes_the_best_stable_gain_and_breaks_ties_by_cost_then_critic()
     assert search.choose(t) == "big"
     t = pl.DataFrame([_row("a", 0.2, ev=0.1), _row("b", 0.2, ev=0.5)])
     assert search.choose(t) == "b"
+    t = pl.DataFrame([_row("cheap", 0.2, generations=100, ev=0.1), _row("critic", 0.2, generations=1000, ev=0.9)])
+    assert search.choose(t) == "cheap"  # cost before the critic
+    t = pl.DataFrame([_row("grpo", 0.2, ev=None), _row("ppo", 0.2, ev=0.0)])
+    assert search.choose(t) == "ppo"  # no explained variance ranks last
+    t = pl.DataFrame([_row("big", 0.20, generations=1000), _row("cheap", 0.20 - 6 / 300, generations=100)])
+    assert search.choose(t) == "cheap"  # exactly 2 points (6 of 300 hands) is a tie
     assert search.choose(pl.DataFrame([_row("x", 0.3, stable=False)])) is None
 
 
@@ -90,6 +114,19 @@ def test_bad_search_file_names_the_field(tmp_path, capsys):
     assert search.main([str(CONFIGS / "smoke.yaml"), str(f), "--store", str(tmp_path / "store")]) == 2
     assert "rl.ppo.clip" in capsys.readouterr().err
     assert not (tmp_path / "store" / "rl-search").exists()  # nothing written before every candidate validates
+    good = {"name": "s", "start_step": 2, "selection": {"seed": 7, "size": 4}, "candidates": [{"name": "a"}]}
+    for bad, field in (
+        ({"selection": {"seed": 7}}, "selection.size"),
+        ({"selection": {"seed": "x", "size": 4}}, "selection.seed"),
+        ({"selection": {"seed": 42, "size": 4}}, "selection.seed: 42 is data.eval_seed"),
+        ({"start_step": 3}, "start_step: 3"),
+        ({"candidates": ["a"]}, "candidates"),
+        ({"candidates": [{"name": "a"}, {"name": "a"}]}, "unique name"),
+    ):
+        f.write_text(yaml.safe_dump({**good, **bad}))
+        assert search.main([str(CONFIGS / "smoke.yaml"), str(f), "--store", str(tmp_path / "store")]) == 2, field
+        assert field in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()  # refused before any stage ran
 
 
 def test_a_search_runs_rl_scores_id_hands_only_and_resumes(tmp_path, monkeypatch):
@@ -112,8 +149,8 @@ def test_a_search_runs_rl_scores_id_hands_only_and_resumes(tmp_path, monkeypatch
     assert search.main([str(cfg_path), str(f), "--doc", str(doc)]) == 0
     # the starting checkpoint and each run's last checkpoint, on the selection hands only
     assert sorted(p[0] for p in played) == ["rl-4-1", "rl-4-2", "sft-4", "sft-4"]
-    assert all(p[1] == {"id"} and p[2] == "selection-7-6" for p in played)
-    table = search.collect(tmp_path / "store" / "rl-search" / "s")
+    assert all(p[1] == {"id"} and p[2] == "selection-7-6-32" for p in played)  # 16 x 2 generations per update, 2 updates
+    table = pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / "store" / "rl-search" / "s").glob("*.parquet"))])
     assert sorted(table["candidate"]) == ["a", "b"] and set(table["updates"]) == {1, 2}
     assert not [c for c in table.columns if "ood" in c.lower()]
     assert (table["gain"] == table["after_accuracy"] - table["before_accuracy"]).all()
@@ -121,3 +158,9 @@ def test_a_search_runs_rl_scores_id_hands_only_and_resumes(tmp_path, monkeypatch
     assert "| a " in text and "| b " in text
     played.clear()
     assert search.main([str(cfg_path), str(f)]) == 0 and played == []  # done candidates are not rerun
+    # a changed candidate is a new row, never the old one reused
+    f.write_text(yaml.safe_dump({
+        "name": "s", "start_step": 4, "selection": {"seed": 7, "size": 6},
+        "candidates": [{"name": "a", "rl": {"save_steps": [0, 1], "ppo": {"learning_rate": 2e-4}}}, {"name": "b", "rl": {"save_steps": [0, 2], "ppo": {"learning_rate": 3e-4}}}],
+    }))  # fmt: skip
+    assert search.main([str(cfg_path), str(f)]) == 0 and sorted(p[0] for p in played) == ["rl-4-1", "sft-4"]

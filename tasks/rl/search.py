@@ -18,6 +18,7 @@ import argparse
 import itertools
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,36 @@ log = logging.getLogger("rlheal.rl.search")
 
 # docs/toy-rl.md "The criteria": fixed before the first candidate ran.
 FORMAT_SLACK = 0.05  # first-attempt format-error rate may rise by at most this
+EPS = 1e-9  # rates are ratios of hand counts: an exact 5- or 2-point difference must not fail by rounding
 KL_RANGE = (1e-4, 0.1)  # median approx_kl: below, no movement; above, the clip no longer bounds the step
 TIE = 0.02  # accuracy gains within this of the best are ties
 DOC_MARKERS = ("<!-- rl-search table -->", "<!-- /rl-search table -->")
+VERSION = "2"  # 2: selection hands also skip the SFT and RL training hands
 
 
 # ---------------------------------------------------------------------------- selection hands
 
 
-def selection_table(cfg: StudyConfig, seed: int, size: int) -> pl.DataFrame:
-    """The first `size` hands of `deal("id", seed, i)` that are not evaluation hands, as an
-    evaluation table of split `id` (its own set hash: it is not the evaluation set)."""
+def selection_table(cfg: StudyConfig, seed: int, size: int, rl_hands: int) -> pl.DataFrame:
+    """The first `size` hands of `deal("id", seed, i)` that no stage plays: not evaluation
+    hands, not SFT training hands (the first data.train_size of the SFT stream), and not
+    among the first `rl_hands` hands of the RL stream (a bound on what any candidate's
+    rollouts dealt: one hand per generation at most). Returned as an evaluation table of
+    split `id` with its own set hash (it is not the evaluation set)."""
     from tasks.data import eval_table, training_hands
+    from tasks.generalpoints import overlap_key
     from tasks.rl.common import evaluation_keys
 
-    if seed == cfg.data.eval_seed:
-        raise ConfigError(f"selection.seed: {seed} is data.eval_seed; the selection hands must not be the evaluation set")
-    hands = list(itertools.islice(training_hands(seed, evaluation_keys(cfg), cfg.data.overlap), size))
-    return eval_table(hands, f"selection-{seed}-{size}", cfg.data.answer)
+    used = {"data.eval_seed": cfg.data.eval_seed, "data.train_seed": cfg.data.train_seed, "rl.seed": cfg.rl.seed}
+    for name, other in used.items():
+        if seed == other:
+            raise ConfigError(f"selection.seed: {seed} is {name}; the selection hands need a seed no stage deals from")
+    evaluation = evaluation_keys(cfg)
+    played = set(evaluation)
+    for stream_seed, n in ((cfg.data.train_seed, cfg.data.train_size), (cfg.rl.seed, rl_hands)):
+        played |= {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(stream_seed, evaluation, cfg.data.overlap), n)}
+    hands = list(itertools.islice(training_hands(seed, played, cfg.data.overlap), size))
+    return eval_table(hands, f"selection-{seed}-{size}-{rl_hands}", cfg.data.answer)
 
 
 def id_score(path: str | Path, cfg: StudyConfig, table: pl.DataFrame, ckpt_id: str) -> dict[str, Any]:
@@ -83,9 +96,12 @@ def criteria(rl_log: pl.DataFrame, before: dict, after: dict) -> dict[str, Any]:
     first, last = rows["reward_mean"].head(fifth).mean(), rows["reward_mean"].tail(fifth).mean()
     kl = rows["approx_kl"].drop_nulls().median()
     ev = rows["explained_variance"].drop_nulls()
-    format_ok = after["format_error"] <= before["format_error"] + FORMAT_SLACK
+    format_ok = after["format_error"] <= before["format_error"] + FORMAT_SLACK + EPS
     reward_ok = last >= first
-    kl_ok = kl is not None and KL_RANGE[0] <= kl <= KL_RANGE[1]
+    # Amendment 2026-12-02 (docs/toy-rl.md): TRL's GRPO with beta 0 logs no KL, so the KL
+    # test does not apply to it; a PPO run without KL fails it.
+    no_kl = kl is None and set(rows["algorithm"]) == {"grpo"}
+    kl_ok = no_kl or (kl is not None and KL_RANGE[0] <= kl <= KL_RANGE[1])
     return {
         "gain": after["accuracy"] - before["accuracy"],
         "reward_first_fifth": first,
@@ -107,7 +123,7 @@ def choose(table: pl.DataFrame) -> str | None:
     if stable.is_empty():
         return None
     best = stable["gain"].max()
-    ties = stable.filter(pl.col("gain") >= best - TIE).with_columns(ev=pl.col("final_explained_variance").fill_null(-math.inf))
+    ties = stable.filter(pl.col("gain") >= best - TIE - EPS).with_columns(ev=pl.col("final_explained_variance").fill_null(-math.inf))
     return ties.sort(["generations", "ev"], descending=[False, True])["candidate"][0]
 
 
@@ -157,7 +173,7 @@ def run_candidate(store: Store, base: StudyConfig, search: dict, candidate: dict
     name, step = candidate["name"], search["start_step"]
     cfg = candidate_config(base, candidate.get("rl", {}), step, name)
     start, data_dir = sft_start(store, cfg, step)
-    table = selection_table(cfg, search["selection"]["seed"], search["selection"]["size"])
+    table = selection_table(cfg, search["selection"]["seed"], search["selection"]["size"], rl_bound(base, search))
     run_dir = Path(rl.run(store, cfg, start, data_dir))
     ckpts = pl.read_parquet(run_dir / "checkpoints.parquet").sort("step")
     rl_log = pl.read_parquet(run_dir / "rl_log.parquet")
@@ -177,12 +193,28 @@ def run_candidate(store: Store, base: StudyConfig, search: dict, candidate: dict
         "wall_seconds": float(rl_log["wall_seconds"].max()),
         "rl_run": str(run_dir),
     }
-    write_parquet(pl.DataFrame([row]), out_dir / f"{name}.parquet")
+    write_parquet(pl.DataFrame([row]), row_path(out_dir, base, search, candidate))
     return row
 
 
-def collect(out_dir: Path) -> pl.DataFrame:
-    files = sorted(out_dir.glob("*.parquet"))
+def rl_bound(base: StudyConfig, search: dict) -> int:
+    """The most generations of any candidate: no rollout dealt a hand beyond this one."""
+    return max(generations(candidate_config(base, c.get("rl", {}), search["start_step"], c["name"])) for c in search["candidates"])
+
+
+def row_path(out_dir: Path, base: StudyConfig, search: dict, candidate: dict) -> Path:
+    """`<name>-<hash>.parquet`, the hash over everything the row depends on: a changed
+    candidate, start, selection or base study is a new row, never a stale one reused."""
+    from rlheal.store import stable_hash
+
+    cfg = candidate_config(base, candidate.get("rl", {}), search["start_step"], candidate["name"])
+    what = {"study": cfg.model_dump(mode="json", exclude={"name", "store"}), "selection": search["selection"], "rl_bound": rl_bound(base, search), "version": VERSION}
+    return out_dir / f"{candidate['name']}-{stable_hash(what)[:12]}.parquet"
+
+
+def collect(files: list[Path]) -> pl.DataFrame:
+    """The rows of these candidates (a file of an older protocol or candidate is not one)."""
+    files = [f for f in files if f.is_file()]
     return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else pl.DataFrame()
 
 
@@ -217,7 +249,9 @@ def write_doc(doc: Path, table: pl.DataFrame) -> None:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     body = markdown(table, choose(table) if not table.is_empty() else None)
-    doc.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+    tmp = doc.with_name(f".{doc.name}.tmp")
+    tmp.write_text(f"{head}{start}\n{body}\n{end}{tail}", encoding="utf-8")
+    os.replace(tmp, doc)  # a kill mid-write leaves the old file
 
 
 def load_search(path: Path) -> dict:
@@ -228,8 +262,16 @@ def load_search(path: Path) -> dict:
     for key in ("name", "start_step", "selection", "candidates"):
         if key not in (search or {}):
             raise ConfigError(f"{path}: missing field {key!r}")
+    sel = search["selection"]
+    for key in ("seed", "size"):
+        if not isinstance(sel, dict) or not isinstance(sel.get(key), int) or isinstance(sel.get(key), bool) or sel[key] < (1 if key == "size" else 0):
+            raise ConfigError(f"{path}: selection.{key}: expected an integer {'>= 1' if key == 'size' else '>= 0'}, got {sel.get(key) if isinstance(sel, dict) else sel!r}")
+    if not isinstance(search["start_step"], int) or isinstance(search["start_step"], bool):
+        raise ConfigError(f"{path}: start_step: expected an SFT step (integer), got {search['start_step']!r}")
+    if not isinstance(search["candidates"], list) or not all(isinstance(c, dict) for c in search["candidates"]):
+        raise ConfigError(f"{path}: candidates: expected a list of mappings {{name, rl}}")
     names = [c.get("name") for c in search["candidates"]]
-    if len(set(names)) != len(names) or not all(names):
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{path}: candidates: every candidate needs a unique name, got {names}")
     return search
 
@@ -247,8 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = load_config(args.config, store=args.store)
         search = load_search(Path(args.search))
+        if search["start_step"] not in base.sft.save_steps:
+            raise ConfigError(f"{args.search}: start_step: {search['start_step']} is not in sft.save_steps {base.sft.save_steps}")
         for c in search["candidates"]:  # every candidate validated before the first one runs
             candidate_config(base, c.get("rl", {}), search["start_step"], c["name"])
+        selection_table(base, search["selection"]["seed"], 1, 0)  # the seed check, before any stage runs
     except ConfigError as err:
         print(f"rlheal: error: {err}", file=sys.stderr)
         return 2
@@ -260,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     for c in search["candidates"]:
         if args.only is not None and c["name"] not in args.only:
             continue
-        if (out_dir / f"{c['name']}.parquet").is_file():
+        if row_path(out_dir, base, search, c).is_file():
             log.info("candidate %s: done before", c["name"])
             continue
         row = run_candidate(store, base, search, c, out_dir)
         log.info("candidate %s: ID accuracy %.3f -> %.3f, stable %s", c["name"], row["before_accuracy"], row["after_accuracy"], row["stable"])
-    table = collect(out_dir)
+    table = collect([row_path(out_dir, base, search, c) for c in search["candidates"]])
     if args.doc is not None:
         write_doc(args.doc, table)
     if not table.is_empty():
