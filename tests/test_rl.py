@@ -637,3 +637,11 @@ def test_a_detached_critic_moves_the_head_only(tmp_path, detached):
     backbone = [w.grad for name, w in model.named_parameters() if "layers." in name]
     assert head.net[-1].bias.grad is not None and head.net[-1].bias.grad.abs().sum() > 0  # the critic still learns
     assert (all(g is None or not g.any() for g in backbone)) == detached
+
+
+def test_a_ppo_switch_that_is_off_leaves_the_run_key_unchanged():
+    # runs sealed before rl.ppo.critic_detached existed stay cache hits while it is off
+    start = {"ckpt_id": "sft-30", "step": 30, "content_hash": "x"}
+    off, on = (rl.key_config(study(QUICK, {"rl": {"ppo": {"critic_detached": d}}}), start) for d in (False, True))
+    assert "critic_detached" not in off["rl"]["ppo"] and on["rl"]["ppo"]["critic_detached"] is True
+    assert rl.key_config(study(QUICK), start) == off

@@ -35,6 +35,7 @@ from tasks.rl import common, grpo, ppo
 from tasks.rl.common import CHECKPOINTS_SCHEMA, LOG_SCHEMA, VALUE_HEAD
 
 VERSION = "1"
+OPTIONAL_PPO = {"critic_detached": False}  # rl.ppo fields keyed only when not at this value
 TABLES = ("checkpoints", "rl_log")
 __all__ = ["CHECKPOINTS_SCHEMA", "LOG_SCHEMA", "TABLES", "VALUE_HEAD", "artifact", "collect", "run", "stage", "starts"]
 
@@ -53,6 +54,11 @@ def key_config(cfg: StudyConfig, start: dict) -> dict:
     unused = {"from_steps", "allow_greedy_rollouts"}  # which runs exist; a validation switch
     if rl.algorithm == "ppo":
         section = rl.model_dump(exclude={*unused, "grpo"})
+        # Switches added to the authors' PPO enter the key only when on: off, the run is the
+        # one sealed before the switch existed, and stays a cache hit.
+        for switch, off in OPTIONAL_PPO.items():
+            if section["ppo"][switch] == off:
+                del section["ppo"][switch]
     else:  # GRPO takes its generation settings from rl.grpo, not rl.decoding
         section = {**rl.model_dump(exclude={*unused, "ppo", "decoding"}), "seed_torch": rl.decoding.seed}
     return {
