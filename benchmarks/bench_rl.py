@@ -2,7 +2,8 @@
 time (as the authors generated), and seconds per PPO update.
 
     python benchmarks/bench_rl.py [--envs 32] [--rounds 4] [--updates 3]
-    python benchmarks/bench_rl.py --config configs/toy-long.yaml   # a study's RL settings
+    python benchmarks/bench_rl.py --config configs/toy-long.yaml   # a study's PPO settings
+                                      # (its envs, rounds and decoding; --envs/--rounds/--max-new-tokens unused)
     python benchmarks/bench_rl.py --qwen      # GPU: Qwen2.5-0.5B-shaped random model, bf16
 
 Both rollouts run the same number of generations with the same checkpoint and decoding:
@@ -35,6 +36,8 @@ def study(envs: int, rounds: int, updates: int, max_new_tokens: int, rl_from: st
     settings) replaces the defaults, run for `updates` updates."""
     if rl_from is not None:
         rl_section = load_config(rl_from).rl.model_dump(mode="json")
+        if rl_section["algorithm"] != "ppo":
+            raise SystemExit(f"{rl_from}: rl.algorithm is {rl_section['algorithm']!r}; this benchmark measures PPO")
         rl_section.update(save_steps=[0, updates], from_steps="all")
         raw = study(envs, rounds, updates, max_new_tokens).model_dump(mode="json")
         return parse_config({**raw, "rl": rl_section})
