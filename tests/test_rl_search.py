@@ -64,6 +64,13 @@ def test_criteria_flag_each_kind_of_instability(rewards, after, kl, flag):
     assert failed == ([flag] if flag else []) and c["stable"] == (flag is None)
 
 
+def test_value_warmup_updates_do_not_enter_the_kl_median():
+    log = _log([0.0] * 5 + [1.0] * 5, [0.0] * 6 + [0.01] * 4)  # 6 warm-up updates logged a zero KL (before they logged none)
+    assert not search.criteria(log, BEFORE, {"accuracy": 0.8, "format_error": 0.3})["kl_ok"]
+    c = search.criteria(log, BEFORE, {"accuracy": 0.8, "format_error": 0.3}, warmup=6)
+    assert c["kl_ok"] and c["median_approx_kl"] == pytest.approx(0.01)
+
+
 def test_grpo_without_a_kl_penalty_is_not_judged_on_kl():
     c = search.criteria(_log([0.0] * 5 + [1.0] * 5, [None] * 10, algorithm="grpo"), BEFORE, {"accuracy": 0.8, "format_error": 0.3})
     assert c["kl_ok"] and c["stable"] and c["median_approx_kl"] is None
@@ -122,6 +129,8 @@ def test_bad_search_file_names_the_field(tmp_path, capsys):
         ({"start_step": 3}, "start_step: 3"),
         ({"candidates": ["a"]}, "candidates"),
         ({"candidates": [{"name": "a"}, {"name": "a"}]}, "unique name"),
+        ({"candidates": [{"name": "a", "rl": None}]}, "candidates"),
+        ({"candidates": [{"name": "a", "rl": {"seed": 3}}]}, "rl.seed"),
     ):
         f.write_text(yaml.safe_dump({**good, **bad}))
         assert search.main([str(CONFIGS / "smoke.yaml"), str(f), "--store", str(tmp_path / "store")]) == 2, field

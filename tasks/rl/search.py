@@ -5,9 +5,9 @@
 Each candidate (a named override of the study's `rl` section) runs RL through the `rl`
 stage itself (`tasks.rl.run`, cached and resumable in the study's store) from one SFT
 checkpoint, and is scored on held-out ID hands: `deal("id", seed, i)` with every evaluation
-hand skipped, evaluated with the study's evaluation protocol before and after RL. OOD
-hands are never built here, and the evaluation set is never played: nothing OOD can
-steer the choice. One Parquet row per candidate under `<store>/rl-search/<search>/`
+hand skipped, evaluated with the study's evaluation protocol before and after RL. No OOD
+hand is played and no OOD result is read (the evaluation hands, OOD included, are dealt
+only to be skipped): nothing OOD can steer the choice. One Parquet row per candidate under `<store>/rl-search/<search>/`
 (written atomically when the candidate is done, so a kill loses only the one in flight);
 `--doc` rewrites the record table of docs/toy-rl.md from them.
 """
@@ -37,7 +37,7 @@ EPS = 1e-9  # rates are ratios of hand counts: an exact 5- or 2-point difference
 KL_RANGE = (1e-4, 0.1)  # median approx_kl: below, no movement; above, the clip no longer bounds the step
 TIE = 0.02  # accuracy gains within this of the best are ties
 DOC_MARKERS = ("<!-- rl-search table -->", "<!-- /rl-search table -->")
-VERSION = "2"  # 2: selection hands also skip the SFT and RL training hands
+VERSION = "3"  # 2: selection hands also skip the SFT and RL training hands; 3: warm-up updates out of the KL median
 
 
 # ---------------------------------------------------------------------------- selection hands
@@ -88,13 +88,15 @@ def id_score(path: str | Path, cfg: StudyConfig, table: pl.DataFrame, ckpt_id: s
 # ---------------------------------------------------------------------------- the criteria
 
 
-def criteria(rl_log: pl.DataFrame, before: dict, after: dict) -> dict[str, Any]:
+def criteria(rl_log: pl.DataFrame, before: dict, after: dict, warmup: int = 0) -> dict[str, Any]:
     """docs/toy-rl.md criterion 1 (stable) and the numbers of 2 and 3, from one run's
-    rl_log and its held-out ID scores before and after RL."""
+    rl_log and its held-out ID scores before and after RL. The first `warmup` updates
+    (value head only: no policy is trained) do not enter the KL and clip statistics."""
     rows = rl_log.sort("update")
+    policy_rows = rows.filter(pl.col("update") > warmup)
     fifth = max(1, rows.height // 5)
     first, last = rows["reward_mean"].head(fifth).mean(), rows["reward_mean"].tail(fifth).mean()
-    kl = rows["approx_kl"].drop_nulls().median()
+    kl = policy_rows["approx_kl"].drop_nulls().median()
     ev = rows["explained_variance"].drop_nulls()
     format_ok = after["format_error"] <= before["format_error"] + FORMAT_SLACK + EPS
     reward_ok = last >= first
@@ -107,7 +109,7 @@ def criteria(rl_log: pl.DataFrame, before: dict, after: dict) -> dict[str, Any]:
         "reward_first_fifth": first,
         "reward_last_fifth": last,
         "median_approx_kl": kl,
-        "mean_clip_fraction": rows["clip_fraction"].drop_nulls().mean(),
+        "mean_clip_fraction": policy_rows["clip_fraction"].drop_nulls().mean(),
         "final_explained_variance": ev[-1] if len(ev) else None,
         "format_ok": format_ok,
         "reward_ok": reward_ok,
@@ -189,7 +191,7 @@ def run_candidate(store: Store, base: StudyConfig, search: dict, candidate: dict
         "selection_hands": before["n"],
         **{f"before_{k}": v for k, v in before.items() if k != "n"},
         **{f"after_{k}": v for k, v in after.items() if k != "n"},
-        **criteria(rl_log, before, after),
+        **criteria(rl_log, before, after, cfg.rl.ppo.value_warmup_updates if cfg.rl.algorithm == "ppo" else 0),
         "wall_seconds": float(rl_log["wall_seconds"].max()),
         "rl_run": str(run_dir),
     }
@@ -268,8 +270,11 @@ def load_search(path: Path) -> dict:
             raise ConfigError(f"{path}: selection.{key}: expected an integer {'>= 1' if key == 'size' else '>= 0'}, got {sel.get(key) if isinstance(sel, dict) else sel!r}")
     if not isinstance(search["start_step"], int) or isinstance(search["start_step"], bool):
         raise ConfigError(f"{path}: start_step: expected an SFT step (integer), got {search['start_step']!r}")
-    if not isinstance(search["candidates"], list) or not all(isinstance(c, dict) for c in search["candidates"]):
-        raise ConfigError(f"{path}: candidates: expected a list of mappings {{name, rl}}")
+    if not isinstance(search["candidates"], list) or not all(isinstance(c, dict) and isinstance(c.get("rl", {}), dict) for c in search["candidates"]):
+        raise ConfigError(f"{path}: candidates: expected a list of mappings {{name, rl: {{...}}}}")
+    for c in search["candidates"]:
+        if "seed" in c.get("rl", {}):  # the RL hand stream is the one the selection hands avoid
+            raise ConfigError(f"{path}: candidates[{c.get('name')!r}].rl.seed: a candidate may not change the RL hand stream")
     names = [c.get("name") for c in search["candidates"]]
     if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
         raise ConfigError(f"{path}: candidates: every candidate needs a unique name, got {names}")
