@@ -193,7 +193,9 @@ def test_kill_9_mid_sft_then_resume(cli_env, tmp_path):
     cfg_file.write_text(yaml.safe_dump({**cfg_dict, "store": str(tmp_path / "store")}))
     cmd = [sys.executable, "-m", "rlheal.cli", "run", str(cfg_file)]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    kill_when(proc, lambda: any((tmp_path / "store" / "sft").glob("*-s3/manifest.json")), "its first checkpoint")
+    # the resume point (the trainer state, marked complete) is written after the step's sealed
+    # checkpoint: waiting for the checkpoint alone could kill before anything was resumable
+    kill_when(proc, lambda: any((tmp_path / "store" / "sft").glob(f".work/*/checkpoint-3/{sft.DONE}")), "its first resume point")
     assert not list((tmp_path / "store" / "sft").glob("*-s40"))  # killed mid-run
 
     second = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
