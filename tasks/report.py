@@ -91,21 +91,21 @@ def rl_starts(t: dict[str, pl.DataFrame], rec: pl.DataFrame | None) -> pl.DataFr
     (1 = spread evenly over the bins, 0 = one bin): the paper's "flat" distribution."""
     if rec is None or "rl_log" not in t:
         return None
+    from tasks.rl.common import reward_fifths  # the stability test's own fifths (docs/toy-rl.md)
+
     ev = t["eval_summary"].filter(pl.col("split") == "id").select("ckpt_id", "accuracy", "accuracy_ci_low", "accuracy_ci_high")
     ids = rec.select("start_step", "before_id", "after_id")
     before = ids.join(ev.rename({c: f"id_before{c[8:]}" for c in ev.columns if c != "ckpt_id"}), left_on="before_id", right_on="ckpt_id")
     both = before.join(ev.rename({c: f"id_after{c[8:]}" for c in ev.columns if c != "ckpt_id"}), left_on="after_id", right_on="ckpt_id")
     rows = []
     for (step,), g in t["rl_log"].sort("update").group_by("rl_start_step", maintain_order=True):
-        fifth = max(1, g.height // 5)
         hists = g["adv_hist"].drop_nulls().to_list() if "adv_hist" in g.columns else []  # GRPO reusing a generation logs none
         hist = np.sum(np.stack(hists), axis=0) if hists else None
         p = hist / hist.sum() if hist is not None and hist.sum() else None
         entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum() / np.log(len(p))) if p is not None else None
         rows.append({
             "start_step": step,
-            "reward_first_fifth": g["reward_mean"].head(fifth).mean(),
-            "reward_last_fifth": g["reward_mean"].tail(fifth).mean(),
+            **dict(zip(("reward_first_fifth", "reward_last_fifth"), reward_fifths(g))),
             "adv_iqr": (g["adv_q75"] - g["adv_q25"]).mean(),
             "adv_q05_q95": (g["adv_q95"] - g["adv_q05"]).mean(),
             "adv_entropy": entropy,

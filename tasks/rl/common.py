@@ -113,6 +113,14 @@ def advantage_distribution(adv, bins: int, limit: float) -> dict:
     return {**{f"adv_q{round(q * 100):02d}": None if v is None else float(v) for q, v in zip(QUANTILES, qs)}, "adv_hist": hist}
 
 
+def reward_fifths(rl_log: pl.DataFrame) -> tuple[float, float]:
+    """Mean rollout reward of the first and the last fifth of one run's updates (at least one
+    update each): the stability test of docs/toy-rl.md and the report's per-start table."""
+    rows = rl_log.sort("update")
+    fifth = max(1, rows.height // 5)
+    return rows["reward_mean"].head(fifth).mean(), rows["reward_mean"].tail(fifth).mean()
+
+
 def log_frame(rows: list[dict]) -> pl.DataFrame:
     return pl.DataFrame([{k: r.get(k) for k in LOG_SCHEMA} for r in rows], schema=LOG_SCHEMA)
 

@@ -28,6 +28,7 @@ import yaml
 
 from rlheal.config import ConfigError, StudyConfig, load_config, parse_config
 from rlheal.store import Store, write_parquet
+from tasks.rl.common import reward_fifths
 
 log = logging.getLogger("rlheal.rl.search")
 
@@ -94,8 +95,7 @@ def criteria(rl_log: pl.DataFrame, before: dict, after: dict, warmup: int = 0) -
     (value head only: no policy is trained) do not enter the KL and clip statistics."""
     rows = rl_log.sort("update")
     policy_rows = rows.filter(pl.col("update") > warmup)
-    fifth = max(1, rows.height // 5)
-    first, last = rows["reward_mean"].head(fifth).mean(), rows["reward_mean"].tail(fifth).mean()
+    first, last = reward_fifths(rows)
     kl = policy_rows["approx_kl"].drop_nulls().median()
     ev = rows["explained_variance"].drop_nulls()
     format_ok = after["format_error"] <= before["format_error"] + FORMAT_SLACK + EPS
