@@ -54,13 +54,14 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/rlheal run $(CONFIG)
 
-# The demo's study again with two more seeds (SFT hand stream, RL hands and sampling), then
+# The demo's study again with two more seeds (SFT hand stream, RL hands and sampling: PPO
+# rollouts or GRPO completions, whichever the config runs), then
 # the four findings judged on all three side by side: store/replicates/toy+toy-seed1+toy-seed2/.
 SEEDS ?= 1 2
 # $(call seeds,CONFIG,NAME): NAME-seed<n> for each of SEEDS, then the comparison with NAME.
 define seeds
 	for n in $(SEEDS); do \
-	  $(VENV)/bin/rlheal run $(1) --set name=$(2)-seed$$n --set data.train_seed=$$n --set rl.seed=$$n --set rl.decoding.seed=$$((42 + n)) || exit 1; \
+	  $(VENV)/bin/rlheal run $(1) --set name=$(2)-seed$$n --set data.train_seed=$$n --set rl.seed=$$n --set rl.decoding.seed=$$((42 + n)) --set rl.grpo.decoding.seed=$$((42 + n)) || exit 1; \
 	done
 	$(VENV)/bin/rlheal compare $(2) $(foreach n,$(SEEDS),$(2)-seed$(n))
 endef

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, editing, evaluate, models, svd
+from tasks import data, editing, evaluate, lm, models, svd
 from tasks.editing.apply import base_matrices, in_scope
 from tasks.svd.roles import ROLES_SCHEMA
 
@@ -124,7 +124,7 @@ def baseline(root: Path, cfg, rows: dict, variants: list[dict], hands: dict) -> 
         for f in Path(target["path"]).iterdir():
             if f.suffix != ".safetensors":
                 shutil.copy2(f, out / f.name)
-        model, tok = models.load_model(out), models.load_tokenizer(out)
+        model, tok = lm.load_model(out), lm.load_tokenizer(out)
         t1 = time.perf_counter()
         ev += evaluate_both(model, tok, hands, cfg)
         edit += t1 - t0

@@ -41,7 +41,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from rlheal.config import ModelSection, StudyConfig, parse_config  # noqa: E402
-from tasks import data, evaluate, models  # noqa: E402
+from tasks import data, evaluate, lm, models  # noqa: E402
 from tasks.chat import encode, render  # noqa: E402
 from tasks.generalpoints import Episode  # noqa: E402
 
@@ -63,9 +63,9 @@ def hands_table(n: int) -> pl.DataFrame:
 
 
 def load(args, device: torch.device):
-    tok = models.load_tokenizer(args.model_dir)
+    tok = lm.load_tokenizer(args.model_dir)
     if not args.qwen:
-        return models.load_model(args.model_dir, torch.float32, device), tok
+        return lm.load_model(args.model_dir, torch.float32, device), tok
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -87,7 +87,7 @@ def batched(model, tok, table, cfg) -> pl.DataFrame:
 @torch.no_grad()
 def baseline(model, tok, table, cfg) -> pl.DataFrame:
     """The authors' loop: one hand, one attempt, one generate call at a time."""
-    config = evaluate.generation_config(cfg.eval.decoding.resolved(), tok)
+    config = lm.generation_config(cfg.eval.decoding.resolved(), tok)
     stops = set(config.eos_token_id)
     device = next(model.parameters()).device
     played = evaluate.Played([], [], 1)
@@ -95,12 +95,12 @@ def baseline(model, tok, table, cfg) -> pl.DataFrame:
         episode, gens = Episode(hand, cfg.verifier.mode, cfg.verifier.verify_iter), []
         while not episode.done:
             ids = encode(tok, render(tok, episode.messages(), add_generation_prompt=True, date_string=cfg.chat.date_string))
-            with evaluate.only(model, config):
+            with lm.only(model, config):
                 out = model.generate(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device), generation_config=config)
             new = out[0, len(ids) :].tolist()
             end = next((t for t, tid in enumerate(new) if tid in stops), None)
             text = tok.decode(new if end is None else new[:end], skip_special_tokens=True)
-            gens.append(evaluate.Generation(text, len(new) if end is None else end + 1, end is None))
+            gens.append(lm.Generation(text, len(new) if end is None else end + 1, end is None))
             episode.record(text)
         played.episodes.append(episode)
         played.generations.append(gens)

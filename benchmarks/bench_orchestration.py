@@ -39,11 +39,11 @@ def direct(config: Path, store: Path) -> float:
     ckpts = pl.read_parquet(Path(sft_dir) / "checkpoints.parquet").to_dicts()
     paths = [evaluate.run(st, cfg, c, s, data_dir) for c in ckpts for s in ("id", "ood")]
     attempts, summary = evaluate.collect(paths)
-    study_dir = st.study_dir(cfg.name)
-    (study_dir / "tables").mkdir(parents=True, exist_ok=True)
+    tables = st.tables_dir(cfg.name)
+    tables.mkdir(parents=True, exist_ok=True)
     for name, table in (("eval_summary", summary), ("eval_attempts", attempts)):
-        table.write_parquet(study_dir / "tables" / f"{name}.parquet")
-    report.run(study_dir, cfg.name)
+        table.write_parquet(tables / f"{name}.parquet")
+    report.run(tables, st.report_dir(cfg.name), cfg.name)
     return time.perf_counter() - t0
 
 

@@ -25,7 +25,7 @@ import torch
 
 from rlheal.config import load_config, parse_config
 from rlheal.store import Store
-from tasks import data, models, rl, sft
+from tasks import data, lm, models, rl, sft
 from tasks.rl import common
 from tasks.rl.ppo import precision
 from tasks.rl.rollout import Envs, Generator, rollout
@@ -96,7 +96,7 @@ def run_tiny(args) -> None:
         data_dir = data.run(store, cfg)
         run_dir = sft.run(store, cfg, models.run(store, cfg), data_dir)
         start = pl.read_parquet(Path(run_dir) / "checkpoints.parquet").to_dicts()[-1]
-        tok, model = models.load_tokenizer(start["path"]), models.load_model(start["path"]).eval()
+        tok, model = lm.load_tokenizer(start["path"]), lm.load_model(start["path"]).eval()
         n_params = sum(q.numel() for q in model.parameters())
         compare(model, tok, cfg, f"tiny model after 40 SFT steps ({n_params:,} parameters), torch threads {torch.get_num_threads()}", False)
         per_update = seconds_per_update(store, cfg, start, Path(data_dir))
@@ -121,7 +121,7 @@ def run_qwen(args) -> None:
         model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         model.save_pretrained(path)
         tok.save_pretrained(path)
-        bf16 = models.load_model(path, torch.bfloat16, "cuda").eval()
+        bf16 = lm.load_model(path, torch.bfloat16, "cuda").eval()
         n_params = sum(q.numel() for q in bf16.parameters())
         compare(bf16, tok, cfg, f"Qwen2.5-0.5B-shaped random model ({n_params / 1e6:.0f}M parameters), bf16, {torch.cuda.get_device_name()}", True)
         del bf16

@@ -21,7 +21,7 @@ import torch
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, models, sft
+from tasks import data, lm, models, sft
 from tasks.chat import prompt_completion_ids
 
 
@@ -37,7 +37,7 @@ def study(steps: int, batch: int):
 
 
 def trained_tokens(cfg, model_dir: Path, data_dir: Path) -> int:
-    tok = models.load_tokenizer(model_dir)
+    tok = lm.load_tokenizer(model_dir)
     rows = pl.read_parquet(data_dir / "sft_train.parquet").head(cfg.sft.max_steps * cfg.sft.batch_size)
     return sum(len(prompt_completion_ids(tok, p, c, cfg.chat.date_string)[0]) for p, c in zip(rows["prompt"].to_list(), rows["completion"].to_list()))
 
@@ -53,7 +53,7 @@ def run_tiny(steps: int, batch: int) -> None:
         sft.train(store, run_art, cfg, model_dir, data_dir)
         ours = time.perf_counter() - t0
         baseline = trl_default_path(cfg, model_dir, data_dir, Path(tmp) / "baseline")
-        n_params = sum(p.numel() for p in models.load_model(model_dir).parameters())
+        n_params = sum(p.numel() for p in lm.load_model(model_dir).parameters())
     print(f"tiny model ({n_params:,} parameters), {steps} steps x batch {batch}, {tokens:,} tokens, torch threads {torch.get_num_threads()}")
     print(f"  rlheal (pre-tokenised rows): {tokens / ours:10,.0f} tokens/s  {steps / ours:6.2f} steps/s  ({ours:.2f} s)")
     print(f"  baseline (TRL tokenises)   : {tokens / baseline:10,.0f} tokens/s  {steps / baseline:6.2f} steps/s  ({baseline:.2f} s)")
@@ -65,9 +65,9 @@ def trl_default_path(cfg, model_dir: Path, data_dir: Path, out: Path) -> float:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    tok = models.load_tokenizer(model_dir)
+    tok = lm.load_tokenizer(model_dir)
     rows = pl.read_parquet(data_dir / "sft_train.parquet").head(cfg.sft.max_steps * cfg.sft.batch_size)
-    model = models.load_model(model_dir)
+    model = lm.load_model(model_dir)
     opt = sft.make_optimizer(model, cfg.sft)
     t0 = time.perf_counter()
     ds = Dataset.from_dict({"prompt": rows["prompt"].to_list(), "completion": rows["completion"].to_list()})

@@ -39,54 +39,56 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         return tags(f"study:{cfg.name}", f"stage:{name}")
 
     with stage("data"):
-        data_dir = data.stage.with_options(**cached)(artifact=str(data.artifact(st, cfg)), cfg=cfg)
-    st.publish_all(cfg.name, Path(data_dir), data.TABLES)
+        data_art = data.artifact(st, cfg)
+        data_dir = data.stage.with_options(**cached)(artifact=data_art, cfg=cfg)
+    st.publish_all(cfg.name, Path(data_dir), data.STAGE.tables)
     progress.done("data", "data")
 
     with stage("model"):
-        model_dir = models.stage.with_options(**cached)(artifact=str(models.artifact(st, cfg)), cfg=cfg)
+        model_art = models.artifact(st, cfg)
+        model_dir = models.stage.with_options(**cached)(artifact=model_art, cfg=cfg)
     progress.done("model", "model")
 
     if cfg.pretrain.enabled:  # builtin models only: a base with knowledge to lose
         with stage("pretrain"):
-            pre_art = pretrain.artifact(st, cfg, st.from_path(model_dir))
-            model_dir = pretrain.stage.with_options(**cached)(artifact=str(pre_art), cfg=cfg, model=model_dir)
+            model_art = pretrain.artifact(st, cfg, model_art)
+            model_dir = pretrain.stage.with_options(**cached)(artifact=model_art, cfg=cfg, model=model_dir)
         progress.done("pretrain", "pretrain")
 
     with stage("sft"), gpu_slot(cfg.runner):
-        sft_art = sft.artifact(st, cfg, st.from_path(model_dir), st.from_path(data_dir))
         checkpoints = [f"step {k}" for k in cfg.sft.save_steps if k > 0]
         progress.expect("sft", checkpoints)  # the task marks each checkpoint as it is sealed
-        sft_dir = sft.stage.with_options(**cached)(artifact=str(sft_art), cfg=cfg, model=model_dir, data=data_dir)
-    st.publish_all(cfg.name, Path(sft_dir), sft.TABLES)
+        sft_art = sft.artifact(st, cfg, model_art, data_art)
+        sft_dir = sft.stage.with_options(**cached)(artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
+    st.publish_all(cfg.name, Path(sft_dir), sft.STAGE.tables)
     for label in checkpoints:  # also when the whole stage came from the cache
         progress.done("sft", label)
 
     with stage("rl"), gpu_slot(cfg.runner):
-        ckpt_dir = rl_all(cfg, st, cached, progress, sft_dir, data_dir)
-    st.publish_all(cfg.name, Path(ckpt_dir), [t for t in rl.TABLES if (Path(ckpt_dir) / f"{t}.parquet").exists()])
+        ckpt_dir = rl_all(cfg, st, cached, progress, sft_dir, data_art)
+    st.publish_all(cfg.name, Path(ckpt_dir), [t for t in rl.STAGE.tables if (Path(ckpt_dir) / f"{t}.parquet").exists()])
     ckpt_tables = [str(Path(ckpt_dir) / "checkpoints.parquet")]
-    checkpoints = pl.read_parquet(ckpt_tables[0])
 
     with stage("eval"), gpu_slot(cfg.runner):
-        eval_dir = evaluate_all(cfg, st, cached, progress, checkpoints, data_dir)
-    st.publish_all(cfg.name, Path(eval_dir), evaluate.TABLES)
-    publish_summary(cfg.name, st.study_dir(cfg.name) / "tables")
+        eval_dir = evaluate_all(cfg, st, cached, progress, ckpt_tables, data_dir)
+    st.publish_all(cfg.name, Path(eval_dir), evaluate.STAGE.tables)
+    publish_summary(cfg.name, st.tables_dir(cfg.name))
 
     with stage("svd"), gpu_slot(cfg.runner):
         summary = str(Path(eval_dir) / "eval_summary.parquet")
-        svd_art = svd.artifact(st, cfg, svd.artifact_inputs(cfg, svd.read_checkpoints(ckpt_tables), pl.read_parquet(summary)))
-        svd_dir = svd.stage.with_options(**cached)(artifact=str(svd_art), cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary)
-    st.publish_all(cfg.name, Path(svd_dir), svd.TABLES)
+        svd_art = svd.artifact(st, cfg, ckpt_tables, summary)
+        edit_columns = editing.column_requests(cfg)  # decomposed in svd's one pass, for the editing stage
+        svd_dir = svd.stage.with_options(**cached)(artifact=svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
+    st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
     progress.done("svd", "svd")
 
     with stage("editing"), gpu_slot(cfg.runner):
         edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)
     if edit_dir:
-        st.publish_all(cfg.name, Path(edit_dir), editing.TABLES)
+        st.publish_all(cfg.name, Path(edit_dir), editing.STAGE.tables)
 
     with stage("report"):
-        report_dir = report.stage(study_dir=str(st.study_dir(cfg.name)), title=cfg.name)
+        report_dir = report.stage(tables=str(st.tables_dir(cfg.name)), out=str(st.report_dir(cfg.name)), title=cfg.name)
     progress.done("report", "report")
 
     return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
@@ -115,28 +117,27 @@ def fan_out(task, calls: dict[str, dict], progress: Progress, stage: str) -> lis
     return sorted(paths)
 
 
-def rl_all(cfg: StudyConfig, st, cached: dict, progress: Progress, sft_dir: str, data_dir: str) -> str:
+def rl_all(cfg: StudyConfig, st, cached: dict, progress: Progress, sft_dir: str, data_art) -> str:
     """An independent RL run from each chosen SFT checkpoint, in parallel where the runner
     has room; returns the artifact with the study-wide `checkpoints` and `rl_log`."""
-    data_id = st.from_path(data_dir).id
     calls = {
-        f"rl from={c['step']}": dict(artifact=str(rl.artifact(st, cfg, c, data_id)), cfg=cfg, ckpt=c, start_step=c["step"], data=data_dir)
+        f"rl from={c['step']}": dict(artifact=rl.artifact(st, cfg, c, data_art), cfg=cfg, ckpt=c, start_step=c["step"], data=str(data_art.path))
         for c in rl.starts(cfg, pl.read_parquet(Path(sft_dir) / "checkpoints.parquet"))
     }
     paths = fan_out(rl.stage.with_options(**cached), calls, progress, "rl")
-    return rl.combined_stage.with_options(**cached)(artifact=str(rl.combined_artifact(st, sft_dir, paths)), sft_dir=sft_dir, paths=paths)
+    return rl.collect_stage.with_options(**cached)(artifact=rl.collect_artifact(st, sft_dir, paths), sft_dir=sft_dir, paths=paths)
 
 
-def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, checkpoints: pl.DataFrame, data_dir: str) -> str:
+def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, ckpt_tables: list[str], data_dir: str) -> str:
     """One cached task per (checkpoint, split), run in parallel where the runner has room;
     then one table of all of them."""
     calls = {
-        f"eval {evaluate.describe(c)} {s}": dict(artifact=str(evaluate.artifact(st, cfg, c, s, Path(data_dir))), cfg=cfg, ckpt=c, split=s, data=data_dir)
-        for c in checkpoints.to_dicts()
+        f"eval {evaluate.describe(c)} {s}": dict(artifact=evaluate.artifact(st, cfg, c, s, Path(data_dir)), cfg=cfg, ckpt=c, split=s, data=data_dir)
+        for c in svd.read_checkpoints(ckpt_tables).to_dicts()
         for s in SPLITS
     }
     paths = fan_out(evaluate.stage.with_options(**cached), calls, progress, "eval")
-    return evaluate.collect_stage.with_options(**cached)(artifact=str(evaluate.collect_artifact(st, paths)), paths=paths)
+    return evaluate.collect_stage.with_options(**cached)(artifact=evaluate.collect_artifact(st, paths), paths=paths)
 
 
 def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: str, ckpt_tables: list[str], data_dir: str) -> str | None:
@@ -146,8 +147,8 @@ def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: st
     if not variants:
         return None
     calls = {
-        v["variant_id"]: dict(artifact=str(editing.artifact(st, cfg, v, checkpoints, Path(data_dir))), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
+        v["variant_id"]: dict(artifact=editing.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
         for v in variants
     }
     paths = fan_out(editing.stage.with_options(**cached), calls, progress, "editing")
-    return editing.collect_stage.with_options(**cached)(artifact=str(editing.collect_artifact(st, cfg, paths)), cfg=cfg, paths=paths)
+    return editing.collect_stage.with_options(**cached)(artifact=editing.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import re
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -40,12 +42,12 @@ class TinyModel(Section):
     """The embedded Llama-architecture default (training.md §1)."""
 
     hidden_size: int = Field(64, ge=8, description="width; divisible by num_attention_heads")
-    num_hidden_layers: int = Field(2, ge=1)
-    num_attention_heads: int = Field(4, ge=1)
+    num_hidden_layers: int = Field(2, ge=1, description="decoder layers")
+    num_attention_heads: int = Field(4, ge=1, description="query heads")
     num_key_value_heads: int = Field(2, ge=1, description="< heads gives non-square k/v (GQA)")
-    intermediate_size: int = Field(172, ge=8)
-    max_position_embeddings: int = Field(1024, ge=64)
-    tie_word_embeddings: bool = True
+    intermediate_size: int = Field(172, ge=8, description="MLP width (gate / up / down projections)")
+    max_position_embeddings: int = Field(1024, ge=64, description="longest sequence in tokens; an SFT row longer than this is an error")
+    tie_word_embeddings: bool = Field(True, description="lm_head shares the input embedding's weights (false: separate, as both paper models)")
     seed: int = Field(0, description="initialisation seed; the model is built deterministically")
 
     @model_validator(mode="after")
@@ -60,9 +62,9 @@ class TinyModel(Section):
 class ModelSection(Section):
     """Where the starting model comes from: exactly one of `builtin` and `name_or_path`."""
 
-    builtin: Literal["tiny"] | None = None
+    builtin: Literal["tiny"] | None = Field(None, description="the embedded model, built locally (model.tiny); null = name_or_path")
     name_or_path: str | None = Field(None, description="HF directory or hub id (read from the local cache only)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(False, description="let transformers run the model directory's own code (needed by some hub models)")
     tiny: TinyModel = TinyModel()
 
     @model_validator(mode="after")
@@ -76,24 +78,28 @@ class PretrainSection(Section):
     """Stage `pretrain` (builtin models only): give the tiny model general knowledge to lose,
     from a synthetic corpus that never holds a GeneralPoints example under the ID or OOD rule."""
 
-    enabled: bool = False
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
-    seed: int = Field(0, ge=0)
+    enabled: bool = Field(False, description="pretrain the builtin model before SFT")
+    steps: int = Field(3000, ge=1, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, description="examples per step")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate: linear warm-up, then a cosine to a tenth of it at the last step")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up steps")
+    seed: int = Field(0, ge=0, description="corpus and training seed")
     corpus_size: int = Field(100_000, ge=1, description="synthetic examples (each used at most once per pass)")
     benchmark_format_fraction: float = Field(1 / 3, ge=0, le=1, description="share of corpus prompts answered in the benchmark's answer block")
     use_shipped: bool = Field(True, description="start from the checkpoint shipped with rlheal when its config matches")
 
 
 class ChatSection(Section):
+    """How conversations become text: the model's chat template, rendered by one function (GP §4)."""
+
     date_string: str | None = Field(
         "26 Jul 2024", description="fixed date for templates that insert one (GP §4); null = today"
     )
 
 
 class VerifierSection(Section):
+    """How an answer is graded (GP §7, §8)."""
+
     mode: Literal["exact", "reference"] = Field("exact", description="arithmetic of the verifier (GP §7.3)")
     verify_iter: int = Field(5, ge=1, le=20, description="graded attempts per episode (GP §8)")
 
@@ -105,7 +111,7 @@ class DataSection(Section):
     train_size: int = Field(10_240, ge=1, description="rows of sft_train")
     eval_seed: int = Field(42, ge=0, description="seed of the evaluation hands")
     eval_size: int = Field(234, ge=1, description="evaluation hands per split")
-    overlap: Literal["ordered", "multiset"] = "ordered"
+    overlap: Literal["ordered", "multiset"] = Field("ordered", description="a training hand equal to an evaluation hand is skipped: same cards in order (ordered) or in any order (multiset)")
     answer: Literal["reference", "first"] = Field(
         "reference",
         description="SFT target formula: the dealt reference (GP §2.4) or the first canonical solution",
@@ -119,6 +125,20 @@ class DataSection(Section):
         return self
 
 
+class LoraSection(Section):
+    """Low-rank adapters (peft) instead of full fine-tuning, for SFT and GRPO alike. Every saved
+    checkpoint holds full weights, the adapters merged in fp32 (the analysis needs full matrices)."""
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of every weight")
+    r: int = Field(64, ge=1, description="adapter rank")
+    alpha: int = Field(16, ge=1, description="adapter scale: the weight update is (alpha / r) B A")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1,
+        description="module-name suffixes that get adapters; a list that matches no module of the model is an error",
+    )
+
+
 class SftSection(Section):
     """Supervised fine-tuning (training.md §2)."""
 
@@ -129,24 +149,22 @@ class SftSection(Section):
         "model's stored dtype. bfloat16 halves the disk but rounds each weight to 2^-8 relative: at lr 1e-6 the change "
         "between nearby checkpoints falls below that, so the svd stage would read it as zero (analysis.md §2)",
     )
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_schedule: Literal["log_warmup_constant", "cosine", "constant", "linear_warmup_constant"] = "log_warmup_constant"
-    warmup_steps: int = Field(376, ge=0)
+    learning_rate: float = Field(1e-6, gt=0, description="AdamW's peak learning rate")
+    lr_schedule: Literal["log_warmup_constant", "cosine", "constant", "linear_warmup_constant"] = Field(
+        "log_warmup_constant", description="step s uses lr x min(1, ln(s + 1) / ln warmup_steps) (the authors'), or a cosine, constant or linear warm-up (§2.2)",
+    )
+    warmup_steps: int = Field(376, ge=0, description="W of the warm-up schedules")
     batch_size: int = Field(64, ge=1, description="global batch = per_device_batch_size x accumulation x devices")
-    per_device_batch_size: int = Field(16, ge=1)
-    adam_beta1: float = Field(0.9, gt=0, lt=1)
-    adam_beta2: float = Field(0.98, gt=0, lt=1)
-    adam_epsilon: float = Field(1e-7, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    gradient_checkpointing: bool = False
-    log_every: int = Field(1, ge=1)
-    ce_every: int = Field(10, ge=1)
-    lora: bool = False
-    lora_r: int = Field(64, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    per_device_batch_size: int = Field(16, ge=1, description="rows per forward/backward pass on one device; accumulation = batch_size / (this x devices)")
+    adam_beta1: float = Field(0.9, gt=0, lt=1, description="AdamW beta1")
+    adam_beta2: float = Field(0.98, gt=0, lt=1, description="AdamW beta2")
+    adam_epsilon: float = Field(1e-7, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="global gradient-norm clip")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less memory, more compute")
+    log_every: int = Field(1, ge=1, description="sft_log row (loss, lr, gradient norm) every this many steps")
+    ce_every: int = Field(10, ge=1, description="reference-answer CE of both splits (training.md §7.3) every this many steps")
+    lora: LoraSection = LoraSection()
 
     @field_validator("save_steps")
     @classmethod
@@ -172,23 +190,26 @@ DECODING_PRESETS: dict[str, dict[str, Any]] = {
     "authors_rl_llama": {"do_sample": True, "temperature": 0.2, "top_p": 0.9, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 512},
     "authors_rl_qwen": {"do_sample": True, "temperature": 0.2, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_new_tokens": 512},
     "rl_default": {"do_sample": True, "temperature": 0.2, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 512},
+    # training.md §4: GRPO's group of completions per prompt, sampled at temperature 1
+    "grpo_default": {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 256},
 }
 
 
 class DecodingSection(Section):
     """Generation settings, always explicit (training.md §6): a preset, then any field set here
     overrides it. A checkpoint's generation_config.json is never consulted. Each stage has its
-    own default preset (evaluation `greedy`, RL `rl_default`); a section that sets only some
-    fields keeps its stage's preset, and only an explicit `preset:` changes it."""
+    own default preset (evaluation `greedy`, PPO rollouts `rl_default`, GRPO `grpo_default`); a
+    section that sets only some fields keeps its stage's preset, and only an explicit `preset:`
+    changes it."""
 
-    preset: Literal[tuple(DECODING_PRESETS)] = Field("greedy", description="the stage's default unless set: eval greedy, rl rl_default")  # type: ignore[valid-type]
-    do_sample: bool | None = None
-    temperature: float | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
-    max_new_tokens: int | None = Field(None, ge=1)
-    seed: int = Field(42, description="torch generator seed per evaluation call (sampling only)")
+    preset: Literal[tuple(DECODING_PRESETS)] = Field("greedy", description="the stage's default unless set: eval greedy, rl rl_default, rl.grpo grpo_default")  # type: ignore[valid-type]
+    do_sample: bool | None = Field(None, description="sample (true) or take the argmax token (false); null = the preset's")
+    temperature: float | None = Field(None, gt=0, description="logits are divided by it before sampling; null = the preset's")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling: the smallest set of tokens with this much probability; 1 = off")
+    top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens; 0 = off")
+    repetition_penalty: float | None = Field(None, gt=0, description="transformers' repetition penalty; 1 = off")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation limit per response; a response that reaches it is truncated")
+    seed: int = Field(42, description="torch generator seed per evaluation call, or of the RL run (sampling only)")
 
     def resolved(self) -> dict[str, Any]:
         values = dict(DECODING_PRESETS[self.preset])
@@ -201,6 +222,13 @@ class RlDecodingSection(DecodingSection):
     with 64 new tokens, not greedy."""
 
     preset: Literal[tuple(DECODING_PRESETS)] = Field("rl_default", description="rl_default unless set; PPO needs samples (rl.allow_greedy_rollouts)")  # type: ignore[valid-type]
+
+
+class GrpoDecodingSection(DecodingSection):
+    """GRPO's completions (training.md §4): `grpo_default` (temperature 1, 256 new tokens) unless
+    set. GRPO always samples: its advantages compare the completions of one prompt."""
+
+    preset: Literal[tuple(DECODING_PRESETS)] = Field("grpo_default", description="grpo_default unless set; must sample")  # type: ignore[valid-type]
 
 
 class EvalSection(Section):
@@ -217,14 +245,14 @@ KSpec = Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)]
 class PpoSection(Section):
     """The authors' PPO, our implementation (training.md §3); defaults are theirs."""
 
-    num_envs: int = Field(64, ge=1, description="E: environments advanced together per rollout round")
-    steps_per_env: int = Field(8, ge=1, description="T: rounds per update -> E*T samples")
-    epochs: int = Field(4, ge=1)
-    minibatch_size: int | None = Field(None, ge=1, description="samples per optimizer step; null = all E*T")
-    micro_batch_size: int = Field(8, ge=1, description="samples per forward/backward (gradient accumulation)")
-    clip: float = Field(0.1, gt=0)
-    value_clip: float = Field(0.1, gt=0)
-    value_coef: float = Field(0.5, ge=0)
+    num_envs: int = Field(64, ge=1, description="E: environments (episodes) advanced together, one batched generate call per round (§3.2)")
+    steps_per_env: int = Field(8, ge=1, description="T: rollout rounds per update; an update trains on E*T samples (§3.2)")
+    epochs: int = Field(4, ge=1, description="passes over the update's E*T samples, each reshuffled into minibatches (§3.5)")
+    minibatch_size: int | None = Field(None, ge=1, description="samples per optimizer step; null = all E*T (one Adam step per epoch, the authors')")
+    micro_batch_size: int = Field(8, ge=1, description="samples per forward/backward pass (gradient accumulation within a minibatch); memory only")
+    clip: float = Field(0.1, gt=0, description="epsilon: the policy ratio is clipped to [1 - clip, 1 + clip] (§3.5)")
+    value_clip: float = Field(0.1, gt=0, description="epsilon_v: the value loss is the larger of (V - R)^2 and (V_clip - R)^2, V_clip = V_old + clip(V - V_old, -epsilon_v, epsilon_v) (§3.5)")
+    value_coef: float = Field(0.5, ge=0, description="c_v: weight of the value loss in the minibatch loss (§3.5)")
     critic_detached: bool = Field(
         False,
         description="the value head reads a detached copy of the final hidden state: the critic learns without its "
@@ -236,39 +264,34 @@ class PpoSection(Section):
         description="PPO: first updates that train the value head alone (no policy term, backbone not stepped), "
         "so a fresh critic predicts returns before its advantages steer the policy; they count in rl.num_updates",
     )
-    max_grad_norm: float = Field(0.01, gt=0)
-    gamma: float = Field(0.9, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    learning_rate: float = Field(1e-6, gt=0)
-    lr_min: float = Field(1e-9, ge=0)
+    max_grad_norm: float = Field(0.01, gt=0, description="global gradient-norm clip before each Adam step (the authors' 0.01 is for 11B parameters)")
+    gamma: float = Field(0.9, ge=0, le=1, description="discount of the returns over an environment's attempts (§3.3)")
+    lam: float = Field(0.95, ge=0, le=1, description="lambda of generalised advantage estimation (§3.3)")
+    learning_rate: float = Field(1e-6, gt=0, description="eta_0: Adam's learning rate at update 0, annealed by a cosine (§3.5)")
+    lr_min: float = Field(1e-9, ge=0, description="eta_min: the cosine's floor")
     lr_t_max: int | None = Field(None, ge=1, description="cosine period in updates; null = rl.num_updates")
-    adam_epsilon: float = Field(1e-7, gt=0)
-    thought_coef: float = Field(0.5, ge=0, description="weight of the text before the formula key")
-    cut_gae_at_truncation: bool = False
-    compute_dtype: Literal["float32", "bf16"] = "float32"
+    adam_epsilon: float = Field(1e-7, gt=0, description="Adam's epsilon; interacts with max_grad_norm (§3.5)")
+    thought_coef: float = Field(0.5, ge=0, description="weight of the text before the formula key in the sequence score (§3.4)")
+    cut_gae_at_truncation: bool = Field(False, description="end the return at a truncated episode (mask 0); false = the authors' bootstrap across it (§3.3)")
+    compute_dtype: Literal["float32", "bf16"] = Field("float32", description="dtype of log-probabilities, value head and losses; bf16 = the authors' (deviation 14)")
 
 
 class GrpoSection(Section):
-    """TRL's GRPOTrainer (training.md §4)."""
+    """TRL's GRPOTrainer (training.md §4): defaults explicit here, TRL's for the rest."""
 
-    reward: Literal["table", "binary"] = "table"
-    learning_rate: float = Field(1e-6, gt=0)
-    beta: float = Field(0.0, ge=0)
-    num_generations: int = Field(8, ge=2)
-    per_device_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_completion_length: int = Field(256, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
-    loss_type: str = "dapo"
-    epsilon: float = Field(0.2, gt=0)
-    scale_rewards: str = "group"
-    num_iterations: int = Field(1, ge=1)
-    lora: bool = False
-    lora_r: int = Field(64, ge=1)
-    lora_alpha: int = Field(16, ge=1)
+    reward: Literal["table", "binary"] = Field("table", description="table = the verifier's reward (GP §7); binary = 1 if correct else 0")
+    learning_rate: float = Field(1e-6, gt=0, description="TRL's learning rate (linear decay over rl.num_updates steps)")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to the starting model; 0 = no reference model (as the authors' PPO)")
+    num_generations: int = Field(8, ge=2, description="completions per prompt: the group whose rewards are compared")
+    per_device_batch_size: int = Field(8, ge=1, description="completions per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    decoding: GrpoDecodingSection = Field(GrpoDecodingSection(), description="how completions are sampled (max_new_tokens = TRL's max_completion_length); seed = the run's seed")
+    # TRL 1.16's token-level losses; `luspo` needs sequence-level importance sampling, not exposed here
+    loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "vespo"] = Field("dapo", description="TRL's loss formulation (GRPOConfig.loss_type)")
+    epsilon: float = Field(0.2, gt=0, description="ratio clip of TRL's surrogate loss")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage scaling: by the group's std, the batch's, or none")
+    num_iterations: int = Field(1, ge=1, description="optimisation passes per generation batch (TRL's mu)")
+    lora: LoraSection = Field(LoraSection(), description="adapters instead of full fine-tuning")
 
     @model_validator(mode="after")
     def _groups(self) -> GrpoSection:
@@ -280,18 +303,18 @@ class GrpoSection(Section):
 class RlSection(Section):
     """RL from SFT checkpoints (training.md §3-§5)."""
 
-    algorithm: Literal["ppo", "grpo"] = "ppo"
+    algorithm: Literal["ppo", "grpo"] = Field("ppo", description="ppo = the authors' PPO (rl.ppo, rl.decoding); grpo = TRL's GRPOTrainer (rl.grpo)")
     from_steps: Literal["all"] | list[int] = Field("all", description="SFT steps RL starts from; [] = no RL")
     seed: int = Field(0, ge=0, description="training-hand stream of the rollouts")
     save_steps: list[int] = Field([0, 5, 10, 20], min_length=1, description="updates to save; the run lasts to the last, which must be > 0 when RL runs")
-    decoding: RlDecodingSection = RlDecodingSection()
+    decoding: RlDecodingSection = Field(RlDecodingSection(), description="PPO's rollouts (GRPO samples with rl.grpo.decoding)")
     allow_greedy_rollouts: bool = Field(
         False,
         description="accept PPO rollouts with do_sample false; off by default: PPO's ratio and clip need samples, "
-        "greedy rollouts give it argmax outputs only (no exploration). GRPO samples with rl.grpo's own settings",
+        "greedy rollouts give it argmax outputs only (no exploration). GRPO samples with rl.grpo.decoding",
     )
-    adv_hist_bins: int = Field(40, ge=2)
-    adv_hist_range: float = Field(10.0, gt=0)
+    adv_hist_bins: int = Field(40, ge=2, description="bins of rl_log's advantage histogram (plus two overflow bins)")
+    adv_hist_range: float = Field(10.0, gt=0, description="the histogram spans [-range, range]")
     ppo: PpoSection = PpoSection()
     grpo: GrpoSection = GrpoSection()
 
@@ -306,6 +329,10 @@ class RlSection(Section):
             return self
         if self.num_updates == 0:
             raise ValueError(f"save_steps: {self.save_steps} asks for a run of 0 updates; list at least one update > 0, or set rl.from_steps: [] for no RL")
+        if self.algorithm == "ppo" and self.ppo.num_envs * self.ppo.steps_per_env < 2:
+            raise ValueError("ppo.num_envs: num_envs x steps_per_env must be >= 2: advantages are normalised over the samples of an update")
+        if self.algorithm == "grpo" and not self.grpo.decoding.resolved()["do_sample"]:
+            raise ValueError(f"grpo.decoding.do_sample: GRPO compares sampled completions of one prompt; greedy decoding (preset {self.grpo.decoding.preset!r}) gives a group of identical ones")
         if self.algorithm == "ppo" and self.ppo.value_warmup_updates >= self.num_updates:
             raise ValueError(f"ppo.value_warmup_updates: {self.ppo.value_warmup_updates} warm-up updates leave none of the run's {self.num_updates} to train the policy")
         if self.algorithm == "ppo" and not self.decoding.resolved()["do_sample"] and not self.allow_greedy_rollouts:
@@ -331,16 +358,17 @@ class RolesSection(Section):
 class SvdSection(Section):
     """SVD measurements (analysis.md §1-§3)."""
 
-    include: list[str] = [
-        r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|cross_attn|mlp)\.(?P<module>q|k|v|o|gate|up|down)_proj\.weight"
-    ]
-    exclude: list[str] = []
+    include: list[str] = Field(
+        [r"(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|cross_attn|mlp)\.(?P<module>q|k|v|o|gate|up|down)_proj\.weight"],
+        description="regular expressions; a tensor whose whole name matches one (and no exclude) is analysed (§1.1)",
+    )
+    exclude: list[str] = Field([], description="regular expressions of tensor names left out")
     include_embeddings: bool = Field(False, description="also analyse (and, in the editing stage, edit) the input embedding; off as analysis.md §1.1")
     include_lm_head: bool = Field(False, description="also analyse (and edit) the lm_head; of a tied model this is the embedding, counted once")
     k: list[KSpec] = Field([0.0625, 0.125, 0.25], min_length=1, description="k-specs: int = absolute, float in (0,1] = fraction of r")
-    columns: Literal["needed", "all"] = "needed"
-    batch_memory_gib: float = Field(4.0, gt=0)
-    noise_control: bool = True
+    columns: Literal["needed", "all"] = Field("needed", description="singular vectors stored: those the k-grids (and editing) read, or all (~2x the model in fp32)")
+    batch_memory_gib: float = Field(4.0, gt=0, description="memory for one batch of equal-shape matrices decomposed together")
+    noise_control: bool = Field(True, description="also measure W_a + Gaussian noise of the same Frobenius norm as the change: the null level of every metric (§3.8)")
 
     @field_validator("include", "exclude")
     @classmethod
@@ -360,25 +388,28 @@ Role = Literal["base", "B", "S", "R"]
 class EditVariant(Section):
     """One rotation-editing variant (analysis.md §4.1)."""
 
-    method: Literal["copy", "swap_triplets", "swap_directions", "sv_only"] = "swap_directions"
-    k_top: EditK = Field(1.0, description="int = absolute (clamped per matrix), float = fraction of each matrix's r")
-    k_tail: EditK = 0
-    layers: str | None = Field(None, description='"0-9,20-29" (inclusive layer indices) or "0-0.25" (fractions of the layer count, half-open)')
-    modules: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = None
-    donor: Role = "B"
-    target: Role = "S"
+    method: Literal["copy", "swap_triplets", "swap_directions", "sv_only"] = Field(
+        "swap_directions", description="what the donor gives the target (§4.1): copy = its whole matrix, swap_triplets = its (u, sigma, v) at the indices, "
+        "swap_directions = its u and v with the target's sigma, sv_only = its sigma with the target's u and v",
+    )
+    k_top: EditK = Field(1.0, description="leading singular indices edited: int = absolute (clamped per matrix), float = fraction of each matrix's r")
+    k_tail: EditK = Field(0, description="trailing singular indices edited, as k_top")
+    layers: str | None = Field(None, description='"0-9,20-29" (inclusive layer indices) or "0-0.25" (fractions of the layer count, half-open); null = every layer')
+    modules: list[Literal["q", "k", "v", "o", "gate", "up", "down"]] | None = Field(None, description="projections edited; null = every selected matrix")
+    donor: Role = Field("B", description="checkpoint role the edit takes from (analysis.md §1.2)")
+    target: Role = Field("S", description="checkpoint role that is edited and evaluated")
 
 
 class EditingSection(Section):
     """Rotation-editing experiments (analysis.md §4)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="run the editing stage")
     grid: Literal["default", "authors", "small", "none"] = Field("default", description="built-in variant grid (§4.3); `none` = only `variants`")
     variants: list[EditVariant] = Field([], description="variants added to the grid")
     reference_compat: bool = Field(False, description="reproduce the authors' quirks (§4.2)")
     keep_checkpoints: bool = Field(False, description="write every edited model as a full checkpoint")
-    bootstrap_resamples: int = Field(2000, ge=100)
-    bootstrap_seed: int = 0
+    bootstrap_resamples: int = Field(2000, ge=100, description="paired bootstrap resamples of the recovery fraction's interval (§4.4)")
+    bootstrap_seed: int = Field(0, description="seed of the bootstrap")
 
     @model_validator(mode="after")
     def _compat_absolute(self) -> EditingSection:
@@ -393,18 +424,18 @@ class EditingSection(Section):
 class RunnerSection(Section):
     """Where tasks run: in the flow's process (local) or on a Dask cluster via prefect-dask."""
 
-    kind: Literal["local", "dask"] = "local"
+    kind: Literal["local", "dask"] = Field("local", description="local = threads in the flow's process; dask = prefect-dask's DaskTaskRunner (processes)")
     address: str | None = Field(None, description="scheduler address of an existing Dask cluster; null = start a LocalCluster")
     n_workers: int = Field(2, ge=1, description="LocalCluster worker processes")
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int = Field(1, ge=1, description="tasks one LocalCluster worker runs at once")
     gpus_per_task: int = Field(0, ge=0, description="GPU work is pinned through the worker resource GPU")
 
 
 class StudyConfig(Section):
     """A whole study. `store` is where every artifact lives (created on first run)."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-    store: str = "store"
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the study's name in the store (studies/<name>/); one name, one config")]
+    store: str = Field("store", description="the artifact store's folder (created on the first run); --store overrides it")
     model: ModelSection = ModelSection(builtin="tiny")
     pretrain: PretrainSection = PretrainSection()
     chat: ChatSection = ChatSection()
@@ -443,6 +474,51 @@ class StudyConfig(Section):
                 f"at batch {self.sft.batch_size} (needs {needed}); hands are used once, in index order"
             )
         return self
+
+
+# ---------------------------------------------------------------------------- every field, explained
+
+
+def _type_name(t: Any) -> str:
+    """A field's type as a config file's author reads it: `int | None`, `'ppo' | 'grpo'`, `list[str]`."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Annotated:
+        return _type_name(args[0])  # the constraints are in the description
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return "None" if t is type(None) else getattr(t, "__name__", str(t))
+
+
+def explain_fields(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted field, type, default, description) of every field of the study config, sections
+    expanded in place: what `rlheal validate --explain` prints and docs/config.md lists."""
+    model = model or StudyConfig
+    rows = []
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            rows.append((path, "section", "", " ".join((info.description or ann.__doc__ or "").split("\n\n")[0].split())))
+            rows += explain_fields(ann, path + ".")
+            continue
+        default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+        rows.append((path, _type_name(ann), default, info.description or ""))
+        item = typing.get_args(ann)[0] if typing.get_origin(ann) is list else None
+        if isinstance(item, type) and issubclass(item, Section):  # a list of sections: its entries' fields
+            rows += explain_fields(item, path + "[].")
+    return rows
+
+
+def explain_markdown() -> str:
+    lines = ["| field | type | default | description |", "|---|---|---|---|"]
+    for path, typ, default, doc in explain_fields():
+        cell = lambda x: x.replace("|", "\\|")  # noqa: E731
+        lines.append(f"| `{path}` | {cell(typ)} | {cell(default)} | {cell(doc)} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------- loading

@@ -10,7 +10,7 @@ What each stage writes (the modules that write it):
 - data: three Parquet tables (tasks/data.py);
 - model: the tiny model, or a Mllama's language model, is copied in; another Hugging Face
   model is only pointed to (tasks/models.py);
-- pretrain: one tiny checkpoint in float32 (tasks/pretrain.py);
+- pretrain: one tiny checkpoint in float32 (tasks/pretrain/);
 - sft: one standalone checkpoint per listed step > 0 in `sft.save_dtype`; while training,
   the trainer's checkpoint (float32 weights and AdamW's two moments), two of them at a save
   (tasks/sft.py);
@@ -44,7 +44,6 @@ from rlheal.config import StudyConfig
 from rlheal.store import existing_parent
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-TORCH_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 
 # safetensors: an 8-byte length, then a JSON header of about len(name) + 68 bytes per tensor
 # (measured: 2056 bytes for the tiny model's 20 tensors).
@@ -248,7 +247,7 @@ def estimate(
     # weights (LoRA: the adapter) and AdamW's two float32 moments, twice while a save replaces it.
     s = cfg.sft
     n_sft = sum(1 for k in s.save_steps if k > 0)
-    trainable = _lora_parameters(cfg, model) if s.lora else model.parameters
+    trainable = _lora_parameters(cfg, model) if s.lora.enabled else model.parameters
     trainer = 12 * trainable + model.files + TRAINER_EXTRA
     logged = s.max_steps // s.log_every + s.max_steps // s.ce_every + 1
     sft = n_sft * model.checkpoint_bytes(sft_bytes) + SFT_TABLES[0] + SFT_TABLES[1] * logged + MANIFEST_BASE
@@ -324,7 +323,7 @@ def estimate(
 
 def _lora_parameters(cfg: StudyConfig, model: ModelShapes) -> int:
     """Adapter parameters of LoRA (r x (m + n) per targeted matrix), what its trainer state holds."""
-    return sum(cfg.sft.lora_r * (m + n) for m, n in model.matrices)
+    return sum(cfg.sft.lora.r * (m + n) for m, n in model.matrices)
 
 
 def _dtype_name(nbytes: int) -> str:

@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -105,11 +105,16 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Artifact:
-    """Address of one stage output. `path` is where it lives once sealed."""
+    """Address of one stage output. `path` is where it lives once sealed. An artifact made by
+    `Store.artifact` also carries what its key hashes (`config`, `inputs`: the ids of the
+    artifacts it reads), which sealing records in its manifest; two artifacts are equal
+    when their addresses are."""
 
     root: Path
     stage: str
     key: str
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    inputs: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -118,6 +123,17 @@ class Artifact:
     @property
     def id(self) -> str:
         return f"{self.stage}-{self.key}"
+
+    def step(self, step: int) -> Artifact:
+        """The artifact of one saved step of a training run (`<key>-s<step>`), sealed on its own
+        as the run goes, so a kill keeps every step already written."""
+        return Artifact(self.root, self.stage, f"{self.key}-s{step}")
+
+    @property
+    def work_dir(self) -> Path:
+        """A training run's resume point (`<stage>/.work/<key>/`): outside the sealed folders,
+        kept across kills, deleted once the run is sealed."""
+        return self.root / self.stage / ".work" / self.key
 
     def __str__(self) -> str:
         return str(self.path)
@@ -132,8 +148,9 @@ class Store:
 
     # ------------------------------------------------------------------ addressing
     def artifact(self, stage: str, config: Mapping[str, Any], inputs: Iterable[str] = (), version: str = "1") -> Artifact:
-        key = stable_hash({"stage": stage, "version": version, "config": config, "inputs": sorted(inputs)})
-        return Artifact(self.root, stage, key)
+        inputs = tuple(sorted(inputs))
+        key = stable_hash({"stage": stage, "version": version, "config": config, "inputs": list(inputs)})
+        return Artifact(self.root, stage, key, config, inputs)
 
     @staticmethod
     def from_path(path: str | Path) -> Artifact:
@@ -212,12 +229,13 @@ class Store:
         art: Artifact,
         builder: Callable[[Path], Mapping[str, Any] | None],
         config: Mapping[str, Any] | None = None,
-        inputs: Iterable[str] = (),
+        inputs: Iterable[str] | None = None,
     ) -> Path:
         """Return the sealed artifact, building it with `builder(tmp_dir)` if needed.
 
         A file lock makes concurrent processes build each artifact once; the loser
-        of the race finds it sealed. `builder` may return extra manifest fields.
+        of the race finds it sealed. `builder` may return extra manifest fields. The
+        manifest records `config` and `inputs`, by default what the artifact's key hashes.
         """
         with self.lock(art):
             why = self.problem(art)
@@ -236,7 +254,7 @@ class Store:
                 t0 = time.time()
                 extra = builder(tmp)
                 extra = extra if isinstance(extra, Mapping) else {}
-                self._seal(tmp, art, config or {}, list(inputs), time.time() - t0, extra)
+                self._seal(tmp, art, art.config if config is None else config, list(art.inputs if inputs is None else inputs), time.time() - t0, extra)
                 os.rename(tmp, art.path)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -265,6 +283,18 @@ class Store:
     def study_dir(self, study: str) -> Path:
         return self.root / "studies" / study
 
+    def tables_dir(self, study: str) -> Path:
+        """`studies/<study>/tables/`: one `<table>.parquet` per study table."""
+        return self.study_dir(study) / "tables"
+
+    def report_dir(self, study: str) -> Path:
+        """`studies/<study>/report/`: the report, rebuilt from the tables on every run."""
+        return self.study_dir(study) / "report"
+
+    def replicates_dir(self, studies: Iterable[str]) -> Path:
+        """Where `rlheal compare` writes its comparison of these studies."""
+        return self.root / "replicates" / "+".join(studies)
+
     def claim_study(self, study: str, config: Mapping[str, Any], force: bool = False) -> None:
         """A study name in a store stands for one config: a changed config is refused (its
         tables would mix with the old ones) unless `force` points the study at it."""
@@ -284,8 +314,9 @@ class Store:
         record = self.study_dir(study) / "config.json"
         if record.is_file() and not force:
             before, now = _flatten(json.loads(record.read_text())), _flatten(json.loads(json.dumps(config, default=str)))
-            # fields the record lacks came with a newer rlheal (new sections, new defaults): not a change
-            changed = [f"{k}: {before[k]!r} -> {now.get(k)!r}" for k in sorted(before) if before[k] != now.get(k)]
+            # Fields only one side has came or went with a new rlheal version (a new section, a
+            # field moved into one): not a change of the study's config, which both sides share.
+            changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before) if k in now and before[k] != now[k]]
             if changed:
                 raise StoreError(
                     f"{record}: study {study!r} was run with another config; changed: " + "; ".join(changed[:8])
@@ -294,7 +325,7 @@ class Store:
 
     def publish(self, study: str, table: str, file: Path) -> Path:
         """Expose a sealed Parquet file as `studies/<study>/tables/<table>.parquet` (atomic symlink swap)."""
-        tables = self.study_dir(study) / "tables"
+        tables = self.tables_dir(study)
         tables.mkdir(parents=True, exist_ok=True)
         link = tables / f"{table}.parquet"
         tmp = tables / f".{table}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -307,4 +338,4 @@ class Store:
             self.publish(study, table, Path(artifact_dir) / f"{table}.parquet")
 
     def table(self, study: str, table: str) -> pl.LazyFrame:
-        return pl.scan_parquet(self.study_dir(study) / "tables" / f"{table}.parquet")
+        return pl.scan_parquet(self.tables_dir(study) / f"{table}.parquet")

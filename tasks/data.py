@@ -22,6 +22,7 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 
+from rlheal.caching import Stage
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, write_parquet
@@ -36,8 +37,7 @@ from tasks.generalpoints import (
     wrong_attempt,
 )
 
-VERSION = "2"  # 2: eval tables carry the trained target (issue 14 §7)
-TABLES = ("sft_train", "eval_id", "eval_ood")
+STAGE = Stage("data", version="2", tables=("sft_train", "eval_id", "eval_ood"))  # 2: eval tables carry the trained target (issue 14 §7)
 log = logging.getLogger("rlheal.data")
 
 
@@ -129,6 +129,15 @@ def eval_table(hands: list[Hand], set_hash: str, answer: str = "reference") -> p
     )
 
 
+def ce_target(table: pl.DataFrame, cfg: StudyConfig) -> str:
+    """Which answer the table's `target` column holds ("reference" or "first", `data.answer`);
+    the evaluation key takes it from the config, so a table of another data config is refused."""
+    target = table["ce_target"][0] if "ce_target" in table.columns and table.height else None
+    if target != cfg.data.answer:
+        raise ValueError(f"the hands table's CE target is {target!r} but data.answer is {cfg.data.answer!r}: build the data stage again")
+    return target
+
+
 def check_disjoint(train: pl.DataFrame, hands: dict[str, list[Hand]], overlap: str) -> None:
     """Checked, not assumed: no training hand equals an evaluation hand."""
     evaluation = {overlap_key(h, overlap) for split in SPLITS for h in hands[split]}
@@ -159,18 +168,15 @@ def key_config(cfg: StudyConfig) -> dict:
 
 
 def artifact(store: Store, cfg: StudyConfig) -> Artifact:
-    return store.artifact("data", key_config(cfg), version=VERSION)
+    return STAGE.artifact(store, key_config(cfg))
 
 
 def run(store: Store, cfg: StudyConfig) -> Path:
-    """Build (or find) the data artifact; plain function, no Prefect needed."""
-    art = artifact(store, cfg)
-    return store.build(art, lambda tmp: build(tmp, cfg), config=key_config(cfg))
+    """Build (or find) the data artifact: the task's body, no Prefect needed."""
+    return Path(stage.fn(artifact(store, cfg), cfg))
 
 
-@task(name="data", task_run_name="data")
-def stage(artifact: str, cfg: StudyConfig) -> str:
+@task(name=STAGE.name, task_run_name="data")
+def stage(artifact: Artifact, cfg: StudyConfig) -> str:
     maybe_fail("data")
-    from rlheal.caching import open_store
-
-    return str(run(open_store(Store.from_path(artifact).root), cfg))
+    return str(STAGE.build(artifact, lambda tmp: build(tmp, cfg)))

@@ -7,8 +7,8 @@ One artifact per (checkpoint, split, evaluation config), `<store>/eval/<key>/`, 
   decoding that produced them).
 
 The episode loop (`play`) is pure bookkeeping over any `generate` callable, so it is
-tested with a scripted double; `ModelGenerator` is the real one (batched, left padded,
-KV cache, explicit decoding). `evaluate_model` takes an in-memory model so later stages
+tested with a scripted double; `tasks.lm.ModelGenerator` is the real one (batched, left
+padded, KV cache, explicit decoding). `evaluate_model` takes an in-memory model so later stages
 (editing) can evaluate a model they never wrote to disk.
 """
 
@@ -25,21 +25,18 @@ from typing import Any
 import polars as pl
 import torch
 from prefect import task
-from transformers import GenerationConfig
 
+from rlheal.caching import Stage
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
-from tasks import models
-from tasks.models import GLOBAL_RNG
-from tasks.chat import encode, left_pad, prompt_completion_ids, render, stop_token_ids
+from tasks.chat import stop_token_ids
+from tasks.data import ce_target
+from tasks.lm import GLOBAL_RNG, Generate, Generation, Messages, ModelGenerator, is_oom, load_model, load_tokenizer, reference_ce
 from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
 
-VERSION = "2"  # 2: the CE scores the trained target, column ce_target (issue 14 §7)
-TABLES = ("eval_attempts", "eval_summary")
+STAGE = Stage("eval", version="2", tables=("eval_attempts", "eval_summary"))  # 2: the CE scores the trained target, column ce_target (issue 14 §7)
 log = logging.getLogger("rlheal.eval")
-
-Messages = list[dict[str, str]]
 
 ATTEMPTS_SCHEMA = {
     "ckpt_id": pl.String,
@@ -62,18 +59,6 @@ ATTEMPTS_SCHEMA = {
 # ---------------------------------------------------------------------------- the episode loop
 
 
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """One generated response: its text and how it ended."""
-
-    text: str
-    tokens: int = 0
-    hit_max_new_tokens: bool = False
-
-
-Generate = Callable[[list[Messages]], list[Generation]]
-
-
 @dataclasses.dataclass
 class Played:
     """Finished episodes, the generation behind every recorded step, and the batch size
@@ -82,10 +67,6 @@ class Played:
     episodes: list[Episode]
     generations: list[list[Generation]]
     batch_size: int
-
-
-def is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err))
 
 
 def play(
@@ -137,75 +118,6 @@ def play(
                 generations[i].append(g)
             start += len(chunk)
     return Played(episodes, generations, limit)
-
-
-# ---------------------------------------------------------------------------- the model generator
-
-
-def generation_config(decoding: dict[str, Any], tok) -> GenerationConfig:
-    """A complete GenerationConfig from the study's resolved decoding (training.md §6).
-
-    Sampling knobs are set only when sampling: greedy ignores them and transformers
-    warns about them. top_k 0 is passed as 0, which transformers treats as off (a None
-    would be filled with its default of 50)."""
-    values = {
-        "do_sample": decoding["do_sample"],
-        "repetition_penalty": decoding["repetition_penalty"],
-        "max_new_tokens": decoding["max_new_tokens"],
-        "num_beams": 1,
-        "eos_token_id": stop_token_ids(tok),
-        "pad_token_id": tok.pad_token_id,
-    }
-    if decoding["do_sample"]:
-        values.update(temperature=decoding["temperature"], top_p=decoding["top_p"], top_k=decoding["top_k"])
-    return GenerationConfig(**values)
-
-
-@contextlib.contextmanager
-def only(model, config: GenerationConfig):
-    """Make `config` the model's own generation config for the call: transformers fills
-    every field left None in the passed config from `model.generation_config` (the
-    checkpoint's generation_config.json), e.g. min_new_tokens or no_repeat_ngram_size."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
-    saved = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = saved
-
-
-class ModelGenerator:
-    """`Generate` for a Hugging Face causal LM: one left-padded batch per call, KV cache,
-    the study's decoding only. Conversations are rendered by the one renderer (GP §4)."""
-
-    def __init__(self, model, tok, decoding: dict[str, Any], date_string: str | None):
-        self.model, self.tok, self.date_string = model, tok, date_string
-        self.config = generation_config(decoding, tok)
-        self.stops = set(self.config.eos_token_id)
-        self.device = next(model.parameters()).device
-
-    def prompt_ids(self, messages: Messages) -> list[int]:
-        return encode(self.tok, render(self.tok, messages, add_generation_prompt=True, date_string=self.date_string))
-
-    def length(self, messages: Messages) -> int:
-        return len(self.prompt_ids(messages))
-
-    @torch.no_grad()
-    def __call__(self, conversations: list[Messages]) -> list[Generation]:
-        prompts = [self.prompt_ids(m) for m in conversations]
-        ids, mask = left_pad(prompts, self.tok.pad_token_id)
-        width = ids.shape[1]
-        with only(self.model, self.config):
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=self.config)
-        return [self._finish(row) for row in out[:, width:].tolist()]
-
-    def _finish(self, new: list[int]) -> Generation:
-        # Rows that stop early are padded after their stop token; count up to the stop.
-        end = next((t for t, tid in enumerate(new) if tid in self.stops), None)
-        body = new if end is None else new[:end]
-        text = self.tok.decode(body, skip_special_tokens=True)
-        return Generation(text, len(new) if end is None else end + 1, end is None)
 
 
 # ---------------------------------------------------------------------------- tables
@@ -367,55 +279,6 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
 # ---------------------------------------------------------------------------- teacher-forced CE
 
 
-def ce_target(table: pl.DataFrame, cfg: StudyConfig) -> str:
-    """Which answer the table's `target` column holds ("reference" or "first", `data.answer`);
-    the evaluation key takes it from the config, so a table of another data config is refused."""
-    target = table["ce_target"][0] if "ce_target" in table.columns and table.height else None
-    if target != cfg.data.answer:
-        raise ValueError(f"the hands table's CE target is {target!r} but data.answer is {cfg.data.answer!r}: build the data stage again")
-    return target
-
-
-def reference_ce(model, tok, table: pl.DataFrame, n: int, date_string: str | None, batch_size: int = 64) -> float:
-    """`ce_id` / `ce_ood` (§7.3): the mean of CE_h over the first `n` hands."""
-    per_hand = reference_nll(model, tok, table, n, date_string, batch_size)
-    return float(sum(per_hand) / len(per_hand)) if per_hand else float("nan")
-
-
-@torch.no_grad()
-def reference_nll(model, tok, table: pl.DataFrame, n: int, date_string: str | None, batch_size: int = 64) -> list[float]:
-    """CE_h of the first `n` hands (§7.3): the mean NLL (nats, temperature 1) of the
-    trained target answer (`target`: the completion an SFT row of the hand carries, which
-    is the dealt reference unless `data.answer: first`) plus end-of-turn tokens, given the
-    single-turn prompt."""
-    rows = table.head(n)
-    seqs = [
-        prompt_completion_ids(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": a}], date_string)
-        for p, a in zip(rows["prompt"], rows["target"])
-    ]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    per_hand: list[float] = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        scored = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for i, (seq, n_prompt) in enumerate(chunk):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            mask[i, : len(seq)] = 1
-            scored[i, n_prompt : len(seq)] = True
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        # position t predicts token t+1
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")
-        target = scored[:, 1:].to(device)
-        per_hand += ((nll * target).sum(1) / target.sum(1)).tolist()
-    model.train(was_training)
-    return per_hand
-
-
 # ---------------------------------------------------------------------------- store and Prefect
 
 
@@ -458,18 +321,29 @@ def _hands(data_path: Path, split: str) -> pl.DataFrame:
 
 def artifact(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Artifact:
     set_hash = pl.read_parquet(Path(data_path) / f"eval_{split}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0]
-    return store.artifact("eval", key_config(cfg, ckpt, split, set_hash), version=VERSION)
+    return STAGE.artifact(store, key_config(cfg, ckpt, split, set_hash))
 
 
 def run(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Path:
-    """Evaluate a stored checkpoint (a `checkpoints` row) on one split, or find the sealed result."""
-    hands = _hands(data_path, split)
-    art = artifact(store, cfg, ckpt, split, data_path)
+    """Evaluate a stored checkpoint on one split: the task's body, no Prefect needed."""
+    return Path(stage.fn(artifact(store, cfg, ckpt, split, data_path), cfg, ckpt, split, str(data_path)))
+
+
+def _run_name(parameters: dict) -> str:
+    return f"eval {describe(parameters['ckpt'])} {parameters['split']}"
+
+
+@task(name=STAGE.name, task_run_name=_run_name)
+def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
+    """Evaluate a stored checkpoint (`ckpt`, a `checkpoints` row) on one split of the data
+    artifact `data`, or find the sealed result."""
+    maybe_fail("eval")
+    hands = _hands(Path(data), split)
 
     def build(tmp: Path) -> dict:
         cuda = torch.cuda.is_available()
-        tok = models.load_tokenizer(ckpt["path"], cfg.model.trust_remote_code)
-        model = models.load_model(ckpt["path"], torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
+        tok = load_tokenizer(ckpt["path"], cfg.model.trust_remote_code)
+        model = load_model(ckpt["path"], torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
         attempts, summary = evaluate_model(model, tok, hands, cfg, ckpt)
         write_parquet(attempts, tmp / "eval_attempts.parquet")
         write_parquet(summary, tmp / "eval_summary.parquet")
@@ -477,7 +351,7 @@ def run(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path)
         log.info("eval %s %s: accuracy %d/%d, first attempt %.3f, ce %.4f, %.1f s", ckpt["ckpt_id"], split, s["k"], s["n"], s["first_attempt_accuracy"], s["ce"], s["seconds"])
         return {"accuracy": s["accuracy"], "batch_size_used": s["batch_size_used"], "stop_token_ids": stop_token_ids(tok)}
 
-    return store.build(art, build, config=key_config(cfg, ckpt, split, hands["eval_set_hash"][0]), inputs=[str(ckpt["path"]), str(data_path)])
+    return str(STAGE.build(artifact, build))
 
 
 def collect(paths: Sequence[str | Path]) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -501,26 +375,14 @@ def describe(ckpt: dict) -> str:
     return str(ckpt.get("ckpt_id", ckpt.get("stage")))
 
 
-def _run_name(parameters: dict) -> str:
-    return f"eval {describe(parameters['ckpt'])} {parameters['split']}"
-
-
-@task(name="eval", task_run_name=_run_name)
-def stage(artifact: str, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
-    maybe_fail("eval")
-    from rlheal.caching import open_store
-
-    return str(run(open_store(Store.from_path(artifact).root), cfg, ckpt, split, Path(data)))
-
-
 def collect_artifact(store: Store, paths: Sequence[str | Path]) -> Artifact:
     """The study-wide tables: one artifact keyed by the per-(checkpoint, split) artifacts."""
-    return store.artifact("eval", {"collect": sorted(Store.from_path(p).key for p in paths)}, version=VERSION)
+    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths)})
 
 
-@task(name="eval-tables", task_run_name="eval tables")
-def collect_stage(artifact: str, paths: list[str]) -> str:
-    from rlheal.caching import open_store
+@task(name=f"{STAGE.name}-tables", task_run_name="eval tables")
+def collect_stage(artifact: Artifact, paths: list[str]) -> str:
+    """The study-wide `eval_attempts` and `eval_summary`, gathered from every evaluation."""
 
     def build(tmp: Path) -> dict:
         attempts, summary = collect(paths)
@@ -528,5 +390,4 @@ def collect_stage(artifact: str, paths: list[str]) -> str:
         write_parquet(summary, tmp / "eval_summary.parquet")
         return {"rows": {"eval_attempts": attempts.height, "eval_summary": summary.height}}
 
-    art = Store.from_path(artifact)
-    return str(open_store(art.root).build(art, build, inputs=paths))
+    return str(STAGE.build(artifact, build))

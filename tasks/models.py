@@ -7,7 +7,7 @@
   cache; the hub is never contacted. The artifact points to it, except for a Mllama
   (vision + text) checkpoint, whose language model is saved into the artifact instead
   (`save_text_model`).
-Every later stage loads either through `load_model` / `load_tokenizer`.
+Every later stage loads either through `tasks.lm.load_model` / `load_tokenizer`.
 """
 
 from __future__ import annotations
@@ -15,21 +15,22 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from pathlib import Path
 
 import torch
 from prefect import task
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM, MllamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rlheal.caching import Stage
 from rlheal.config import ConfigError, ModelSection, StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, sha256_file
 from tasks.generalpoints.cards import DISPLAY, SPLITS, make_hand
 from tasks.generalpoints.prompt import FACE, answer_block, card_list, failure_message, render_prompt
+from tasks import lm
 
-VERSION = "1"
+STAGE = Stage("model", version="1")
 SOURCE = "source.json"
 log = logging.getLogger("rlheal.model")
 
@@ -94,22 +95,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
-    """Load a checkpoint's tokenizer. Word-level tokenizers saved as plain
-    `PreTrainedTokenizerFast` are loaded as such: AutoTokenizer may rebuild them for the
-    model type (e.g. as byte-level BPE for `qwen2`) and silently return garbage."""
-    cfg_file = Path(path) / "tokenizer_config.json"
-    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.is_file() else None
-    if cls in ("PreTrainedTokenizerFast", "TokenizersBackend"):
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
 
 
 # ---------------------------------------------------------------------------- model
@@ -179,7 +164,7 @@ def key_config(cfg: StudyConfig) -> dict:
 
 
 def artifact(store: Store, cfg: StudyConfig) -> Artifact:
-    return store.artifact("model", key_config(cfg), version=VERSION)
+    return STAGE.artifact(store, key_config(cfg))
 
 
 def build(out: Path, cfg: StudyConfig) -> dict:
@@ -188,7 +173,7 @@ def build(out: Path, cfg: StudyConfig) -> dict:
         return {**extra, "weights_sha256": weights_hash(out)}
     src = resolve_pretrained(cfg.model)
     digest = weights_hash(src)
-    if _model_type(src) == "mllama":
+    if lm.model_type(src) == "mllama":
         return {**save_text_model(src, out, cfg.model.trust_remote_code), "source": {"path": str(src), "weights_sha256": digest}}
     (out / SOURCE).write_text(json.dumps({"path": str(src), "weights_sha256": digest}))
     return {"weights_sha256": digest}
@@ -202,9 +187,9 @@ def save_text_model(src: Path, out: Path, trust_remote_code: bool = False) -> di
     checkpoints are saved from the model `load_model` returns (`model.layers.N…`), while a
     hub Mllama directory names the same tensors `language_model.model.layers.N…` beside
     its vision tower; so the starting model goes through the same load and save."""
-    model = load_model(src, dtype="auto", trust_remote_code=trust_remote_code)  # the stored dtype: an exact copy
+    model = lm.load_model(src, dtype="auto", trust_remote_code=trust_remote_code)  # the stored dtype: an exact copy
     model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(src, trust_remote_code).save_pretrained(out)
+    lm.load_tokenizer(src, trust_remote_code).save_pretrained(out)
     log.info("saved the %s language model of %s (%s)", type(model).__name__, src, model.dtype)
     return {"weights_sha256": weights_hash(out)}
 
@@ -216,54 +201,13 @@ def model_dir(art_path: str | Path) -> Path:
 
 
 def run(store: Store, cfg: StudyConfig) -> Path:
+    """Build (or find) the model artifact: the task's body, no Prefect needed."""
+    return Path(stage.fn(artifact(store, cfg), cfg))
+
+
+@task(name=STAGE.name, task_run_name="model")
+def stage(artifact: Artifact, cfg: StudyConfig) -> str:
+    maybe_fail("model")
     if cfg.model.name_or_path:
         resolve_pretrained(cfg.model)  # fail fast, before taking any lock
-    art = artifact(store, cfg)
-    return store.build(art, lambda tmp: build(tmp, cfg), config=key_config(cfg))
-
-
-# torch's global RNG drives sampling in generate(): runs that sample (RL rollouts, sampled
-# evaluation) take this lock so parallel tasks on the thread runner never interleave their
-# random streams, which would make results depend on scheduling. Processes (Dask) are separate.
-GLOBAL_RNG = threading.RLock()
-
-# from_pretrained initialises on the meta device through process-global state: two
-# threads loading at once (parallel tasks on the thread runner) corrupt each other.
-_load_lock = threading.Lock()
-
-
-def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):
-    """Load a causal LM from safetensors only (no pickle), in `dtype` on `device`.
-
-    A Mllama (Llama 3.2 Vision) checkpoint loads as its language model alone, an
-    `MllamaForCausalLM`: the benchmark is text-only, and without image states the model
-    skips its cross-attention layers anyway. Saving it writes a text-only checkpoint that
-    this function reads back the same way."""
-    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, local_files_only=True)
-    with _load_lock:
-        if _model_type(path) == "mllama_text_model":
-            # What a saved MllamaForCausalLM declares; AutoModelForCausalLM maps only the
-            # multimodal `mllama` type to it and rejects this one.
-            model = MllamaForCausalLM.from_pretrained(path, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if isinstance(model, MllamaForCausalLM):
-        # Its `base_model_prefix` is "language_model" (the hub files' prefix, stripped on
-        # load) but the backbone lives in `.model`, so `base_model` returned the whole model
-        # and TRL's fused LM head, which takes hidden states from `base_model`, got the
-        # LM output instead (SFTTrainer: no attribute 'last_hidden_state').
-        model.base_model_prefix = "model"
-    return model.to(device)
-
-
-def _model_type(path: str | Path) -> str | None:
-    cfg_file = Path(path) / "config.json"
-    return json.loads(cfg_file.read_text()).get("model_type") if cfg_file.is_file() else None
-
-
-@task(name="model", task_run_name="model")
-def stage(artifact: str, cfg: StudyConfig) -> str:
-    maybe_fail("model")
-    from rlheal.caching import open_store
-
-    return str(run(open_store(Store.from_path(artifact).root), cfg))
+    return str(STAGE.build(artifact, lambda tmp: build(tmp, cfg)))

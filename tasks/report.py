@@ -25,9 +25,12 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from rlheal.caching import Stage  # noqa: E402
+
 log = logging.getLogger("rlheal.report")
 PAPER_CSV = Path(__file__).with_name("paper_reference.csv")
-VERSION = "2"  # 2: verdict rules of docs/verdicts.md (issue 14 §6)
+# Rebuilt on every run (never cached); 2: verdict rules of docs/verdicts.md (issue 14 §6).
+STAGE = Stage("report", version="2")
 PAPER_SE_PP = 2.5  # sampling error of one 234-hand evaluation near 17.5 % (paper_results.md)
 
 
@@ -793,22 +796,22 @@ def to_html(md: str, out: Path) -> str:
 # ---------------------------------------------------------------------------- stage
 
 
-def run(study_dir: Path, title: str) -> Path:
-    """Rebuild `<study>/report/` from `<study>/tables/`, swapped in atomically."""
+def run(tables: Path, out: Path, title: str) -> Path:
+    """Rebuild the report folder `out` from the study tables in `tables`, swapped in atomically."""
     from rlheal.store import replace_dir
 
-    final = Path(study_dir) / "report"
-    info = replace_dir(final, lambda tmp: build(Path(study_dir) / "tables", tmp, title))
+    final = Path(out)
+    info = replace_dir(final, lambda tmp: build(Path(tables), tmp, title))
     log.info("report: %d figures, absent sections: %s", len(info["figures"]), ", ".join(info["absent"]) or "none")
     return final
 
 
-@task(name="report", task_run_name="report", cache_policy=NO_CACHE)  # cheap, and must see the latest tables
-def stage(study_dir: str, title: str) -> str:
+@task(name=STAGE.name, task_run_name="report", cache_policy=NO_CACHE)  # cheap, and must see the latest tables
+def stage(tables: str, out: str, title: str) -> str:
     from rlheal.faults import maybe_fail
 
     maybe_fail("report")
-    final = run(Path(study_dir), title)
+    final = run(Path(tables), Path(out), title)
     try:
         from prefect.artifacts import create_markdown_artifact
 

@@ -31,15 +31,16 @@ from prefect import task
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from rlheal.caching import Stage, open_store
 from rlheal.config import SftSection, StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.progress import Progress
 from rlheal.store import Artifact, Store, write_parquet
-from tasks import evaluate, models
+from tasks import lm, models
 from tasks.chat import prompt_completion_ids
+from tasks.data import ce_target
 
-VERSION = "2"  # 2: fp32 master weights on GPU, save_dtype, CE of the trained target (issue 14)
-TABLES = ("checkpoints", "sft_log")
+STAGE = Stage("sft", version="2", tables=("checkpoints", "sft_log"))  # 2: fp32 master weights on GPU, save_dtype, CE of the trained target (issue 14)
 DONE = ".complete"
 # Files of a trainer checkpoint that belong to the resume point, not to the model.
 TRAINER_FILES = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.bin", "scaler.pt", DONE}
@@ -107,6 +108,11 @@ def save_dtype(cfg: SftSection, model_path: str | Path) -> torch.dtype:
     return getattr(torch, name)
 
 
+def save_bytes(cfg: SftSection, model_path: str | Path) -> int:
+    """Bytes per value of a checkpoint this stage writes (`save_dtype`), for space estimates."""
+    return torch.empty(0, dtype=save_dtype(cfg, model_path)).element_size()
+
+
 def cast_checkpoint(path: Path, dtype: torch.dtype) -> None:
     """Rewrite a saved HF directory's floating tensors (every safetensors shard) in `dtype`
     and record it in config.json; a no-op where they already are."""
@@ -146,14 +152,6 @@ def tokenized_rows(tok, table: pl.DataFrame, n_rows: int, date_string: str | Non
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def step_artifact(run: Artifact, step: int) -> Artifact:
-    return Artifact(run.root, run.stage, f"{run.key}-s{step}")
-
-
-def work_dir(run: Artifact) -> Path:
-    return run.root / run.stage / ".work" / run.key
-
-
 def merged_copy(model):
     """Full fp32 weights of a (possibly LoRA-wrapped) model: the analysis needs full matrices."""
     if not hasattr(model, "merge_and_unload"):
@@ -188,7 +186,7 @@ class StepCheckpoints(TrainerCallback):
         src = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         losses = [e["loss"] for e in state.log_history if "loss" in e]
         extra = {"step": state.global_step, "train_loss": losses[-1] if losses else None, "wall_seconds": time.time() - self.started}
-        art = step_artifact(self.run, state.global_step)
+        art = self.run.step(state.global_step)
         self.store.build(art, lambda tmp: (export_checkpoint(src, tmp, model, self.dtype), extra)[1], config={"run": self.run.key, "step": state.global_step})
         (src / DONE).touch()
         for old in Path(args.output_dir).glob("checkpoint-*"):
@@ -208,7 +206,7 @@ class ReferenceLoss(TrainerCallback):
     def _measure(self, state, model):
         row = {"step": state.global_step}
         for split, table in self.tables.items():
-            row[f"ce_{split}"] = evaluate.reference_ce(model, self.tok, table, self.hands, self.date)
+            row[f"ce_{split}"] = lm.reference_ce(model, self.tok, table, self.hands, self.date)
         state.log_history.append(row)
 
     def on_train_begin(self, args, state, control, model=None, **kw):
@@ -274,7 +272,7 @@ def trainer_args(cfg: StudyConfig, out: Path, device: str | torch.device):
 
 def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
     """Train to the largest listed step, resuming from the last complete trainer state."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
@@ -284,18 +282,15 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
         progress.done("sft", f"step {step}")
 
     s = cfg.sft
-    todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(step_artifact(run, k))]
+    todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(run.step(k))]
     if not todo:
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     weights, _ = training_precision(device)
-    tok = models.load_tokenizer(model_path, cfg.model.trust_remote_code)
-    model = models.load_model(model_path, weights, device, cfg.model.trust_remote_code)
-    if s.lora:
-        targets = [t for t in s.lora_targets if any(name.endswith(t) for name, _ in model.named_modules())]
-        if not targets:
-            raise ValueError(f"sft.lora_targets: none of {s.lora_targets} matches a module of {model_path}")
-        model = get_peft_model(model, LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    tok = lm.load_tokenizer(model_path, cfg.model.trust_remote_code)
+    model = lm.load_model(model_path, weights, device, cfg.model.trust_remote_code)
+    if s.lora.enabled:
+        model = get_peft_model(model, lm.lora_config(s.lora, model, "sft.lora"))
     train_rows = pl.read_parquet(data_path / "sft_train.parquet")
     dataset = tokenized_rows(tok, train_rows, s.max_steps * s.batch_size, cfg.chat.date_string)
     longest = max(len(x) for x in dataset["input_ids"])
@@ -304,7 +299,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
         raise ValueError(f"an SFT row has {longest} tokens, more than the model's {limit} positions")
     evals = {split: pl.read_parquet(data_path / f"eval_{split}.parquet") for split in ("ood", "id")}
 
-    out = work_dir(run)
+    out = run.work_dir
     out.mkdir(parents=True, exist_ok=True)
     args = trainer_args(cfg, out, device)
     opt, sched = make_optimizer(model, args, s)
@@ -323,18 +318,18 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
 
-def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str, ce_target: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str, target: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """`checkpoints` (one row per listed step) and `sft_log` (one row per logged step;
-    `ce_target` names the answer its `ce_id` / `ce_ood` score, as in eval_summary)."""
+    `target` names the answer its `ce_id` / `ce_ood` score, column `ce_target` as in eval_summary)."""
     rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(model_path), "content_hash": model_hash, "train_loss": None, "wall_seconds": 0.0}]
     history: list[dict] = []
     for step in cfg.sft.save_steps:
         if step == 0:
             continue
-        art = step_artifact(run, step)
+        art = run.step(step)
         m = store.manifest(art)
         rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": models.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
-    state_file = max(work_dir(run).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
+    state_file = max(run.work_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
     if state_file is not None:
         history = json.loads(state_file.read_text())["log_history"]
     logs = pl.DataFrame(
@@ -342,7 +337,7 @@ def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, mode
         schema={"step": pl.Int32, "train_loss": pl.Float64, "learning_rate": pl.Float64, "grad_norm": pl.Float64, "ce_id": pl.Float64, "ce_ood": pl.Float64},
     )
     # one row per step: loss and CE logged at the same step are merged
-    logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step").with_columns(ce_target=pl.lit(ce_target, pl.String))
+    logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step").with_columns(ce_target=pl.lit(target, pl.String))
     ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32, "parent": pl.String, "train_loss": pl.Float64, "wall_seconds": pl.Float64})
     return ckpts, logs
 
@@ -352,30 +347,32 @@ def key_config(cfg: StudyConfig) -> dict:
 
 
 def artifact(store: Store, cfg: StudyConfig, model_art: Artifact, data_art: Artifact) -> Artifact:
-    return store.artifact("sft", key_config(cfg), inputs=[model_art.id, data_art.id], version=VERSION)
+    return STAGE.artifact(store, key_config(cfg), inputs=[model_art, data_art])
 
 
 def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -> Path:
-    model_path = models.model_dir(model_art_path)
-    run_art = artifact(store, cfg, Store.from_path(model_art_path), Store.from_path(data_path))
-    model_hash = store.manifest(model_art_path)["weights_sha256"]
+    """Train (or find) the SFT run: the task's body, no Prefect needed."""
+    art = artifact(store, cfg, Store.from_path(model_art_path), Store.from_path(data_path))
+    return Path(stage.fn(art, cfg, str(model_art_path), str(data_path)))
+
+
+@task(name=STAGE.name, task_run_name="sft steps={cfg.sft.save_steps}")
+def stage(artifact: Artifact, cfg: StudyConfig, model: str, data: str) -> str:
+    """SFT from the model artifact `model` on the data artifact `data`; checkpoints are sealed
+    as they are saved, the run (its tables) once training ends."""
+    maybe_fail("sft")
+    store, run_art, data_path = open_store(artifact.root), artifact, Path(data)
+    model_path = models.model_dir(model)
+    model_hash = store.manifest(model)["weights_sha256"]
 
     def build(tmp: Path) -> dict:
-        train(store, run_art, cfg, model_path, Path(data_path))
-        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash, evaluate.ce_target(pl.read_parquet(Path(data_path) / "eval_ood.parquet"), cfg))
+        train(store, run_art, cfg, model_path, data_path)
+        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash, ce_target(pl.read_parquet(data_path / "eval_ood.parquet"), cfg))
         write_parquet(ckpts, tmp / "checkpoints.parquet")
         write_parquet(logs, tmp / "sft_log.parquet")
-        parts = [f"{run_art.stage}/{step_artifact(run_art, k).key}" for k in cfg.sft.save_steps if k > 0]
+        parts = [f"{run_art.stage}/{run_art.step(k).key}" for k in cfg.sft.save_steps if k > 0]
         return {"steps": cfg.sft.save_steps, "parts": parts}
 
-    path = store.build(run_art, build, config=key_config(cfg), inputs=[str(model_art_path), str(data_path)])
-    shutil.rmtree(work_dir(run_art), ignore_errors=True)
-    return path
-
-
-@task(name="sft", task_run_name="sft steps={cfg.sft.save_steps}")
-def stage(artifact: str, cfg: StudyConfig, model: str, data: str) -> str:
-    maybe_fail("sft")
-    from rlheal.caching import open_store
-
-    return str(run(open_store(Store.from_path(artifact).root), cfg, Path(model), Path(data)))
+    path = STAGE.build(run_art, build)
+    shutil.rmtree(run_art.work_dir, ignore_errors=True)
+    return str(path)

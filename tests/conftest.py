@@ -50,6 +50,17 @@ def kill_when(proc, ready, what: str, timeout: float = 120, poll: float = 0.01) 
     proc.wait()
 
 
+# Columns of the study tables that depend on the run, not on what it computes.
+RUN_DEPENDENT = frozenset({"path", "wall_seconds", "seconds", "device", "created_at", "evaluated_at"})
+
+
+def study_tables(store: Path, study: str = "smoke") -> dict:
+    """name -> DataFrame of every table a study published."""
+    import polars as pl
+
+    return {p.stem: pl.read_parquet(p) for p in sorted((store / "studies" / study / "tables").glob("*.parquet"))}
+
+
 def smoke_config(tmp_path: Path, name: str = "smoke", **override) -> Path:
     """configs/smoke.yaml with its store in tmp_path (and any top-level section replaced)."""
     import yaml
@@ -104,7 +115,7 @@ def _fingerprint(root: Path) -> dict[str, tuple[int, int]]:
 def _build_smoke_study(tmp: Path, api_url: str) -> Study:
     cfg = smoke_config(tmp)
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_HOME": str(_home)}
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(cfg)], env=env, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(cfg)], env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return Study(tmp / "store", cfg)
 

@@ -72,7 +72,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def rlheal(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rlheal.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def test_cli_validate(tmp_path):
@@ -175,3 +175,65 @@ def test_paper_presets_run_the_authors_rl(name):
     assert p.compute_dtype == "float32"  # deviation 14 kept (training.md §8)
     assert rl.from_steps == want["from_steps"] and set(rl.from_steps) <= set(cfg.sft.save_steps)
     assert (cfg.roles.rl_start or cfg.sft.save_steps[-1]) == want["rl_start"]  # R: the run of their RL scripts
+
+
+# ---------------------------------------------------------------- every field described (issue 16 §5)
+
+
+def test_every_config_field_has_a_description():
+    """A field without a description is a defect: `rlheal validate --explain` prints them all."""
+    from rlheal.config import explain_fields
+
+    rows = explain_fields()
+    assert len(rows) > 150  # every section expanded, not just the top level
+    assert "editing.variants[].method" in {path for path, *_ in rows}  # and the entries of a list of sections
+    undescribed = [path for path, _, _, doc in rows if not doc.strip()]
+    assert not undescribed, f"fields without a description: {undescribed}"
+
+
+def test_docs_config_md_is_what_validate_explain_prints():
+    """docs/config.md is generated; adding or changing a field without regenerating it fails here:
+    (head -6 docs/config.md; rlheal validate --explain) > docs/config.md"""
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "--explain"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    doc = (CONFIGS.parent / "docs" / "config.md").read_text()
+    assert doc.endswith(r.stdout) and "| `rl.ppo.value_coef` | float | 0.5 |" in r.stdout
+
+
+def test_validate_without_a_config_asks_for_one():
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate"], capture_output=True, text=True)
+    assert r.returncode == 2 and "name a config file" in r.stderr
+
+
+def test_choices_are_literals_and_rules_are_validators():
+    """TRL's string options are checked when the file is read, not when the trainer starts; a PPO
+    update of fewer than 2 samples is a config error naming the field, not a crash in ppo.py."""
+    with pytest.raises(ConfigError, match=r"rl.grpo.loss_type"):
+        parse_config({"name": "t", "rl": {"grpo": {"loss_type": "daop"}}})
+    with pytest.raises(ConfigError, match=r"rl.grpo.scale_rewards"):
+        parse_config({"name": "t", "rl": {"grpo": {"scale_rewards": True}}})
+    with pytest.raises(ConfigError, match=r"rl.ppo.num_envs: num_envs x steps_per_env must be >= 2"):
+        parse_config({"name": "t", "rl": {"ppo": {"num_envs": 1, "steps_per_env": 1}}})
+    with pytest.raises(ConfigError, match=r"rl.grpo.decoding.do_sample: GRPO compares sampled completions"):
+        parse_config({"name": "t", "rl": {"algorithm": "grpo", "grpo": {"decoding": {"preset": "greedy"}}}})
+    # each algorithm's rule binds only when that algorithm runs
+    parse_config({"name": "t", "rl": {"algorithm": "grpo", "ppo": {"num_envs": 1, "steps_per_env": 1}}})
+    parse_config({"name": "t", "rl": {"grpo": {"decoding": {"preset": "greedy"}}}})
+
+
+def test_grpo_samples_through_a_decoding_section_with_the_spec_defaults():
+    """training.md §4's GRPO defaults, now as a decoding section like every other stage's."""
+    d = parse_config({"name": "t"}).rl.grpo.decoding.resolved()
+    assert (d["preset"], d["do_sample"], d["temperature"], d["top_p"], d["top_k"], d["repetition_penalty"], d["max_new_tokens"]) == ("grpo_default", True, 1.0, 1.0, 0, 1.0, 256)
+    d = parse_config({"name": "t", "rl": {"grpo": {"decoding": {"max_new_tokens": 48}}}}).rl.grpo.decoding.resolved()
+    assert (d["preset"], d["temperature"], d["max_new_tokens"]) == ("grpo_default", 1.0, 48)
+
+
+def test_one_lora_section_for_sft_and_grpo():
+    from rlheal.config import LoraSection
+
+    cfg = parse_config({"name": "t", "sft": {"lora": {"enabled": True, "r": 4}}, "rl": {"grpo": {"lora": {"enabled": True, "alpha": 8}}}})
+    assert type(cfg.sft.lora) is type(cfg.rl.grpo.lora) is LoraSection
+    assert (cfg.sft.lora.r, cfg.sft.lora.alpha, cfg.rl.grpo.lora.r, cfg.rl.grpo.lora.alpha) == (4, 16, 64, 8)
+    with pytest.raises(ConfigError, match=r"sft.lora.targets"):
+        parse_config({"name": "t", "sft": {"lora": {"targets": []}}})

@@ -105,7 +105,7 @@ def test_same_config_is_a_cache_hit_and_other_config_is_not(tmp_path):
 def test_cli_run_writes_study_tables_and_reruns_cached(cli_env, tmp_path):
     cfg = tmp_path / "study.yaml"
     cfg.write_text(yaml.safe_dump({"name": "cli", "store": str(tmp_path / "store"), "data": {"train_size": 64, "eval_size": 8}, "sft": {"save_steps": [0, 2], "batch_size": 8, "per_device_batch_size": 8, "ce_every": 100}, "eval": {"ce_hands": 4, "decoding": {"max_new_tokens": 16}}, "rl": {"from_steps": []}, "editing": {"enabled": False}}))
-    cmd = [sys.executable, "-m", "rlheal.cli", "run", str(cfg)]
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg)]
     first = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     tables = tmp_path / "store" / "studies" / "cli" / "tables"

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from rlheal.config import ConfigError, load_config, parse_config
-from tasks import models
+from tasks import lm, models
 from tasks.generalpoints import deal, render_prompt
 from tasks.rl.rollout import Generator
 from tests.conftest import CONFIGS, ROOT
@@ -50,7 +50,7 @@ def test_greedy_rollouts_are_refused_unless_asked_for():
 def test_cli_validate_refuses_a_greedy_rollout_with_status_2(tmp_path):
     path = tmp_path / "greedy.yaml"
     path.write_text(yaml.safe_dump({"name": "g", "rl": {"decoding": {"preset": "greedy"}}}))
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "validate", str(path)], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "rl.decoding: rolls out greedily" in r.stderr, (r.returncode, r.stderr)
 
 
@@ -60,7 +60,7 @@ def test_a_rollout_of_one_prompt_at_temperature_1_gives_distinct_completions(tmp
     at tau = 1 on a near-uniform model; greedy rollouts would give 1."""
     cfg = parse_config({"name": "t", "rl": {"decoding": {"temperature": 1.0, "max_new_tokens": 16}}})
     models.build_tiny(tmp_path, cfg.model)
-    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     generate = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
     prompt = generate.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])
     torch.manual_seed(0)

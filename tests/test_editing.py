@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
-from tasks import data, editing, evaluate, models, svd
+from tasks import data, editing, evaluate, lm, models, svd
 from tasks.editing.apply import every_matrix, in_scope
 from tasks.editing.sweep import SCHEMAS, with_recovery
 from tasks.svd.metrics import Factors
@@ -465,7 +465,7 @@ def sweep(llama):
 
 def test_sweep_writes_the_three_tables_with_their_types(sweep):
     store, cfg, ckpts, data_dir, out, calls = sweep
-    t = {name: pl.read_parquet(out / f"{name}.parquet") for name in editing.TABLES}
+    t = {name: pl.read_parquet(out / f"{name}.parquet") for name in editing.STAGE.tables}
     for name, schema in SCHEMAS.items():
         assert t[name].schema == pl.Schema(schema), name
     assert set(calls.values()) == {1} and len(calls) == 2 * 28
@@ -510,8 +510,8 @@ def test_an_edited_checkpoint_loads_and_evaluates_like_the_in_memory_edit(sweep)
     with editing.resident(rows["sft-8"], torch.float32) as loaded:
         with editing.applied(store, cfg, v, loaded, rows["sft-8"], rows["sft-4"]):
             in_memory = state(loaded.model)
-            ce = evaluate.reference_ce(loaded.model, loaded.tok, hands, cfg.eval.ce_hands, cfg.chat.date_string)
-    model, tok = models.load_model(path), models.load_tokenizer(path)
+            ce = lm.reference_ce(loaded.model, loaded.tok, hands, cfg.eval.ce_hands, cfg.chat.date_string)
+    model, tok = lm.load_model(path), lm.load_tokenizer(path)
     assert all(torch.equal(in_memory[k], t) for k, t in model.state_dict().items())
     attempts, summary = evaluate.evaluate_model(model, tok, hands, cfg, {"ckpt_id": "sft-8"})
     assert summary["ce"][0] == pytest.approx(ce, rel=1e-6)
@@ -527,7 +527,7 @@ def test_prefect_task_is_cached_by_artifact_and_honours_fault_injection(sweep, m
     roles_path = Path(ckpts["path"][0]).parent / "ckpts"
     [v] = [v for v in editing.plan(cfg, roles_table(r=False), ckpts) if v["experiment"] == "E0"]
     art = editing.artifact(store, cfg, v, ckpts, data_dir)
-    kwargs = dict(artifact=str(art), cfg=cfg, variant=v, roles=str(roles_path), checkpoints=str(roles_path / "checkpoints.parquet"), data=str(data_dir))
+    kwargs = dict(artifact=art, cfg=cfg, variant=v, roles=str(roles_path), checkpoints=str(roles_path / "checkpoints.parquet"), data=str(data_dir))
     assert store.is_sealed(art)
     assert editing.stage.fn(**kwargs) == str(art.path)  # found sealed: nothing recomputed
     monkeypatch.setenv("RLHEAL_FAULT", "editing")

@@ -12,9 +12,10 @@ import torch
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, evaluate, models
+from tasks import data, evaluate, lm, models
 from tasks.chat import prompt_completion_ids
-from tasks.evaluate import Generation, play
+from tasks.evaluate import play
+from tasks.lm import Generation
 from tasks.generalpoints import OUTCOMES, deal, make_hand, render_prompt, wilson_interval
 from tasks.generalpoints.prompt import answer_block
 
@@ -186,10 +187,10 @@ def test_batch_size_is_in_the_key_only_when_sampling():
     sampled_small = parse_config({**CFG, "eval": {**CFG["eval"], "batch_size": 3, "decoding": {"preset": "authors_eval_qwen"}}})
     assert evaluate.decoding_key(greedy) == evaluate.decoding_key(greedy_small)
     assert evaluate.decoding_key(sampled) != evaluate.decoding_key(sampled_small)
-    config = evaluate.generation_config(sampled.eval.decoding.resolved(), models.build_tokenizer())
+    config = lm.generation_config(sampled.eval.decoding.resolved(), models.build_tokenizer())
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (True, 0.7, 0.8, 20, 1.05)
     rl = parse_config({**CFG, "eval": {"decoding": {"preset": "rl_default"}}}).eval.decoding.resolved()
-    assert evaluate.generation_config(rl, models.build_tokenizer()).top_k == 0  # off, not transformers' 50
+    assert lm.generation_config(rl, models.build_tokenizer()).top_k == 0  # off, not transformers' 50
 
 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
@@ -205,7 +206,7 @@ def tiny(tmp_path_factory):
     base = root / "base"
     base.mkdir()
     models.build_tiny(base, cfg.model)
-    tok, model = models.load_tokenizer(base), models.load_model(base)
+    tok, model = lm.load_tokenizer(base), lm.load_model(base)
     table = pl.read_parquet(data_dir / "eval_id.parquet").head(5)
     seqs = [prompt_completion_ids(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": a}], cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
     width = max(len(s) for s, _ in seqs)
@@ -253,7 +254,7 @@ def test_end_to_end_tables_are_consistent(tiny, tmp_path):
 def test_greedy_is_deterministic_and_independent_of_batch_size(tiny):
     cfg, data_dir, ckpt = tiny
     table = pl.read_parquet(data_dir / "eval_id.parquet")
-    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"])
+    tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
     first, _ = evaluate.evaluate_model(model, tok, table, cfg, ckpt)
     again, _ = evaluate.evaluate_model(model, tok, table, cfg, ckpt)
     small = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 3})})
@@ -266,15 +267,15 @@ def test_greedy_is_deterministic_and_independent_of_batch_size(tiny):
 def test_generator_stops_at_end_of_turn_or_the_token_limit(tiny):
     cfg, data_dir, ckpt = tiny
     table = pl.read_parquet(data_dir / "eval_id.parquet")
-    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"])
+    tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
     conversations = [[{"role": "user", "content": p}] for p in table["prompt"][:2]]
-    full = evaluate.ModelGenerator(model, tok, cfg.eval.decoding.resolved(), cfg.chat.date_string)(conversations)
+    full = lm.ModelGenerator(model, tok, cfg.eval.decoding.resolved(), cfg.chat.date_string)(conversations)
     # a memorised hand: exactly its reference answer, then <|end|> (counted, not in the text)
     assert full[0].text == table["answer"][0]
     assert full[0].tokens == len(tok(table["answer"][0] + "<|end|>", add_special_tokens=False)["input_ids"])
     assert not full[0].hit_max_new_tokens
     short = {**cfg.eval.decoding.resolved(), "max_new_tokens": 5}
-    cut = evaluate.ModelGenerator(model, tok, short, cfg.chat.date_string)(conversations)
+    cut = lm.ModelGenerator(model, tok, short, cfg.chat.date_string)(conversations)
     assert [(g.tokens, g.hit_max_new_tokens) for g in cut] == [(5, True), (5, True)]
     assert table["answer"][0].startswith(cut[0].text)
 
@@ -283,7 +284,7 @@ def test_sampling_is_seeded_per_call_and_leaves_the_global_rng_alone(tiny):
     cfg, data_dir, ckpt = tiny
     sampled = parse_config({**CFG, "eval": {**CFG["eval"], "ce_hands": 0, "decoding": {"preset": "authors_eval_qwen", "max_new_tokens": 16}}})
     table = pl.read_parquet(data_dir / "eval_ood.parquet").head(4)
-    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"])
+    tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
     torch.manual_seed(123)
     state = torch.get_rng_state()
     one, _ = evaluate.evaluate_model(model, tok, table, sampled, ckpt)
@@ -302,10 +303,10 @@ def test_the_checkpoint_generation_config_is_ignored(tiny, tmp_path):
     settings = {"do_sample": True, "temperature": 5.0, "top_k": 3, "min_new_tokens": 3, "no_repeat_ngram_size": 1, "repetition_penalty": 3.0, "max_new_tokens": 5}
     (noisy / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": 2, "pad_token_id": 1}))
     table = pl.read_parquet(data_dir / "eval_id.parquet")
-    tok, model = models.load_tokenizer(noisy), models.load_model(noisy)
+    tok, model = lm.load_tokenizer(noisy), lm.load_model(noisy)
     assert model.generation_config.temperature == 5.0  # the file was read...
     # ...and would change the outputs if generate were left to use it
-    prompt = evaluate.ModelGenerator(model, tok, cfg.eval.decoding.resolved(), cfg.chat.date_string).prompt_ids([{"role": "user", "content": table["prompt"][0]}])
+    prompt = lm.ModelGenerator(model, tok, cfg.eval.decoding.resolved(), cfg.chat.date_string).prompt_ids([{"role": "user", "content": table["prompt"][0]}])
     torch.manual_seed(0)
     own = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     assert own.shape[1] - len(prompt) == 5
@@ -324,7 +325,7 @@ def test_a_second_run_finds_the_sealed_artifact(tiny, tmp_path, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded again")
 
-    monkeypatch.setattr(evaluate.models, "load_model", no_loading)
+    monkeypatch.setattr(evaluate, "load_model", no_loading)
     assert evaluate.run(store, cfg, ckpt, "ood", data_dir) == first
     assert (Path(first) / "manifest.json").stat().st_mtime_ns == stamp
     assert first == evaluate.artifact(store, cfg, ckpt, "ood", data_dir).path
@@ -372,13 +373,13 @@ NLL_TOL = 1e-5
 def test_reference_ce_equals_the_models_own_labels_loss_per_hand(tiny):
     cfg, data_dir, ckpt = tiny
     table = pl.read_parquet(data_dir / "eval_id.parquet")
-    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"], torch.float64)
+    tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"], torch.float64)
     hf = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
-    ours = [evaluate.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
+    ours = [lm.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
     assert ours == pytest.approx(hf, rel=0, abs=NLL_TOL)
     # batched and right-padded (chunks of 3, 3, 2) as the evaluation runs it
-    assert evaluate.reference_ce(model, tok, table, 8, cfg.chat.date_string, batch_size=3) == pytest.approx(sum(hf) / len(hf), rel=0, abs=NLL_TOL)
-    assert evaluate.reference_ce(model, tok, table, 3, cfg.chat.date_string) == pytest.approx(sum(hf[:3]) / 3, rel=0, abs=NLL_TOL)
+    assert lm.reference_ce(model, tok, table, 8, cfg.chat.date_string, batch_size=3) == pytest.approx(sum(hf) / len(hf), rel=0, abs=NLL_TOL)
+    assert lm.reference_ce(model, tok, table, 3, cfg.chat.date_string) == pytest.approx(sum(hf[:3]) / 3, rel=0, abs=NLL_TOL)
     assert min(hf[:5]) < 0.1 < 1.0 < max(hf[5:])  # memorised hands and the others: the hands differ
 
 
@@ -390,12 +391,12 @@ def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
     first_dir = Path(data.run(Store(tmp_path / "data"), first_cfg))
     table = pl.read_parquet(first_dir / "eval_id.parquet")
     assert table["cards"].to_list() == pl.read_parquet(data_dir / "eval_id.parquet")["cards"].to_list()  # the same hands
-    tok, model = models.load_tokenizer(ckpt["path"]), models.load_model(ckpt["path"], torch.float64)
+    tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"], torch.float64)
     hands = [deal("id", first_cfg.data.eval_seed, i) for i in range(table.height)]
     trained = [data._sft_row(h, first_cfg)["completion"][0]["content"] for h in hands]  # what an SFT row of the hand holds
     hf_first = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]
     hf_dealt = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
-    ours = [evaluate.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
+    ours = [lm.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
     assert ours == pytest.approx(hf_first, rel=0, abs=NLL_TOL)
     # hands 0-4 had their dealt reference memorised: where the first solution is another
     # formula the two CEs are far apart (measured 0.82 to 2.37 nats on these five hands)
@@ -403,7 +404,7 @@ def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
     assert len(differ) >= 3
     assert all(abs(ours[i] - hf_dealt[i]) > 0.3 for i in differ)
 
-    _, summary = evaluate.evaluate_model(models.load_model(ckpt["path"]), tok, table, first_cfg, ckpt)
+    _, summary = evaluate.evaluate_model(lm.load_model(ckpt["path"]), tok, table, first_cfg, ckpt)
     assert summary["ce_target"].to_list() == ["first"]
     assert summary["ce"][0] == pytest.approx(sum(hf_first) / len(hf_first), rel=1e-5)
     # the evaluation set hash covers the cards only: the CE target keeps the cache apart

@@ -16,8 +16,8 @@ from transformers import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGe
 
 from rlheal.config import SvdSection, parse_config
 from rlheal.store import Store
-from tasks import data, editing, models, sft
-from tasks.evaluate import ModelGenerator
+from tasks import data, editing, lm, models, sft
+from tasks.lm import ModelGenerator
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tasks.svd.matrices import MULTIMODAL, check_same_matrices, read_tensor, select_matrices
 
@@ -88,7 +88,7 @@ def pipeline(mllama, tmp_path_factory):
 
 def test_loads_the_language_model_with_the_saved_weights(mllama):
     files = saved_tensors(mllama)
-    model = models.load_model(mllama)
+    model = lm.load_model(mllama)
     assert type(model) is MllamaForCausalLM
     loaded = model.state_dict()
     # In memory `model.layers.N…` / `lm_head.weight`; on the hub both sit under `language_model.`.
@@ -104,8 +104,8 @@ def test_loads_the_language_model_with_the_saved_weights(mllama):
 
 
 def test_generate_on_a_left_padded_batch(mllama):
-    tok = models.load_tokenizer(mllama)
-    model = models.load_model(mllama).eval()
+    tok = lm.load_tokenizer(mllama)
+    model = lm.load_model(mllama).eval()
     gen = ModelGenerator(model, tok, {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": 8}, None)
     hand, other = deal("id", 0, 0), deal("ood", 0, 1)
     convos = [
@@ -149,7 +149,7 @@ def test_model_stage_saves_the_language_model_exactly(mllama, pipeline):
     files, src = saved_tensors(model_dir), saved_tensors(mllama)
     assert files.keys() == {n.removeprefix("language_model.") for n in src if n.startswith("language_model.")}
     assert all(torch.equal(t, src[f"language_model.{n}"]) for n, t in files.items())
-    assert models.load_tokenizer(model_dir).get_vocab() == models.load_tokenizer(mllama).get_vocab()
+    assert lm.load_tokenizer(model_dir).get_vocab() == lm.load_tokenizer(mllama).get_vocab()
 
 
 def test_sft_checkpoints_read_back_with_the_names_of_step_0(pipeline, tmp_path):
@@ -157,7 +157,7 @@ def test_sft_checkpoints_read_back_with_the_names_of_step_0(pipeline, tmp_path):
     mats = select_matrices(base, cfg.svd)
     assert [m.param for m in select_matrices(step2, cfg.svd)] == [m.param for m in mats]
     check_same_matrices(step2, mats)  # what the svd stage runs before comparing base -> B
-    model = models.load_model(step2)
+    model = lm.load_model(step2)
     assert type(model) is MllamaForCausalLM
     params = dict(model.named_parameters())
     assert all(torch.equal(params[m.param], read_tensor(step2, m.param)) for m in mats)  # editing writes by these names
@@ -170,7 +170,7 @@ def test_sft_checkpoints_read_back_with_the_names_of_step_0(pipeline, tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True)
     assert saved_tensors(tmp_path).keys() == saved_tensors(step2).keys()
     assert all(torch.equal(saved_tensors(tmp_path)[n], t) for n, t in saved_tensors(step2).items())
-    again = state(models.load_model(tmp_path))
+    again = state(lm.load_model(tmp_path))
     assert again.keys() == model.state_dict().keys()
     assert all(torch.equal(again[n], t) for n, t in model.state_dict().items())
 

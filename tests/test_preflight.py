@@ -1,4 +1,4 @@
-"""The store-space estimate (rlheal/space.py, rlheal/preflight.py): what `rlheal validate`
+"""The store-space estimate (rlheal/space.py, flows/preflight.py): what `rlheal validate`
 prints against the bytes a finished smoke study wrote, the refusal of a disk that is too
 small, a resumed run's smaller need, the paper presets' figures from their known shapes,
 and a full disk told apart from other failures."""
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlheal import cli, preflight, space
+from flows import cli, preflight
+from rlheal import space
 from rlheal.config import load_config
 from tests.conftest import CONFIGS, smoke_config
 
@@ -183,8 +184,10 @@ def _paper_estimate(preset: str, tmp_path: Path):
     cfg = load_config(CONFIGS / f"{preset}.yaml")
     model, others = paper_shapes(p)
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": p["layers"], "dtype": "bfloat16", "model_type": p["model_type"]}))
-    sweep = preflight.editing_sweep(cfg, tmp_path)
-    columns = columns_plan(cfg, list(model.matrices), others)
+    from tasks import editing, sft
+
+    sweep = editing.sweep_size(cfg, tmp_path) | {"sft_bytes": sft.save_bytes(cfg.sft, tmp_path)}
+    columns = columns_plan(cfg, list(model.matrices), others, editing.column_requests(cfg))
     est = space.estimate(cfg, model, columns, cuda=True, **sweep)
     print("\n" + space.format_estimate(est, cfg.store))
     return cfg, model, sweep, est

@@ -12,9 +12,9 @@ import torch
 
 from rlheal.config import load_config, parse_config
 from rlheal.store import Store
-from tasks import models, pretrain
+from tasks import lm, models, pretrain
 from tasks.generalpoints import FACE, evaluate
-from tasks.pretrain import RULES, parse_answer, parse_face, prompt_face, same_answer_as, values_under
+from tasks.pretrain.grammar import RULES, parse_answer, parse_face, prompt_face, same_answer_as, values_under
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -32,7 +32,7 @@ def test_the_parser_reads_the_benchmark_rules_so_the_check_below_would_catch_the
 
 
 def test_corpus_never_holds_an_id_or_ood_rule_example():
-    table = pretrain.corpus(seed=0, size=10_000, block_fraction=1 / 3)
+    table = pretrain.grammar.corpus(seed=0, size=10_000, block_fraction=1 / 3)
     assert table.height == 10_000
     coincide = {"id": 0, "ood": 0}
     for prompt, answer in zip(table["prompt"], table["answer"]):
@@ -42,7 +42,7 @@ def test_corpus_never_holds_an_id_or_ood_rule_example():
         assert rule not in RULES.values()
         cards, numbers = parse_answer(answer)
         assert any(c in "JQK" for c in cards)
-        assert prompt == pretrain.prompt_text(cards, sentence)  # the rest is the benchmark's text
+        assert prompt == pretrain.grammar.prompt_text(cards, sentence)  # the rest is the benchmark's text
         assert tuple(numbers) == values_under(cards, rule)  # the answer computes with the stated rule
         for split in coincide:
             coincide[split] += same_answer_as(cards, numbers, split)
@@ -59,20 +59,20 @@ def test_corpus_never_holds_an_id_or_ood_rule_example():
 
 def test_corpus_never_deals_an_evaluation_hand():
     cfg = parse_config({"name": "t", "data": {"eval_size": 500}})
-    exclude = pretrain.evaluation_cards(cfg)
+    exclude = pretrain.grammar.evaluation_cards(cfg)
     assert len(exclude) > 900  # both splits
-    table = pretrain.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=exclude)
+    table = pretrain.grammar.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=exclude)
     assert not {tuple(c) for c in table["cards"].to_list()} & exclude
-    multiset = pretrain.evaluation_cards(parse_config({"name": "t", "data": {"eval_size": 50, "overlap": "multiset"}}))
-    table = pretrain.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=multiset, overlap="multiset")
+    multiset = pretrain.grammar.evaluation_cards(parse_config({"name": "t", "data": {"eval_size": 50, "overlap": "multiset"}}))
+    table = pretrain.grammar.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=multiset, overlap="multiset")
     assert not {tuple(sorted(c)) for c in table["cards"].to_list()} & multiset
 
 
 def test_corpus_is_deterministic_and_a_prefix_of_any_longer_one():
-    a = pretrain.corpus(seed=3, size=300, block_fraction=1 / 3)
-    b = pretrain.corpus(seed=3, size=500, block_fraction=1 / 3)
+    a = pretrain.grammar.corpus(seed=3, size=300, block_fraction=1 / 3)
+    b = pretrain.grammar.corpus(seed=3, size=500, block_fraction=1 / 3)
     assert a.equals(b.head(300))
-    assert not a.equals(pretrain.corpus(seed=4, size=300, block_fraction=1 / 3))
+    assert not a.equals(pretrain.grammar.corpus(seed=4, size=300, block_fraction=1 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_short_pretraining_lowers_loss_and_writes_a_loadable_hf_dir(short_run):
     assert log["loss"][1] < log["loss"][0] - 0.5 and log["loss"][0] < math.log(models.build_tokenizer().__len__())
     m = store.manifest(out)
     assert m["source"] == "trained" and m["weights_sha256"] == models.weights_hash(out) != models.weights_hash(model_dir)
-    tok, model = models.load_tokenizer(out), models.load_model(out)
+    tok, model = lm.load_tokenizer(out), lm.load_model(out)
     ids = torch.tensor([tok("Cards: ['J', '2', 'A', 'A']")["input_ids"]])
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
     # cached by config: a second run is a look-up
@@ -116,7 +116,7 @@ def test_shipped_base_matches_its_hash_loads_and_is_what_the_toy_study_uses(tmp_
     assert cfg.pretrain.enabled and cfg.pretrain.use_shipped
     assert record["key"] == json.loads(json.dumps(pretrain.shipped_key(cfg)))
     assert record["command"] == pretrain.REBUILD
-    tok, model = models.load_tokenizer(folder), models.load_model(folder)
+    tok, model = lm.load_tokenizer(folder), lm.load_model(folder)
     assert len(tok) == model.config.vocab_size
     # `run` copies it instead of training (seconds, not minutes)
     store = Store(tmp_path)

@@ -6,8 +6,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tasks import replicates, report
-from tasks.replicates import overall, spread
+from flows import replicates
+from tasks import report
+from flows.replicates import overall, spread
 
 
 def editing_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):

@@ -5,8 +5,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from rlheal.caching import cached_in, open_store
-from rlheal.store import Store, write_parquet
+from rlheal.caching import Stage, cached_in, open_store
+from rlheal.store import Artifact, write_parquet
 import polars as pl
 
 
@@ -14,32 +14,35 @@ def count(log: Path, name: str) -> int:
     return log.read_text().split().count(name) if log.exists() else 0
 
 
+FIRST, SECOND = Stage("first", version="1"), Stage("second", version="1")
+
+
 @task
-def first(artifact: str, log: str) -> str:
+def first(artifact: Artifact, log: str) -> str:
     with open(log, "a") as f:
         f.write("first\n")
-    st = open_store(Store.from_path(artifact).root)
-    return str(st.build(Store.from_path(artifact), lambda tmp: write_parquet(pl.DataFrame({"x": [1, 2]}), tmp / "x.parquet")))
+    return str(FIRST.build(artifact, lambda tmp: write_parquet(pl.DataFrame({"x": [1, 2]}), tmp / "x.parquet")))
 
 
 @task
-def second(artifact: str, upstream: str, log: str) -> str:
+def second(artifact: Artifact, upstream: str, log: str) -> str:
     with open(log, "a") as f:
         f.write("second\n")
     if os.environ.get("RESUME_TEST_FAIL") == "1":
         raise RuntimeError("injected")
-    st = open_store(Store.from_path(artifact).root)
     x = pl.read_parquet(Path(upstream) / "x.parquet")
-    return str(st.build(Store.from_path(artifact), lambda tmp: write_parquet(x * 10, tmp / "y.parquet")))
+    return str(SECOND.build(artifact, lambda tmp: write_parquet(x * 10, tmp / "y.parquet")))
 
 
 @flow
 def two_stages(root: str, log: str):
+    """Two stages on the stage contract: the flow derives each key once and hands the
+    artifact over; the cache policy keys the task run by it."""
     st = open_store(root)
-    a = st.artifact("first", {"n": 2})
-    b = st.artifact("second", {"scale": 10}, inputs=[a.id])
-    s1 = first.with_options(**cached_in(st))(artifact=str(a), log=log, return_state=True)
-    s2 = second.with_options(**cached_in(st))(artifact=str(b), upstream=s1.result(), log=log, return_state=True)
+    a = FIRST.artifact(st, {"n": 2})
+    b = SECOND.artifact(st, {"scale": 10}, inputs=[a])
+    s1 = first.with_options(**cached_in(st))(artifact=a, log=log, return_state=True)
+    s2 = second.with_options(**cached_in(st))(artifact=b, upstream=s1.result(), log=log, return_state=True)
     return s1, s2
 
 

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from rlheal.config import ConfigError, parse_config
 from rlheal.faults import InjectedFault
 from rlheal.store import Store
-from tasks import data, evaluate, models, rl, sft
+from tasks import data, lm, models, rl, sft
 from tasks.chat import encode, prompt_completion_ids
 from tasks.data import training_hands
 from tasks.generalpoints import OUTCOMES, deal, overlap_key, reference_answer, render_prompt, score
@@ -179,7 +179,7 @@ def test_sequence_score_is_the_generation_log_probability(tmp_path):
     log softmax(z_i / tau)[o_i] with z_i generate's own raw logits (left padding and all)."""
     cfg = parse_config({"name": "t"})
     models.build_tiny(tmp_path, cfg.model)
-    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     decoding = {**cfg.rl.decoding.resolved(), "temperature": 0.7, "max_new_tokens": 12}
     gen = Generator(model, tok, decoding, cfg.chat.date_string)
     prompts = [gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, i))}]) for i in range(3)]
@@ -211,7 +211,7 @@ def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
     nats; the test asserts that each of those wrong formulas misses."""
     cfg = parse_config({"name": "t"})
     models.build_tiny(tmp_path, cfg.model)
-    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
     answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
     responses = [
@@ -253,7 +253,7 @@ def test_a_hands_prompt_has_the_same_token_ids_in_every_stage():
     messages = [{"role": "user", "content": render_prompt(deal("id", 0, 5))}]
     sft_ids, n_prompt = prompt_completion_ids(tok, messages, [{"role": "assistant", "content": "x"}], date)
     ppo_ids = Generator(torch.nn.Linear(1, 1), tok, parse_config({"name": "t"}).rl.decoding.resolved(), date).prompt_ids(messages)
-    eval_ids = evaluate.ModelGenerator(torch.nn.Linear(1, 1), tok, parse_config({"name": "t"}).eval.decoding.resolved(), date).prompt_ids(messages)
+    eval_ids = lm.ModelGenerator(torch.nn.Linear(1, 1), tok, parse_config({"name": "t"}).eval.decoding.resolved(), date).prompt_ids(messages)
     grpo_ids = grpo.trl_prompt_ids(tok, messages, {"date_string": date})
     assert sft_ids[:n_prompt] == ppo_ids == eval_ids == grpo_ids
     assert grpo.prompt_column(tok, parse_config({"name": "t"}), messages) == messages  # TRL renders it itself
@@ -289,7 +289,7 @@ def first_attempt_reward(path, cfg, greedy: bool = False, n: int = 256) -> tuple
     """(mean first-attempt reward, hands solved) on n ID hands of another training seed
     (never evaluation hands, not the run's own stream), sampled with the run's decoding
     and a fixed seed, or greedy: the same hands and random numbers for every model."""
-    tok, model = models.load_tokenizer(path), models.load_model(path).eval()
+    tok, model = lm.load_tokenizer(path), lm.load_model(path).eval()
     decoding = {**cfg.rl.decoding.resolved(), **({"do_sample": False} if greedy else {})}
     generate = Generator(model, tok, decoding, cfg.chat.date_string)
     hands = list(itertools.islice(training_hands(999, common.evaluation_keys(cfg), cfg.data.overlap), n))
@@ -349,7 +349,7 @@ def ppo_run(weak):
     """PPO seed 0 from the weak model, watched by a Recorder: (cfg, run dir, recorder)."""
     store, data_dir, start = weak
     cfg = study(PPO, {"rl": {"seed": 0, "decoding": {"seed": 0}}})
-    tok = models.load_tokenizer(start["path"])
+    tok = lm.load_tokenizer(start["path"])
     probe = torch.tensor([Generator(None, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string).prompt_ids([{"role": "user", "content": render_prompt(deal("id", 7, 0))}])])
     with pytest.MonkeyPatch.context() as mp:
         recorder = Recorder(mp, probe)
@@ -428,7 +428,7 @@ def test_ppo_run_tables_checkpoints_and_logged_statistics(weak, ppo_run):
             out = hf(input_ids=recorder.probe, output_hidden_states=True)
             torch.testing.assert_close(out.logits, logits, rtol=0, atol=1e-6)
             torch.testing.assert_close(head(out.hidden_states[-1][:, -1]), value, rtol=0, atol=1e-6)
-    assert not common.work_dir(Store.from_path(run_dir)).exists()  # resume state dropped once sealed
+    assert not Store.from_path(run_dir).work_dir.exists()  # resume state dropped once sealed
     assert Path(rl.run(store, cfg, start, data_dir)) == run_dir  # a second call is a cache hit
     assert rl.collect([run_dir, run_dir])["rl_log"].height == 2 * updates  # the study-wide tables
 
@@ -476,7 +476,7 @@ def test_ppo_raises_the_reward_of_a_model_that_reads_the_cards(reader, seed):
 
 def test_grpo_two_steps_writes_its_checkpoint(weak):
     store, data_dir, start = weak
-    cfg = study({"rl": {"algorithm": "grpo", "save_steps": [0, 2], "grpo": {"per_device_batch_size": 4, "num_generations": 2, "max_completion_length": 48, "learning_rate": 1e-3}}})
+    cfg = study({"rl": {"algorithm": "grpo", "save_steps": [0, 2], "grpo": {"per_device_batch_size": 4, "num_generations": 2, "decoding": {"max_new_tokens": 48}, "learning_rate": 1e-3}}})
     run_dir = Path(rl.run(store, cfg, start, data_dir))
     ckpts = pl.read_parquet(run_dir / "checkpoints.parquet")
     assert ckpts["ckpt_id"].to_list() == ["rl-30-0", "rl-30-2"]
@@ -489,7 +489,7 @@ def test_grpo_two_steps_writes_its_checkpoint(weak):
 
 def test_grpo_resumes_from_its_last_trainer_checkpoint(weak, tmp_path, monkeypatch, caplog):
     _, data_dir, start = weak
-    cfg = study({"rl": {"algorithm": "grpo", "save_steps": [0, 1, 3], "grpo": {"per_device_batch_size": 4, "num_generations": 2, "max_completion_length": 48, "learning_rate": 1e-3}}})
+    cfg = study({"rl": {"algorithm": "grpo", "save_steps": [0, 1, 3], "grpo": {"per_device_batch_size": 4, "num_generations": 2, "decoding": {"max_new_tokens": 48}, "learning_rate": 1e-3}}})
     reference = Path(rl.run(Store(tmp_path / "reference"), cfg, start, data_dir))
     store = Store(tmp_path / "store")
     on_save = sft.StepCheckpoints.on_save
@@ -523,9 +523,9 @@ def test_starting_checkpoints_follow_from_steps(weak):
 def test_the_stage_obeys_fault_injection(weak, monkeypatch):
     store, data_dir, start = weak
     monkeypatch.setenv("RLHEAL_FAULT", "rl")
-    art = rl.artifact(store, study(QUICK), start, Store.from_path(data_dir).id)
+    art = rl.artifact(store, study(QUICK), start, Store.from_path(data_dir))
     with pytest.raises(InjectedFault):
-        rl.stage.fn(artifact=str(art), cfg=study(QUICK), ckpt=start, start_step=30, data=str(data_dir))
+        rl.stage.fn(artifact=art, cfg=study(QUICK), ckpt=start, start_step=30, data=str(data_dir))
 
 
 def _final_weights(run_dir: Path) -> dict:
@@ -554,7 +554,7 @@ def test_interrupted_run_resumes_at_its_last_save_and_ends_equal(weak, uninterru
     with pytest.raises(Killed, match="after saving update 2"):
         rl.run(store, cfg, start, data_dir)
     monkeypatch.setattr(common, "save_resume", save)
-    assert not store.is_sealed(rl.artifact(store, cfg, start, Store.from_path(data_dir).id))
+    assert not store.is_sealed(rl.artifact(store, cfg, start, Store.from_path(data_dir)))
 
     with caplog.at_level("INFO", logger="rlheal.rl"):
         run_dir = Path(rl.run(store, cfg, start, data_dir))
@@ -591,7 +591,7 @@ def test_kill_9_mid_run_then_resume(weak, uninterrupted, tmp_path):
     # update 2 saved: kill during update 3 (an update takes far longer than one poll)
     kill_when(proc, lambda: any((store_dir / "rl" / ".work").glob("*/resume-2.pt")), "its first save")
     store = Store(store_dir)
-    assert not store.is_sealed(rl.artifact(store, cfg, start, Store.from_path(data_dir).id))
+    assert not store.is_sealed(rl.artifact(store, cfg, start, Store.from_path(data_dir)))
 
     run_dir = Path(rl.run(store, cfg, start, data_dir))
     reference, _ = uninterrupted
@@ -627,7 +627,7 @@ def test_a_detached_critic_moves_the_head_only(tmp_path, detached):
     # authors' design), the same value loss reaches every backbone matrix it depends on.
     cfg = parse_config({"name": "t"})
     models.build_tiny(tmp_path, cfg.model)
-    tok, model = models.load_tokenizer(tmp_path), models.load_model(tmp_path).eval()
+    tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, {**cfg.rl.decoding.resolved(), "max_new_tokens": 8}, cfg.chat.date_string)
     prompt = gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])
     head = ppo.ValueHead(ppo.hidden_size(model))

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
-from tasks import data, evaluate, models, sft
+from tasks import data, lm, models, sft
 from tasks.chat import prompt_completion_ids, render
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tests.conftest import kill_when
@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_tokenizer_round_trips_through_from_pretrained(tiny_run):
     _, _, _, model_dir, _ = tiny_run
-    tok = models.load_tokenizer(model_dir)
+    tok = lm.load_tokenizer(model_dir)
     assert type(tok).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
     texts = []
     for split in ("id", "ood"):
@@ -78,10 +78,10 @@ def test_labels_are_exactly_the_answer_and_end_of_turn(tiny_run, tmp_path):
     from trl import SFTTrainer
 
     _, cfg, data_dir, model_dir, _ = tiny_run
-    tok = models.load_tokenizer(model_dir)
+    tok = lm.load_tokenizer(model_dir)
     rows = pl.read_parquet(data_dir / "sft_train.parquet")
     ds = sft.tokenized_rows(tok, rows, 16, cfg.chat.date_string)
-    trainer = SFTTrainer(model=models.load_model(model_dir), args=sft.trainer_args(cfg, tmp_path, "cpu"), train_dataset=ds, processing_class=tok)
+    trainer = SFTTrainer(model=lm.load_model(model_dir), args=sft.trainer_args(cfg, tmp_path, "cpu"), train_dataset=ds, processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))  # the collated batch the trainer sees
     assert batch["input_ids"].shape[0] == 8
     for i in range(8):
@@ -100,7 +100,7 @@ def test_smoke_sft_lowers_loss_and_writes_every_checkpoint(tiny_run):
     assert ckpts["path"][0] == str(model_dir)  # step 0 is registered, not copied
     for path in ckpts["path"][1:]:
         assert store.is_sealed(Path(path))
-        assert models.load_model(path) is not None
+        assert lm.load_model(path) is not None
     assert ckpts["content_hash"].n_unique() == 3
     log = pl.read_parquet(run_dir / "sft_log.parquet")
     losses = log.drop_nulls("train_loss")
@@ -108,7 +108,7 @@ def test_smoke_sft_lowers_loss_and_writes_every_checkpoint(tiny_run):
     assert losses["train_loss"][-1] < losses["train_loss"][0]
     ce = log.drop_nulls("ce_ood")
     assert ce["step"].to_list() == [0, 3, 6] and ce["ce_id"][-1] < ce["ce_id"][0]
-    assert not sft.work_dir(Store.from_path(run_dir)).exists()  # resume state dropped once sealed
+    assert not Store.from_path(run_dir).work_dir.exists()  # resume state dropped once sealed
 
 
 def test_rerun_is_a_cache_hit(tiny_run):
@@ -120,7 +120,7 @@ def test_rerun_is_a_cache_hit(tiny_run):
 
 def test_lora_checkpoints_are_merged_full_weights(tmp_path):
     store = Store(tmp_path)
-    cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": True, "lora_r": 4, "lora_alpha": 8, "save_steps": [0, 2], "learning_rate": 1e-2}})
+    cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": {"enabled": True, "r": 4, "alpha": 8}, "save_steps": [0, 2], "learning_rate": 1e-2}})
     data_dir, model_dir = data.run(store, cfg), models.run(store, cfg)
     run_dir = sft.run(store, cfg, model_dir, data_dir)
     ckpt = pl.read_parquet(Path(run_dir) / "checkpoints.parquet").filter(pl.col("step") == 2)["path"][0]
@@ -152,8 +152,8 @@ def test_lora_merge_equals_base_plus_scaled_update():
 
 def test_lora_targets_that_match_nothing_are_an_error(tmp_path):
     store = Store(tmp_path)
-    cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": True, "lora_targets": ["attention.wq"]}})
-    with pytest.raises(ValueError, match=r"sft.lora_targets: none of \['attention.wq'\]"):
+    cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": {"enabled": True, "targets": ["attention.wq"]}}})
+    with pytest.raises(ValueError, match=r"sft.lora.targets: none of \['attention.wq'\]"):
         sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))
 
 
@@ -191,7 +191,7 @@ def test_kill_9_mid_sft_then_resume(cli_env, tmp_path):
     cfg_dict = {**SMALL, "data": {"train_size": 640, "eval_size": 8}, "sft": {**SMALL["sft"], "save_steps": [0, 3, 40], "ce_every": 1000}}
     cfg_file = tmp_path / "resume.yaml"
     cfg_file.write_text(yaml.safe_dump({**cfg_dict, "store": str(tmp_path / "store")}))
-    cmd = [sys.executable, "-m", "rlheal.cli", "run", str(cfg_file)]
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_file)]
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     # the resume point (the trainer state, marked complete) is written after the step's sealed
     # checkpoint: waiting for the checkpoint alone could kill before anything was resumable
@@ -210,7 +210,7 @@ def test_kill_9_mid_sft_then_resume(cli_env, tmp_path):
 def test_cli_with_missing_model_exits_2_before_training(cli_env, tmp_path):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text(yaml.safe_dump({**SMALL, "store": str(tmp_path / "store"), "model": {"name_or_path": str(tmp_path / "nowhere")}}))
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(cfg_file)], env=cli_env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(cfg_file)], env=cli_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "model.name_or_path" in r.stderr
     assert not (tmp_path / "store").exists()
 
@@ -237,7 +237,7 @@ def test_sft_on_cuda_trains_fp32_weights_under_trls_bf16_mixed_precision(tiny_ru
     import trl
 
     _, cfg, data_dir, model_dir, _ = tiny_run
-    real_load, real_args, real_cuda = sft.models.load_model, sft.trainer_args, torch.cuda.is_available
+    real_load, real_args, real_cuda = sft.lm.load_model, sft.trainer_args, torch.cuda.is_available
     loads, seen = [], {}
 
     def load_on_cpu(path, dtype=torch.float32, device="cpu", trust_remote_code=False):
@@ -265,7 +265,7 @@ def test_sft_on_cuda_trains_fp32_weights_under_trls_bf16_mixed_precision(tiny_ru
     with monkeypatch.context() as m, pytest.raises(_Built):
         m.setattr(sft.torch.cuda, "is_available", lambda: True)
         m.setattr(transformers.training_args, "is_torch_bf16_gpu_available", lambda: True)
-        m.setattr(sft.models, "load_model", load_on_cpu)
+        m.setattr(sft.lm, "load_model", load_on_cpu)
         m.setattr(sft, "trainer_args", args_for)
         m.setattr(trl, "SFTTrainer", Trainer)
         sft.train(store, run, cfg, model_dir, data_dir)
@@ -293,7 +293,7 @@ def test_checkpoints_are_saved_in_the_configured_dtype(tiny_run, tmp_path):
     for k in fp32:
         torch.testing.assert_close(rounded[k], fp32[k].to(torch.bfloat16), rtol=0, atol=0)
     assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
-    assert models.load_model(saved, dtype="auto").dtype == torch.bfloat16
+    assert lm.load_model(saved, dtype="auto").dtype == torch.bfloat16
     # auto: the starting model's stored dtype
     auto = parse_config({**SMALL, "sft": {**SMALL["sft"], "save_dtype": "auto"}}).sft
     assert sft.save_dtype(auto, model_dir) == torch.float32
@@ -352,7 +352,7 @@ def test_the_optimizer_takes_its_hyperparameters_from_the_trainer_args(tiny_run,
     s = cfg.sft
     assert (args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay) == (s.learning_rate, s.adam_beta1, s.adam_beta2, s.adam_epsilon, s.weight_decay)
     args.learning_rate, args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay = 7e-4, 0.5, 0.75, 1e-3, 0.125
-    opt, sched = sft.make_optimizer(models.load_model(model_dir), args, s)
+    opt, sched = sft.make_optimizer(lm.load_model(model_dir), args, s)
     group = opt.param_groups[0]
     assert (group["initial_lr"], group["betas"], group["eps"], group["weight_decay"]) == (7e-4, (0.5, 0.75), 1e-3, 0.125)
     assert sched.get_last_lr() == [7e-4 * sft.lr_factor(0, s)]
@@ -413,7 +413,7 @@ def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
     on (ce_target "first"), not of the dealt references; step 0 is the base model itself."""
     cfg, data_dir, model_dir, run_dir = first_answer_runs["log_warmup_constant"]
     log = pl.read_parquet(run_dir / "sft_log.parquet")
-    tok, base = models.load_tokenizer(model_dir), models.load_model(model_dir)
+    tok, base = lm.load_tokenizer(model_dir), lm.load_model(model_dir)
     table = pl.read_parquet(data_dir / "eval_ood.parquet")
     hands = [deal("ood", cfg.data.eval_seed, i) for i in range(cfg.eval.ce_hands)]
     trained = [data._sft_row(h, cfg)["completion"][0]["content"] for h in hands]

@@ -136,3 +136,16 @@ def test_study_tables_readable_by_polars_and_datasets(tmp_path):
     assert s.table("study1", "t").select(pl.col("sq").sum()).collect().item() == 285
     ds = datasets.Dataset.from_parquet(str(link))
     assert ds.num_rows == 10 and ds[3]["sq"] == 9
+
+
+def test_a_study_config_changes_only_where_both_versions_have_the_field(tmp_path):
+    """A study is refused another config, but not a newer rlheal's own schema: a field that
+    moved into a section (`sft.lora` -> `sft.lora.enabled`) or a new section is on one side only."""
+    from rlheal.store import StoreError
+
+    s = Store(tmp_path)
+    s.claim_study("toy", {"sft": {"learning_rate": 3e-4, "lora": False, "lora_r": 64}})
+    s.check_claim("toy", {"sft": {"learning_rate": 3e-4, "lora": {"enabled": False, "r": 64}}, "rl": {"grpo": {"decoding": {}}}})
+    with pytest.raises(StoreError, match=r"sft.learning_rate: 0.0003 -> 0.001"):
+        s.check_claim("toy", {"sft": {"learning_rate": 1e-3, "lora": {"enabled": False}}})
+    s.check_claim("toy", {"sft": {"learning_rate": 1e-3}}, force=True)

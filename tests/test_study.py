@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 import yaml
 
-from tests.conftest import assert_rebuilt, copy_study, smoke_config
+from tests.conftest import RUN_DEPENDENT, assert_rebuilt, copy_study, smoke_config, study_tables
 
 STAGE_ORDER = ["data", "model", "sft", "rl", "eval", "svd", "editing", "report"]
 
@@ -38,14 +38,9 @@ def task_states(flow_state, settle: float = 120) -> dict[str, str]:
             time.sleep(1)
 
 
-def tables(store: Path, study: str) -> dict[str, pl.DataFrame]:
-    return {p.stem: pl.read_parquet(p) for p in (store / "studies" / study / "tables").glob("*.parquet")}
-
-
 def comparable(t: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
     """Tables without their run-dependent columns (paths, timings)."""
-    drop = {"path", "wall_seconds", "seconds", "device", "created_at", "evaluated_at"}
-    return {k: v.drop([c for c in v.columns if c in drop]) for k, v in t.items()}
+    return {k: v.drop([c for c in v.columns if c in RUN_DEPENDENT]) for k, v in t.items()}
 
 
 @pytest.fixture
@@ -85,7 +80,7 @@ def test_fault_at_each_stage_then_resume(prefect_api, smoke_study, tmp_path, mon
             assert names and all(states[n] == "Cached" for n in names), (faulty, done, states)
         if faulty:
             assert any(n.split()[0] == faulty and s == "Failed" for n, s in states.items()), states
-    ours, ref = comparable(tables(tmp_path / "store", "smoke")), comparable(tables(reference_run, "smoke"))
+    ours, ref = comparable(study_tables(tmp_path / "store", "smoke")), comparable(study_tables(reference_run, "smoke"))
     assert set(ours) == set(ref)
     for name in ref:
         assert ours[name].equals(ref[name]), name
@@ -122,7 +117,7 @@ def test_report_of_a_study_missing_stages_says_what_is_absent(reference_run, tmp
     (study / "tables").mkdir(parents=True)
     for name in ("sft_train", "sft_log", "checkpoints"):
         shutil.copy(reference_run / "studies" / "smoke" / "tables" / f"{name}.parquet", study / "tables")
-    out = report.run(study, "partial")
+    out = report.run(study / "tables", study / "report", "partial")
     md = (out / "report.md").read_text()
     assert md.count("*Absent: the tables it needs are not in this study yet.*") >= 5
     assert (out / "fig3_losses.png").exists() and "no evaluation results" in md
@@ -133,7 +128,7 @@ def test_status_reads_progress_from_the_store(smoke_study):
     import sys
 
     cfg = smoke_study.config
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "status", str(cfg)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(cfg)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     counts = dict(re.findall(r"^\s+(\w+)\s+#*\s+(\d+/\d+)$", r.stdout, re.M))
     assert set(counts) == set(STAGE_ORDER)
@@ -151,7 +146,7 @@ def test_changed_config_mid_study_is_refused(smoke_study, tmp_path):
     changed = tmp_path / "changed.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     before = sorted(p.name for p in (mine.store / "sft").iterdir())
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "run", str(changed)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(changed)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "sft.learning_rate: 0.001 -> 0.5" in r.stderr
     assert sorted(p.name for p in (mine.store / "sft").iterdir()) == before
 
@@ -163,7 +158,7 @@ def test_dask_local_cluster_gives_identical_tables(prefect_api, reference_run, t
     cfg = smoke_config(tmp_path, runner={"kind": "dask", "n_workers": 2, "threads_per_worker": 1})
     state = study(config_path=str(cfg), return_state=True)
     assert state.is_completed()
-    ours, ref = comparable(tables(tmp_path / "store", "smoke")), comparable(tables(reference_run, "smoke"))
+    ours, ref = comparable(study_tables(tmp_path / "store", "smoke")), comparable(study_tables(reference_run, "smoke"))
     assert set(ours) == set(ref)
     for name in ref:
         assert ours[name].equals(ref[name]), name
@@ -184,10 +179,10 @@ def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, smoke_study
     state = study(config_path=cfg, overrides=["name=smoke-seed1", "data.train_seed=1", "rl.seed=1"], return_state=True)
     assert state.is_completed()
     assert sorted(p.name for p in (store / "model").iterdir()) == models_before  # built once
-    seed1 = tables(store, "smoke-seed1")
-    assert not seed1["sft_train"].equals(tables(store, "smoke")["sft_train"])  # another hand stream
+    seed1 = study_tables(store, "smoke-seed1")
+    assert not seed1["sft_train"].equals(study_tables(store, "smoke")["sft_train"])  # another hand stream
 
-    r = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "smoke-seed1", "--store", str(store)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "smoke", "smoke-seed1", "--store", str(store)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = store / "replicates" / "smoke+smoke-seed1"
     long = pl.read_parquet(out / "replicates.parquet")
@@ -201,8 +196,8 @@ def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, smoke_study
     assert "## Verdicts" in md and (out / "fig_replicates.png").read_bytes()[:4] == b"\x89PNG"
     assert (long.filter(pl.col("metric") == "ood_peak")["value"].is_between(0, 1)).all()
 
-    one = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "--store", str(store)], capture_output=True, text=True, timeout=60)
+    one = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "smoke", "--store", str(store)], capture_output=True, text=True, timeout=60)
     assert one.returncode == 2 and "at least two" in one.stderr
-    missing = subprocess.run([sys.executable, "-m", "rlheal.cli", "compare", "smoke", "nosuch", "--store", str(store)], capture_output=True, text=True, timeout=60)
+    missing = subprocess.run([sys.executable, "-m", "flows.cli", "compare", "smoke", "nosuch", "--store", str(store)], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "studies/nosuch: no study tables" in missing.stderr
     assert not (store / "replicates" / "smoke+nosuch").exists()

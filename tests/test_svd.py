@@ -319,7 +319,7 @@ def test_run_writes_every_table_with_its_schema_and_finds_the_planted_rotation(t
     n_mats = 2 * 7
     # 5 checkpoints, 2 deltas, 4 noise controls; each matrix of each decomposed exactly once
     assert len(svd.SVD_CALLS) == (5 + 2 + 4) * n_mats and set(svd.SVD_CALLS.values()) == {1}
-    t = {name: pl.read_parquet(out / f"{name}.parquet") for name in svd.TABLES}
+    t = {name: pl.read_parquet(out / f"{name}.parquet") for name in svd.STAGE.tables}
     expected = {"checkpoint_roles": ROLES_SCHEMA, "svd_spectra": SPECTRA_SCHEMA, "svd_pair_metrics": PAIR_SCHEMA, "svd_principal_angles": ANGLES_SCHEMA,
                 "svd_vs_accuracy": VS_ACCURACY_SCHEMA, "svd_correlations": CORRELATIONS_SCHEMA}  # fmt: skip
     for name, schema in expected.items():
@@ -437,7 +437,7 @@ def test_second_analysis_computes_no_svd_and_eval_changes_change_the_key(traject
     assert sum(svd.SVD_CALLS.values()) == 0
     # eval results that move B give a new run
     moved = summary.with_columns(accuracy=pl.when(pl.col("ckpt_id") == "sft-2").then(0.9).otherwise(pl.col("accuracy")))
-    assert svd.artifact(store, cfg, svd.artifact_inputs(cfg, ckpts, moved)) != svd.artifact(store, cfg, svd.artifact_inputs(cfg, ckpts, summary))
+    assert svd.artifact(store, cfg, ckpts, moved) != svd.artifact(store, cfg, ckpts, summary)
     # the editing stage's access: cached factors, more columns on request (a wider artifact)
     row = ckpts.filter(pl.col("ckpt_id") == "sft-4").row(0, named=True)
     f = svd.load_svd(store, cfg, row, ROTATED)
@@ -504,8 +504,8 @@ def test_prefect_task_reads_parquet_inputs_and_honours_fault_injection(trajector
     store, cfg, ckpts, summary = trajectory
     ckpts.write_parquet(tmp_path / "checkpoints.parquet")
     summary.write_parquet(tmp_path / "eval_summary.parquet")
-    art = svd.artifact(store, cfg, svd.artifact_inputs(cfg, ckpts, summary))
-    kwargs = dict(artifact=str(art), cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"))
+    art = svd.artifact(store, cfg, ckpts, summary)
+    kwargs = dict(artifact=art, cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"))
     assert svd.stage.fn(**kwargs) == str(art.path) == str(svd.run(store, cfg, ckpts, summary))
     monkeypatch.setenv("RLHEAL_FAULT", "svd")
     with pytest.raises(InjectedFault):
@@ -524,11 +524,14 @@ EDIT_GRID = [
 
 
 def _run_stage(store: Store, cfg, ckpts: pl.DataFrame, summary: pl.DataFrame, tmp_path: Path) -> Path:
-    """The Prefect task body, as the flow calls it (it asks editing for its columns itself)."""
+    """The Prefect task body, as the flow calls it (with the editing sweep's columns)."""
+    from tasks import editing
+
     ckpts.write_parquet(tmp_path / "checkpoints.parquet")
     summary.write_parquet(tmp_path / "eval_summary.parquet")
-    art = svd.artifact(store, cfg, svd.artifact_inputs(cfg, ckpts, summary))
-    out = svd.stage.fn(artifact=str(art), cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"))
+    art = svd.artifact(store, cfg, ckpts, summary)
+    out = svd.stage.fn(artifact=art, cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"),
+                       edit_columns=editing.column_requests(cfg))
     return Path(out)
 
 
@@ -576,7 +579,9 @@ def test_only_the_checkpoints_editing_reads_store_its_columns(trajectory, tmp_pa
         assert got["sft-4"][mat.param] == got["sft-6"][mat.param] == (r, r)  # B -> S at k_top 1.0
         assert got["rl-5"][mat.param] == (r // 2 + r // 8,) * 2  # top 0.5 and tail 0.125 of S -> R
     # the same, as the plan a store-space estimate reads
-    plan = svd.columns_plan(cfg, [(32, 32), (16, 32)])
+    from tasks import editing
+
+    plan = svd.columns_plan(cfg, [(32, 32), (16, 32)], edit_columns=editing.column_requests(cfg))
     assert plan == {"checkpoint": [(8, 0), (4, 0)], "delta": [(8, 0), (4, 0)], "noise": [(8, 0), (4, 0)],
                     "edit:B": [(32, 0), (16, 0)], "edit:S": [(32, 0), (16, 0)], "edit:R": [(16, 4), (8, 2)]}  # fmt: skip
 

@@ -11,9 +11,9 @@ Wiring (flows/study.py), after the svd stage:
     roles = editing.read_roles(svd_dir)                  # checkpoint_roles
     ckpts = svd.read_checkpoints(checkpoint_parquets)    # sft (+ rl) checkpoints tables
     for v in editing.plan(cfg, roles, ckpts):            # resolved grid incl. baselines
-        editing.stage(artifact=str(editing.artifact(st, cfg, v, ckpts, data_dir)), cfg=cfg,
+        editing.stage(artifact=editing.artifact(st, cfg, v, ckpts, data_dir), cfg=cfg,
                       variant=v, roles=svd_dir, checkpoints=checkpoint_parquets, data=data_dir)
-    editing.collect_stage(artifact=str(editing.collect_artifact(st, cfg, paths)), cfg=cfg, paths=paths)
+    editing.collect_stage(artifact=editing.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)
 """
 
 from tasks.editing.apply import applied, edited, fingerprint, n_layers, resident
@@ -21,13 +21,13 @@ from tasks.editing.formulas import METHODS, edit_matrix, index_set, resolve_edit
 from tasks.editing.grid import claim_variants, column_request, column_requests, resolve_layers, variant_id, variants
 from tasks.editing.recovery import damage_fraction, paired_bootstrap, recovery_fraction
 from tasks.editing.sweep import (
-    SCHEMAS, STAGE, TABLES, VERSION, artifact, collect, collect_artifact, collect_stage, edit_and_evaluate, plan, read_roles, run,
-    run_variant, stage,
+    SCHEMAS, STAGE, artifact, collect, collect_artifact, collect_stage, edit_and_evaluate, plan, read_roles, run,
+    run_variant, stage, sweep_size,
 )  # fmt: skip
 
 __all__ = [
-    "METHODS", "SCHEMAS", "STAGE", "TABLES", "VERSION", "applied", "artifact", "claim_variants", "collect", "collect_artifact",
+    "METHODS", "SCHEMAS", "STAGE", "applied", "artifact", "claim_variants", "collect", "collect_artifact",
     "collect_stage", "column_request", "column_requests", "damage_fraction", "edit_and_evaluate", "edit_matrix", "edited", "fingerprint", "index_set",
     "n_layers", "paired_bootstrap", "plan", "read_roles", "recovery_fraction", "resident", "resolve_edit_k", "resolve_layers", "run",
-    "run_variant", "stage", "variant_id", "variants",
+    "run_variant", "stage", "sweep_size", "variant_id", "variants",
 ]  # fmt: skip

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from rlheal.config import StudyConfig, SvdSection
 from rlheal.store import Store, stable_hash
-from tasks import models
+from tasks import lm
 from tasks.editing.formulas import edit_matrix, index_set, resolve_edit_k
 from tasks.editing.grid import column_requests
 from tasks.svd.engine import ColumnRequest, SvdCache, compute_placement, content_hash
@@ -141,8 +141,8 @@ def resident(row: dict, dtype: torch.dtype, device: torch.device | None = None, 
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            model = models.load_model(row["path"], dtype, device, trust_remote_code)
-            tok = models.load_tokenizer(row["path"], trust_remote_code)
+            model = lm.load_model(row["path"], dtype, device, trust_remote_code)
+            tok = lm.load_tokenizer(row["path"], trust_remote_code)
             params = dict(model.named_parameters(remove_duplicate=False))
             _resident = Loaded(key, model, tok, params, fingerprint(model), dtype, device)
             log.info("editing: loaded %s as %s on %s", row["ckpt_id"], dtype, device)

@@ -212,7 +212,11 @@ def column_requests(cfg: StudyConfig) -> dict[str, ColumnRequest]:
     donor's or a target's; `copy` reads none), and under reference_compat every 2-D tensor of
     it (quirk 3). The svd stage decomposes these checkpoints with it on top of its own grid,
     so one cache artifact per checkpoint serves measurements and all edits (§4.5.1); every
-    other checkpoint keeps only the measurement grid's columns."""
+    other checkpoint keeps only the measurement grid's columns; {} without editing: a
+    full-rank edit asks for every column, which on every trajectory checkpoint, delta and
+    noise control would cost about twice the model size in fp32 each."""
+    if not cfg.editing.enabled:
+        return {}
     out: dict[str, ColumnRequest] = {}
     for v, compat, _ in templates(cfg, n_layers=0):
         if v.method == "copy" or not (v.k_top or v.k_tail):

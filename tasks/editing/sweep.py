@@ -7,7 +7,7 @@ Per variant, `<store>/editing/<key>/` holds that variant's rows of
   outcomes of the paired bootstrap), and with `keep_checkpoints` (or reference_compat) the
   edited model as a full checkpoint in `checkpoint/`.
 The key covers the variant, the donor and target content hashes, the matrix selection, the
-evaluation protocol and hands, and VERSION. `collect` concatenates the variants and fills in
+evaluation protocol and hands, and the stage version. `collect` concatenates the variants and fills in
 donor / target accuracy, the recovery fraction with its bootstrap CI and E5's damage fraction.
 """
 
@@ -23,8 +23,10 @@ import numpy as np
 import polars as pl
 from prefect import task
 
+from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.space import has_r
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks import evaluate, models
 from tasks.editing.apply import applied, hf_config, model_dtype, n_layers, resident
@@ -34,9 +36,8 @@ from tasks.svd.analysis import read_checkpoints, run_meta
 from tasks.svd.engine import content_hash
 from tasks.svd.matrices import EMBEDDING, LM_HEAD, tied_embeddings, tensor_index
 
-VERSION = "2"  # 2: compat quirk 4 also for mllama_text_model (Llama 3.2 Vision as the model stage saves it)
-STAGE = "editing"
-TABLES = ("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts")
+# 2: compat quirk 4 also for mllama_text_model (Llama 3.2 Vision as the model stage saves it)
+STAGE = Stage("editing", version="2", tables=("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts"))
 TASK = "generalpoints"
 SPLITS = {"id": "ID", "ood": "OOD"}  # eval-stage split -> the label of the editing tables (§6)
 log = logging.getLogger("rlheal.editing")
@@ -92,6 +93,22 @@ def plan(cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.DataFrame) -> li
     return variants(cfg, roles, n_layers(rows[s]["path"]))
 
 
+def sweep_size(cfg: StudyConfig, model_path: Path) -> dict:
+    """The sweep's size before any checkpoint exists (`variants` on stand-in roles, the layer
+    count of the starting model) and, for keep_checkpoints, the kind of checkpoint each target
+    is: what `rlheal.space.estimate` needs of this stage."""
+    n_sft = sum(1 for s in cfg.sft.save_steps if s > 0)
+    ids = {"base": "base", "B": "sft-B" if n_sft > 1 else "sft-S", "S": "sft-S"} | ({"R": "rl-R"} if has_r(cfg) else {})
+    roles = pl.DataFrame({"role": list(ids), "ckpt_id": list(ids.values())})
+    sweep = variants(cfg, roles, n_layers(model_path)) if cfg.editing.enabled and n_sft else []
+    kinds = {v["target_role"]: {"base": "base", "R": "rl"}.get(v["target_role"], "sft") for v in sweep if v["method"] != "none"}
+    return {
+        "editing_roles": kinds,
+        "n_variants": sum(v["method"] != "none" for v in sweep),
+        "n_baselines": sum(v["method"] == "none" for v in sweep),
+    }
+
+
 def _check_roles(variant: dict, roles: pl.DataFrame) -> None:
     ids = dict(roles.select("role", "ckpt_id").rows())
     for side in ("donor", "target"):
@@ -130,7 +147,7 @@ def artifact(store: Store, cfg: StudyConfig, variant: dict, checkpoints: pl.Data
     rows = _rows(checkpoints)
     target, donor = rows[variant["target_id"]], rows.get(variant["donor_id"])
     config = key_config(cfg, variant, target, donor, _eval_set_hashes(Path(data_path)))
-    return store.artifact(STAGE, config, inputs=_inputs(target, donor), version=VERSION)
+    return STAGE.artifact(store, config, inputs=_inputs(target, donor))
 
 
 # ---------------------------------------------------------------------------- one variant
@@ -206,41 +223,41 @@ def variant_row(cfg: StudyConfig, variant: dict, target: dict, matrix_log: list[
     }  # fmt: skip
 
 
-def run_variant(store: Store, cfg: StudyConfig, variant: dict, roles: pl.DataFrame, checkpoints: pl.DataFrame, data_path: str | Path) -> Path:
-    """Edit, evaluate and seal one variant, or find the sealed result."""
+def run_variant(
+    store: Store, cfg: StudyConfig, variant: dict, roles: pl.DataFrame, checkpoints: pl.DataFrame, data_path: str | Path, art: Artifact | None = None,
+) -> Path:
+    """Edit, evaluate and seal one variant, or find the sealed result (`art`, the task's
+    artifact, else derived here)."""
     _check_roles(variant, roles)
     rows = _rows(checkpoints)
     target, donor = rows[variant["target_id"]], rows.get(variant["donor_id"])
     hands = {s: evaluate._hands(Path(data_path), s) for s in SPLITS}
-    config = key_config(cfg, variant, target, donor, {s: h["eval_set_hash"][0] for s, h in hands.items()})
-    art = store.artifact(STAGE, config, inputs=_inputs(target, donor), version=VERSION)
+    art = art or artifact(store, cfg, variant, checkpoints, data_path)
 
     def build(tmp: Path) -> dict:
         save_to = tmp / "checkpoint" if saves(cfg, variant) else None
         tables = edit_and_evaluate(store, cfg, variant, target, donor, hands, save_to)
-        for name in TABLES:
+        for name in STAGE.tables:
             write_parquet(tables[name], tmp / f"{name}.parquet")
         acc = dict(tables["edit_eval_results"].select("split", "accuracy").rows())
         v = tables["edit_variants"].row(0, named=True)
         log.info("editing %s: %d/%d matrices edited, accuracy %s", variant["variant_id"], v["n_matrices_edited"], v["n_matrices_selected"], acc)
         return {"variant_id": variant["variant_id"], "accuracy": acc}
 
-    return store.build(art, build, config=config, inputs=_inputs(target, donor))
+    return STAGE.build(art, build)
 
 
 def _run_name(parameters: dict) -> str:
     return f"editing {parameters['variant']['variant_id']}"
 
 
-@task(name="editing", task_run_name=_run_name)
-def stage(artifact: str, cfg: StudyConfig, variant: dict, roles: str, checkpoints: str | list[str], data: str) -> str:
+@task(name=STAGE.name, task_run_name=_run_name)
+def stage(artifact: Artifact, cfg: StudyConfig, variant: dict, roles: str, checkpoints: str | list[str], data: str) -> str:
     """One variant. `roles`: the svd artifact (or its checkpoint_roles.parquet); `checkpoints`:
     the checkpoints Parquet file(s); `data`: the data artifact."""
     maybe_fail("editing")
-    from rlheal.caching import open_store
-
-    store = open_store(Store.from_path(artifact).root)
-    return str(run_variant(store, cfg, variant, read_roles(roles), read_checkpoints(checkpoints), Path(data)))
+    store = open_store(artifact.root)
+    return str(run_variant(store, cfg, variant, read_roles(roles), read_checkpoints(checkpoints), Path(data), art=artifact))
 
 
 # ---------------------------------------------------------------------------- the study tables
@@ -290,7 +307,7 @@ def with_recovery(results: pl.DataFrame, edit_variants: pl.DataFrame, attempts: 
 
 def collect(paths: Sequence[str | Path], cfg: StudyConfig) -> dict[str, pl.DataFrame]:
     """The study tables from the per-variant artifacts."""
-    tables = {name: pl.concat([pl.read_parquet(Path(p) / f"{name}.parquet") for p in paths], how="vertical").cast(SCHEMAS[name]) for name in TABLES}
+    tables = {name: pl.concat([pl.read_parquet(Path(p) / f"{name}.parquet") for p in paths], how="vertical").cast(SCHEMAS[name]) for name in STAGE.tables}
     e = cfg.editing
     tables["edit_eval_results"] = with_recovery(tables["edit_eval_results"], tables["edit_variants"], tables["edit_eval_attempts"], e.bootstrap_resamples, e.bootstrap_seed)
     return tables
@@ -298,25 +315,20 @@ def collect(paths: Sequence[str | Path], cfg: StudyConfig) -> dict[str, pl.DataF
 
 def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path]) -> Artifact:
     config = {"collect": sorted(Store.from_path(p).key for p in paths), "bootstrap": [cfg.editing.bootstrap_resamples, cfg.editing.bootstrap_seed]}
-    return store.artifact(STAGE, config, version=VERSION)
+    return STAGE.artifact(store, config)
 
 
-def _build_tables(store: Store, art: Artifact, cfg: StudyConfig, paths: Sequence[str | Path]) -> Path:
+@task(name=f"{STAGE.name}-tables", task_run_name="editing tables")
+def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str]) -> str:
+    """The study tables, gathered from every variant (and ρ computed across them)."""
+
     def build(tmp: Path) -> dict:
         tables = collect(paths, cfg)
-        for name in TABLES:
+        for name in STAGE.tables:
             write_parquet(tables[name], tmp / f"{name}.parquet")
         return {"rows": {n: t.height for n, t in tables.items()}}
 
-    return store.build(art, build, inputs=[str(p) for p in paths])
-
-
-@task(name="editing-tables", task_run_name="editing tables")
-def collect_stage(artifact: str, cfg: StudyConfig, paths: list[str]) -> str:
-    from rlheal.caching import open_store
-
-    art = Store.from_path(artifact)
-    return str(_build_tables(open_store(art.root), art, cfg, paths))
+    return str(STAGE.build(artifact, build))
 
 
 def run(store: Store, cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.DataFrame, data_path: str | Path) -> Path | None:
@@ -324,4 +336,4 @@ def run(store: Store, cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.Dat
     paths = [run_variant(store, cfg, v, roles, checkpoints, data_path) for v in plan(cfg, roles, checkpoints)]
     if not paths:
         return None
-    return _build_tables(store, collect_artifact(store, cfg, paths), cfg, paths)
+    return Path(collect_stage.fn(collect_artifact(store, cfg, paths), cfg, [str(p) for p in paths]))

@@ -26,18 +26,18 @@ from pathlib import Path
 import polars as pl
 from prefect import task
 
+from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, write_parquet
 from tasks.data import eval_hands, eval_set_hash
-from tasks.models import GLOBAL_RNG
+from tasks.lm import GLOBAL_RNG
 from tasks.rl import common, grpo, ppo
 from tasks.rl.common import CHECKPOINTS_SCHEMA, LOG_SCHEMA, VALUE_HEAD
 
-VERSION = "1"
+STAGE = Stage("rl", version="1", tables=("checkpoints", "rl_log"))
 OPTIONAL_PPO = {"critic_detached": False}  # rl.ppo fields keyed only when not at this value
-TABLES = ("checkpoints", "rl_log")
-__all__ = ["CHECKPOINTS_SCHEMA", "LOG_SCHEMA", "TABLES", "VALUE_HEAD", "artifact", "collect", "run", "stage", "starts"]
+__all__ = ["CHECKPOINTS_SCHEMA", "LOG_SCHEMA", "STAGE", "VALUE_HEAD", "artifact", "collect", "collect_artifact", "collect_stage", "run", "stage", "starts"]
 
 
 def starts(cfg: StudyConfig, checkpoints: pl.DataFrame) -> list[dict]:
@@ -59,8 +59,8 @@ def key_config(cfg: StudyConfig, start: dict) -> dict:
         for switch, off in OPTIONAL_PPO.items():
             if section["ppo"][switch] == off:
                 del section["ppo"][switch]
-    else:  # GRPO takes its generation settings from rl.grpo, not rl.decoding
-        section = {**rl.model_dump(exclude={*unused, "ppo", "decoding"}), "seed_torch": rl.decoding.seed}
+    else:  # GRPO samples with rl.grpo.decoding, not rl.decoding
+        section = rl.model_dump(exclude={*unused, "ppo", "decoding"})
     return {
         "rl": section,
         "start": {k: start[k] for k in ("ckpt_id", "step", "content_hash")},
@@ -70,8 +70,8 @@ def key_config(cfg: StudyConfig, start: dict) -> dict:
     }
 
 
-def artifact(store: Store, cfg: StudyConfig, start_ckpt: dict, data_art_id: str) -> Artifact:
-    return store.artifact("rl", key_config(cfg, start_ckpt), inputs=[data_art_id], version=VERSION)
+def artifact(store: Store, cfg: StudyConfig, start_ckpt: dict, data_art: Artifact) -> Artifact:
+    return STAGE.artifact(store, key_config(cfg, start_ckpt), inputs=[data_art])
 
 
 def _check_data(cfg: StudyConfig, data_path: Path) -> None:
@@ -84,11 +84,20 @@ def _check_data(cfg: StudyConfig, data_path: Path) -> None:
 
 
 def run(store: Store, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Path:
-    """RL from one starting checkpoint (a `checkpoints` row as a dict); returns the sealed
-    run artifact. Resumes a killed run at its last saved update; a sealed run is a cache hit."""
-    run_art = artifact(store, cfg, start_ckpt, Store.from_path(data_path).id)
+    """RL from one starting checkpoint: the task's body, no Prefect needed."""
+    art = artifact(store, cfg, start_ckpt, Store.from_path(data_path))
+    return Path(stage.fn(art, cfg, start_ckpt, start_ckpt["step"], str(data_path)))
+
+
+@task(name=STAGE.name, task_run_name="rl from={start_step}")
+def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, start_step: int, data: str) -> str:
+    """RL from one starting checkpoint (`ckpt`, a `checkpoints` row as a dict; `start_step`
+    names the task run); returns the sealed run artifact. Resumes a killed run at its last
+    saved update; a sealed run is a cache hit."""
+    maybe_fail("rl")
+    store, run_art, start_ckpt, data_path = open_store(artifact.root), artifact, ckpt, Path(data)
     if store.is_sealed(run_art):
-        return run_art.path
+        return str(run_art.path)
     _check_data(cfg, data_path)
     train = ppo.train if cfg.rl.algorithm == "ppo" else grpo.train
 
@@ -99,34 +108,25 @@ def run(store: Store, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Pa
         write_parquet(common.log_frame(rows), tmp / "rl_log.parquet")
         return {"algorithm": cfg.rl.algorithm, "start": start_ckpt["ckpt_id"], "updates": cfg.rl.save_steps}
 
-    path = store.build(run_art, build, config=key_config(cfg, start_ckpt), inputs=[str(start_ckpt["path"]), str(data_path)])
-    shutil.rmtree(common.work_dir(run_art), ignore_errors=True)
-    return path
+    path = STAGE.build(run_art, build)
+    shutil.rmtree(run_art.work_dir, ignore_errors=True)
+    return str(path)
 
 
 def collect(paths: list[str | Path]) -> dict[str, pl.DataFrame]:
     """The study-wide `checkpoints` and `rl_log` tables: every run's rows, one table each."""
-    return {t: pl.concat([pl.read_parquet(Path(p) / f"{t}.parquet") for p in paths], how="vertical") for t in TABLES}
+    return {t: pl.concat([pl.read_parquet(Path(p) / f"{t}.parquet") for p in paths], how="vertical") for t in STAGE.tables}
 
 
-@task(name="rl", task_run_name="rl from={start_step}")
-def stage(artifact: str, cfg: StudyConfig, ckpt: dict, start_step: int, data: str) -> str:
-    maybe_fail("rl")
-    from rlheal.caching import open_store
-
-    return str(run(open_store(Store.from_path(artifact).root), cfg, ckpt, Path(data)))
-
-
-def combined_artifact(store: Store, sft_dir: str | Path, paths: list[str | Path]) -> Artifact:
+def collect_artifact(store: Store, sft_dir: str | Path, paths: list[str | Path]) -> Artifact:
     keys = [Store.from_path(sft_dir).key, *sorted(Store.from_path(p).key for p in paths)]
-    return store.artifact("rl", {"combined": keys}, version=VERSION)
+    return STAGE.artifact(store, {"combined": keys})
 
 
-@task(name="rl-tables", task_run_name="rl tables")
-def combined_stage(artifact: str, sft_dir: str, paths: list[str]) -> str:
+@task(name=f"{STAGE.name}-tables", task_run_name="rl tables")
+def collect_stage(artifact: Artifact, sft_dir: str, paths: list[str]) -> str:
     """The study-wide `checkpoints` (base, SFT and RL rows; an RL run's step 0 is its SFT
-    start, listed once) and `rl_log` tables."""
-    from rlheal.caching import open_store
+    start, listed once) and `rl_log` tables, gathered from the SFT run and every RL run."""
 
     def build(tmp: Path) -> dict:
         ckpts = pl.read_parquet(Path(sft_dir) / "checkpoints.parquet")
@@ -137,5 +137,4 @@ def combined_stage(artifact: str, sft_dir: str, paths: list[str]) -> str:
         write_parquet(ckpts, tmp / "checkpoints.parquet")
         return {"rows": ckpts.height}
 
-    art = Store.from_path(artifact)
-    return str(open_store(art.root).build(art, build, inputs=[sft_dir, *paths]))
+    return str(STAGE.build(artifact, build))

@@ -17,7 +17,6 @@ from rlheal.store import Artifact, Store
 from tasks.data import eval_hands, training_hands
 from tasks.generalpoints import OUTCOMES, SPLITS, Hand, overlap_key
 from tasks.models import weights_hash
-from tasks.sft import step_artifact, work_dir  # noqa: F401  (the same store layout as sft)
 
 VALUE_HEAD = "value_head.safetensors"
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
@@ -43,7 +42,7 @@ def hand_stream(cfg: StudyConfig, exclude: set, start: int = 0) -> Iterator[Hand
 def save_resume(run: Artifact, update: int, state: dict) -> Path:
     """Write the resume point of `update` atomically (temp file + os.replace); only the
     latest is kept (training.md §5)."""
-    d = work_dir(run)
+    d = run.work_dir
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"resume-{update}.pt"
     tmp = d / f".resume-{update}.{os.getpid()}.tmp"
@@ -56,7 +55,7 @@ def save_resume(run: Artifact, update: int, state: dict) -> Path:
 
 
 def load_resume(run: Artifact) -> dict | None:
-    found = sorted(work_dir(run).glob("resume-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    found = sorted(run.work_dir.glob("resume-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
     return torch.load(found[-1], weights_only=True) if found else None
 
 
@@ -133,7 +132,7 @@ def checkpoints_frame(store: Store, run: Artifact, cfg: StudyConfig, start: dict
         if update == 0:
             row.update(path=str(start["path"]), content_hash=start["content_hash"], train_loss=None, wall_seconds=0.0)
         else:
-            art = step_artifact(run, update)
+            art = run.step(update)
             m = store.manifest(art)
             row.update(path=str(art.path), content_hash=weights_hash(art.path), train_loss=m.get("train_loss"), wall_seconds=m.get("wall_seconds"))
         rows.append(row)

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from rlheal.config import StudyConfig
 from rlheal.store import Artifact, Store
-from tasks import models
+from tasks import lm
 from tasks.chat import encode, render, stop_token_ids
 from tasks.generalpoints import OUTCOMES, make_hand, render_prompt, score
 from tasks.rl import common
@@ -163,17 +163,18 @@ def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
     from trl import GRPOConfig
 
     g = cfg.rl.grpo
+    decoding = g.decoding.resolved()  # samples (GrpoDecodingSection)
     return GRPOConfig(
         output_dir=str(out),
         max_steps=cfg.rl.num_updates,
         per_device_train_batch_size=g.per_device_batch_size,
         gradient_accumulation_steps=g.gradient_accumulation_steps,
         num_generations=g.num_generations,
-        max_completion_length=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
+        max_completion_length=decoding["max_new_tokens"],
+        temperature=decoding["temperature"],
+        top_p=decoding["top_p"],
+        top_k=decoding["top_k"],
+        repetition_penalty=decoding["repetition_penalty"],
         learning_rate=g.learning_rate,
         beta=g.beta,
         loss_type=g.loss_type,
@@ -187,7 +188,7 @@ def trainer_args(cfg: StudyConfig, out: Path, cuda: bool):
         report_to="none",
         bf16=cuda,
         use_cpu=not cuda,
-        seed=cfg.rl.decoding.seed,
+        seed=decoding["seed"],
         dataloader_num_workers=0,
     )
 
@@ -203,16 +204,15 @@ def _elapsed(resume: Path | None) -> float:
 def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: set) -> list[dict]:
     """Run GRPO from `start` to rl.num_updates steps, resuming from the last complete
     trainer checkpoint; returns the rl_log rows."""
-    from peft import LoraConfig
     from trl import GRPOTrainer
 
     g = cfg.rl.grpo
-    out = common.work_dir(run)
+    out = run.work_dir
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
-    tok = models.load_tokenizer(start["path"], cfg.model.trust_remote_code)
+    tok = lm.load_tokenizer(start["path"], cfg.model.trust_remote_code)
     # fp32 master weights; bf16 autocast on GPU through TRL's bf16 flag
-    model = models.load_model(start["path"], torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
+    model = lm.load_model(start["path"], torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
     model.generation_config = GenerationConfig(eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
     reward = Reward(cfg.verifier.mode, g.reward)
     resume = last_complete(out)
@@ -223,7 +223,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
         args=trainer_args(cfg, out, cuda),
         train_dataset=dataset(tok, cfg, exclude, prompts_needed(cfg)),
         processing_class=tok,
-        peft_config=LoraConfig(r=g.lora_r, lora_alpha=g.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM") if g.lora else None,
+        peft_config=lm.lora_config(g.lora, model, "rl.grpo.lora") if g.lora.enabled else None,
         callbacks=[StepCheckpoints(store, run, [s for s in cfg.rl.save_steps if s > 0], started), GrpoLog(reward, cfg, start, started)],
     )
     if resume:

@@ -25,7 +25,7 @@ from torch import nn
 
 from rlheal.config import PpoSection, StudyConfig
 from rlheal.store import Artifact, Store
-from tasks import models
+from tasks import lm
 from tasks.generalpoints import OUTCOMES
 from tasks.rl import common
 from tasks.rl.rollout import Envs, Generator, Step, rollout
@@ -198,7 +198,7 @@ def _set_rng_state(state: dict) -> None:
 
 def save_checkpoint(store: Store, run: Artifact, update: int, model, tok, head: ValueHead, extra: dict) -> Artifact:
     """A standalone HF directory plus the value head in its own file (training.md §5)."""
-    art = common.step_artifact(run, update)
+    art = run.step(update)
 
     def build(tmp: Path) -> dict:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -215,9 +215,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
     resume point; returns the rl_log rows."""
     rl, p = cfg.rl, cfg.rl.ppo
     E, T = p.num_envs, p.steps_per_env
-    N = E * T
-    if N < 2:
-        raise ValueError("rl.ppo.num_envs x rl.ppo.steps_per_env must be >= 2: advantages are normalised over the samples of an update")
+    N = E * T  # >= 2 (PpoSection): advantages are normalised over the samples of an update
     minibatch = p.minibatch_size or N
     t_max = p.lr_t_max or rl.num_updates
     decoding = rl.decoding.resolved()
@@ -228,8 +226,8 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
 
     resume = common.load_resume(run)
     weights = resume["weights"] if resume else start["path"]
-    tok = models.load_tokenizer(start["path"], cfg.model.trust_remote_code)
-    model = models.load_model(weights, torch.float32, device, cfg.model.trust_remote_code)
+    tok = lm.load_tokenizer(start["path"], cfg.model.trust_remote_code)
+    model = lm.load_model(weights, torch.float32, device, cfg.model.trust_remote_code)
     model.eval()  # dropout off: rollout, L_old and the update see the same function
     torch.manual_seed(decoding["seed"])
     head = ValueHead(hidden_size(model)).to(device)

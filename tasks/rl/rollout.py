@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from tasks.chat import encode, left_pad, render
-from tasks.evaluate import generation_config, only
+from tasks.lm import generation_config, only
 from tasks.generalpoints import Episode, Hand, deal
 
 Messages = list[dict[str, str]]

@@ -70,11 +70,11 @@ def id_score(path: str | Path, cfg: StudyConfig, table: pl.DataFrame, ckpt_id: s
     """Held-out ID accuracy (Wilson 95 %) and first-attempt format-error rate of a checkpoint."""
     import torch
 
-    from tasks import evaluate, models
+    from tasks import evaluate, lm
 
     quiet = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"ce_hands": 0})})  # accuracy only
-    model = models.load_model(path, torch.float32, "cpu", cfg.model.trust_remote_code)
-    tok = models.load_tokenizer(path, cfg.model.trust_remote_code)
+    model = lm.load_model(path, torch.float32, "cpu", cfg.model.trust_remote_code)
+    tok = lm.load_tokenizer(path, cfg.model.trust_remote_code)
     _, summary = evaluate.evaluate_model(model, tok, table, quiet, {"ckpt_id": ckpt_id})
     row = summary.row(0, named=True)
     return {

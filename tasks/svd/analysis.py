@@ -11,7 +11,7 @@ Tables (every one with `run_id` = the study name and `model_name`):
   the trajectory's checkpoints of each summary with ID and with OOD accuracy.
 
 Store layout: `svd/<key>/` is either a cache artifact of one decomposed object (engine.py)
-or a sealed analysis run holding the TABLES. A run's key covers the svd and roles config
+or a sealed analysis run holding the stage tables. A run's key covers the svd and roles config
 and, as inputs, the id and content hash of every checkpoint it reads plus a hash of the
 evaluation rows it uses, so changed eval results (another B) give a new run while every
 SVD already computed is reused from the cache.
@@ -29,16 +29,16 @@ import torch
 from prefect import task
 from scipy import stats
 
+from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
-from tasks.svd.engine import STAGE, ColumnRequest, SvdCache, column_request, content_hash, edit_column_requests, noise_id
+from tasks.svd.engine import CACHE, ColumnRequest, SvdCache, column_request, content_hash, noise_id
 from tasks.svd.matrices import Matrix, check_same_matrices, select_matrices
 from tasks.svd.metrics import METRIC_COLUMNS, Measured, delta_metrics, noise_target, weight_metrics
 from tasks.svd.roles import Plan, delta_id, plan_comparisons, select_roles
 
-VERSION = "1"
-TABLES = ("checkpoint_roles", "svd_spectra", "svd_pair_metrics", "svd_principal_angles", "svd_vs_accuracy", "svd_correlations")
+STAGE = Stage(CACHE.name, version="1", tables=("checkpoint_roles", "svd_spectra", "svd_pair_metrics", "svd_principal_angles", "svd_vs_accuracy", "svd_correlations"))
 log = logging.getLogger("rlheal.svd")
 
 I32, F64, STR = pl.Int32, pl.Float64, pl.String
@@ -280,8 +280,12 @@ def artifact_inputs(cfg: StudyConfig, checkpoints: pl.DataFrame, eval_summary: p
     return [f"ckpt:{c}:{content_hash(rows[c])}" for c in plan.checkpoints] + [f"eval:{stable_hash(used.to_dicts())}"]
 
 
-def artifact(store: Store, cfg: StudyConfig, inputs: list[str]) -> Artifact:
-    return store.artifact(STAGE, key_config(cfg), inputs=inputs, version=VERSION)
+def artifact(store: Store, cfg: StudyConfig, checkpoints: pl.DataFrame | list[str], eval_summary: pl.DataFrame | str) -> Artifact:
+    """The analysis's address, from the content of what it reads (`artifact_inputs`): the
+    tables as frames, or the Parquet files that hold them."""
+    checkpoints = checkpoints if isinstance(checkpoints, pl.DataFrame) else read_checkpoints(checkpoints)
+    eval_summary = eval_summary if isinstance(eval_summary, pl.DataFrame) else pl.read_parquet(eval_summary)
+    return STAGE.artifact(store, key_config(cfg), inputs=artifact_inputs(cfg, checkpoints, eval_summary))
 
 
 def run(
@@ -293,22 +297,23 @@ def run(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     batched: bool | None = None,
+    art: Artifact | None = None,
 ) -> Path:
-    """Analyse the study's checkpoints, or find the sealed result. `edit_columns` (role ->
-    request, `engine.edit_column_requests`) lets the editing stage have the singular vectors
-    of its donors and targets cached in the same single pass."""
-    inputs = artifact_inputs(cfg, checkpoints, eval_summary)
-    art = artifact(store, cfg, inputs)
+    """Analyse the study's checkpoints, or find the sealed result (`art`, the task's artifact,
+    else derived here). `edit_columns` (role -> request, `tasks.editing.column_requests`)
+    lets the editing stage have the singular vectors of its donors and targets cached in
+    the same single pass."""
+    art = art or artifact(store, cfg, checkpoints, eval_summary)
 
     def build(tmp: Path) -> dict:
         tables = analyse(store, cfg, checkpoints, eval_summary, edit_columns, device, dtype, batched)
-        for name in TABLES:
+        for name in STAGE.tables:
             write_parquet(tables[name], tmp / f"{name}.parquet")
         roles = tables["checkpoint_roles"].select("role", "ckpt_id").rows()
         log.info("svd: roles %s; %d pair-metric rows", dict(roles), tables["svd_pair_metrics"].height)
         return {"rows": {n: t.height for n, t in tables.items()}, "roles": dict(roles)}
 
-    return store.build(art, build, config=key_config(cfg), inputs=inputs)
+    return STAGE.build(art, build)
 
 
 def read_checkpoints(paths: str | list[str]) -> pl.DataFrame:
@@ -317,12 +322,11 @@ def read_checkpoints(paths: str | list[str]) -> pl.DataFrame:
     return pl.concat([pl.read_parquet(p) for p in paths], how="diagonal_relaxed")
 
 
-@task(name="svd", task_run_name="svd")
-def stage(artifact: str, cfg: StudyConfig, checkpoints: str | list[str], eval_summary: str) -> str:
+@task(name=STAGE.name, task_run_name="svd")
+def stage(artifact: Artifact, cfg: StudyConfig, checkpoints: list[str], eval_summary: str, edit_columns: dict[str, ColumnRequest] | None = None) -> str:
+    """The analysis of the checkpoints tables and eval summary (Parquet paths). `edit_columns`:
+    what the editing sweep will read from its donors and targets, decomposed in this same
+    pass so that no matrix is decomposed twice (§4.5 rule 1)."""
     maybe_fail("svd")
-    from rlheal.caching import open_store
-
-    # The editing sweep reuses these SVDs: ask for its columns of its donors and targets now,
-    # so no matrix is decomposed twice (§4.5 rule 1).
-    edit = edit_column_requests(cfg)
-    return str(run(open_store(Store.from_path(artifact).root), cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), edit_columns=edit))
+    store = open_store(artifact.root)
+    return str(run(store, cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), edit_columns=edit_columns, art=artifact))

@@ -14,7 +14,7 @@ that covers a request is used for it.
 
 Columns (§2 `svd.columns: needed`): every object keeps the top columns of the measurement
 k-grid; only the checkpoints the editing sweep reads (its donors and targets, by role) also
-keep the columns its edits need (`edit_column_requests`), and under reference_compat every
+keep the columns its edits need (the flow passes `tasks.editing.column_requests`), and under reference_compat every
 other 2-D tensor of them, so that editing decomposes nothing itself (§4.5 rule 1).
 `columns_plan` states the same per object kind, for store-space estimates.
 """
@@ -25,7 +25,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,14 +33,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from rlheal.caching import Stage
 from rlheal.config import StudyConfig
 from rlheal.store import Store, stable_hash
 from tasks import models
 from tasks.svd.matrices import Matrix, every_matrix, model_order, read_tensor, select_matrices, storage_dtype
 from tasks.svd.metrics import NOISE_SEED, Factors, KSpec, noise_target, resolve_k
 
-VERSION = "1"
-STAGE = "svd"
+# The cache's artifacts live in the svd stage's folder, keyed by content (module docstring).
+CACHE = Stage("svd", version="1")
 log = logging.getLogger("rlheal.svd")
 
 # (object label, param) -> number of matrices decomposed. Reset it freely in tests.
@@ -154,20 +155,9 @@ def column_request(cfg: StudyConfig) -> ColumnRequest:
     return ColumnRequest(all=True) if cfg.svd.columns == "all" else ColumnRequest(top=tuple(cfg.svd.k))
 
 
-def edit_column_requests(cfg: StudyConfig) -> dict[str, ColumnRequest]:
-    """Role (base / B / S / R) -> the columns (and matrices) the editing sweep reads from that
-    checkpoint's SVDs; {} without editing. Only these checkpoints get them (§2 `columns:
-    needed`): a full-rank edit asks for every column, which on every trajectory checkpoint,
-    delta and noise control would cost about twice the model size in fp32 each."""
-    if not cfg.editing.enabled:
-        return {}
-    # The grids are the editing stage's; imported here, at the one place svd needs them.
-    from tasks.editing.grid import column_requests
-
-    return column_requests(cfg)
-
-
-def columns_plan(cfg: StudyConfig, shapes: Sequence[tuple[int, int]], other_shapes: Sequence[tuple[int, int]] = ()) -> dict[str, list[tuple[int, int]]]:
+def columns_plan(
+    cfg: StudyConfig, shapes: Sequence[tuple[int, int]], other_shapes: Sequence[tuple[int, int]] = (), edit_columns: Mapping[str, ColumnRequest] | None = None,
+) -> dict[str, list[tuple[int, int]]]:
     """How many singular-vector columns the svd cache stores per matrix, by object kind, for a
     store-space estimate: kind -> one (top, tail) per matrix, where U keeps m x (top + tail)
     and V n x (top + tail) values in the compute dtype (plus all r singular values as float64).
@@ -178,10 +168,12 @@ def columns_plan(cfg: StudyConfig, shapes: Sequence[tuple[int, int]], other_shap
     Kinds: `checkpoint` (a checkpoint that is only measured), `delta`, `noise`, and
     `edit:<role>` for each role (base, B, S, R) whose checkpoint editing reads: that checkpoint
     stores `edit:<role>` instead of `checkpoint` (one with two roles stores the larger of
-    each), with `shapes` then, where the request says so, `other_shapes` in that order."""
+    each), with `shapes` then, where the request says so, `other_shapes` in that order.
+    `edit_columns`: role -> what editing reads (`tasks.editing.column_requests`); none given,
+    no checkpoint is an editing one."""
     measured = column_request(cfg)
     plan = {kind: [measured.columns(min(s)) for s in shapes] for kind in ("checkpoint", "delta", "noise")}
-    for role, req in edit_column_requests(cfg).items():
+    for role, req in (edit_columns or {}).items():
         both = measured | req
         plan[f"edit:{role}"] = [both.columns(min(s)) for s in shapes] + ([req.columns(min(s)) for s in other_shapes] if req.all_matrices else [])
     return plan
@@ -286,7 +278,7 @@ class SvdCache:
 
     # -- look-up and build
     def _config(self, obj: dict) -> dict:
-        return {"kind": "svd_cache", "object": obj, "compute_dtype": str(self.dtype).removeprefix("torch."), "version": VERSION}
+        return {"kind": "svd_cache", "object": obj, "compute_dtype": str(self.dtype).removeprefix("torch."), "version": CACHE.version}
 
     def _get(
         self, obj: dict, label: str, load: Callable[[Matrix], torch.Tensor], extra: dict,
@@ -303,7 +295,7 @@ class SvdCache:
                 self._found[ident] = cand
                 return cand
         key_config = config | {"params": stable_hash([m.param for m in matrices]), "columns": request.key()}
-        art = self.store.artifact(STAGE, key_config, version=VERSION)
+        art = CACHE.artifact(self.store, key_config)
 
         def build(tmp: Path) -> dict:
             t0 = time.perf_counter()
@@ -313,7 +305,7 @@ class SvdCache:
             log.info("svd %s: %d matrices decomposed in %.2f s (%s on %s)", label, len(columns), time.perf_counter() - t0, self.dtype, self.device)
             return {"columns": columns, "label": label, **extra}
 
-        path = self.store.build(art, build, config=key_config)
+        path = self.store.build(art, build)
         found = Cached(path, self.store.manifest(path)["columns"], self.device, self.dtype)
         self._found[ident] = found
         return found
@@ -321,7 +313,7 @@ class SvdCache:
     def _candidates(self, config: dict) -> Iterator[Cached]:
         """Sealed cache artifacts of the same object, dtype and code version, widest first."""
         found = []
-        for manifest in (self.store.root / STAGE).glob("*/manifest.json"):
+        for manifest in (self.store.root / CACHE.name).glob("*/manifest.json"):
             try:
                 m = json.loads(manifest.read_text())
             except (OSError, ValueError):

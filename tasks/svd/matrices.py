@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from rlheal.config import ConfigError, SvdSection
+from rlheal.space import DTYPE_BYTES, ModelShapes
 
 EMBEDDING = re.compile(r"(?:.*\.)?(?:embed_tokens|wte|word_embeddings)\.weight")
 LM_HEAD = re.compile(r"(?:.*\.)?lm_head\.weight")
@@ -99,6 +100,39 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+# Top-level files of a model directory that a checkpoint does not carry.
+_NOT_CARRIED = ("README", "LICENSE", "USE_POLICY", "NOTICE", ".gitattributes")
+_CARRIED = (".json", ".jinja", ".txt", ".model", ".tiktoken")
+
+
+def model_shapes(path: Path, matrices: list[Matrix], copied: bool) -> ModelShapes:
+    """`rlheal.space.ModelShapes` of the model directory at `path` (what a store-space estimate
+    reads), from its safetensors headers and file sizes; `matrices`: the svd selection."""
+    config = json.loads((path / "config.json").read_text())
+    mllama = config.get("model_type") == "mllama"
+    # A Mllama's checkpoints (and the model stage's copy) hold its language model only.
+    index = {n: i for n, i in tensor_index(path).items() if not (mllama and MULTIMODAL.fullmatch(n))}
+    tensors = tuple((n, _numel(i.shape), DTYPE_BYTES.get(i.dtype, 4)) for n, i in sorted(index.items()))
+    files = sum(
+        f.stat().st_size
+        for f in path.iterdir()
+        if f.is_file() and f.suffix in _CARRIED and not f.name.startswith(_NOT_CARRIED) and not f.name.endswith(".index.json")
+    )
+    selected = {m.param for m in matrices}
+    others = tuple((m.m, m.n) for m in every_matrix(path) if m.param not in selected and m.param in index)
+    hidden = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size") or 0
+    return ModelShapes(tensors, files, tuple((m.m, m.n) for m in matrices), others, int(hidden), copied or mllama)
+
+
+def check_k(section: SvdSection, matrices: list[Matrix]) -> None:
+    """Every integer `svd.k` must admit at least one selected matrix (principal angles need
+    1 <= k < min(m, n)); a config error naming the entry otherwise."""
+    largest = max(m.r for m in matrices)
+    for i, k in enumerate(section.k):
+        if isinstance(k, int) and k >= largest:
+            raise ConfigError(f"svd.k[{i}]: k = {k} is not below min(m, n) of any selected matrix (the largest is {largest}); principal angles need 1 <= k < min(m, n)")
 
 
 def tied_embeddings(path: Path, names: set[str]) -> bool:

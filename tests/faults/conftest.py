@@ -12,15 +12,16 @@ import polars as pl
 import pytest
 
 from rlheal.store import MANIFEST, Store
-from tests.conftest import copy_study, smoke_config as write_config  # noqa: F401 (used by the fault tests)
+from tests.conftest import RUN_DEPENDENT, copy_study, smoke_config as write_config  # noqa: F401 (used by the fault tests)
+from tests.conftest import study_tables as every_table
 
 
 def rlheal(args, env, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rlheal.cli", *args], env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def start(args, env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "rlheal.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def kill_after(proc: subprocess.Popen, seconds: float) -> bool:
@@ -53,12 +54,8 @@ def assert_sealed_or_absent(store: Path) -> int:
 
 
 def study_tables(store: Path, study: str = "smoke") -> dict[str, pl.DataFrame]:
-    drop = {"path", "wall_seconds", "seconds", "device", "created_at", "evaluated_at"}
-    out = {}
-    for p in (store / "studies" / study / "tables").glob("*.parquet"):
-        t = pl.read_parquet(p)
-        out[p.stem] = t.drop([c for c in t.columns if c in drop])
-    return out
+    """The study's tables without their run-dependent columns."""
+    return {name: t.drop([c for c in t.columns if c in RUN_DEPENDENT]) for name, t in every_table(store, study).items()}
 
 
 @pytest.fixture

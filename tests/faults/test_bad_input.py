@@ -87,7 +87,7 @@ def test_bad_input(case, tmp_path, request, monkeypatch, capfd):
         args += ["--store", str(tmp_path / "blocker" / "store")]
     if special and special.startswith("free space"):
         # shutil.disk_usage says 5 MB are free (the smoke study needs ~12): in this process
-        from rlheal import cli
+        from flows import cli
 
         monkeypatch.setattr(shutil, "disk_usage", _free(5_000_000))
         code = cli.main(args)
@@ -127,7 +127,7 @@ def test_disk_full_mid_run(kind, tmp_path, prefect_api, monkeypatch, capfd):
     safetensors write with safetensors' own error; `rlheal run` ends with exit 3 and one
     message naming the store and the space the study still needs, the data stage (finished
     first) is kept and the failed stage's half-written folder is gone."""
-    from rlheal import cli
+    from flows import cli
     from tasks import data, models
 
     if kind == "oserror":
@@ -155,7 +155,7 @@ def test_disk_full_mid_run(kind, tmp_path, prefect_api, monkeypatch, capfd):
 
 def test_a_failure_that_is_not_a_full_disk_still_exits_1(tmp_path, prefect_api, monkeypatch, capfd):
     """The full-disk message is not every failure's: a stage that fails otherwise ends as before."""
-    from rlheal import cli
+    from flows import cli
     from tasks import models
 
     def broken(*args, **kwargs):

@@ -31,10 +31,11 @@ class ReplicateError(ConfigError):
     """A study to compare is missing or has no tables (bad input: the message names its folder)."""
 
 
-def study_tables(study_dir: Path) -> dict[str, pl.DataFrame]:
-    tables = Path(study_dir) / "tables"
+def study_tables(tables: Path) -> dict[str, pl.DataFrame]:
+    """A study's tables (its `studies/<name>/tables/` folder)."""
+    tables = Path(tables)
     if not tables.is_dir() or not any(tables.glob("*.parquet")):
-        raise ReplicateError(f"{study_dir}: no study tables here (run the study first, or check its name and --store)")
+        raise ReplicateError(f"{tables.parent}: no study tables here (run the study first, or check its name and --store)")
     return report.read_tables(tables)
 
 
@@ -132,11 +133,11 @@ def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], ou
     return path
 
 
-def compare(study_dirs: list[Path], out: Path) -> Path:
-    """Judge every study and write the comparison to `out`, swapped in whole."""
-    if len({Path(d).name for d in study_dirs}) < 2:
+def compare(tables: dict[str, Path], out: Path) -> Path:
+    """Judge every study (name -> its tables folder) and write the comparison to `out`, swapped in whole."""
+    if len(tables) < 2:
         raise ReplicateError("compare: give at least two distinct studies")
-    studies = {Path(d).name: study_tables(Path(d)) for d in study_dirs}
+    studies = {name: study_tables(Path(d)) for name, d in tables.items()}
     names = list(studies)
     views = {n: (report.sft_accuracy(t), report.rl_recovery(t)) for n, t in studies.items()}
 

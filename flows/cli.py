@@ -24,9 +24,16 @@ from rlheal.store import StoreError
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_NO_SPACE = 1, 2, 3
 
 
-def _validate(args: argparse.Namespace) -> StudyConfig:
-    from rlheal import preflight
+def _validate(args: argparse.Namespace) -> StudyConfig | None:
+    from flows import preflight
 
+    if args.explain:
+        from rlheal.config import explain_markdown
+
+        print(explain_markdown(), end="")
+        return None
+    if args.config is None:
+        raise ConfigError("validate: name a config file (or pass --explain to list every field)")
     cfg = load_config(args.config, getattr(args, "store", None), args.set)
     preflight.check(cfg, args.force, not args.no_space_check)
     print(f"{args.config}: ok (study {cfg.name!r}, store {cfg.store})")
@@ -48,7 +55,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store, args.set)
-    from rlheal import preflight
+    from flows import preflight
 
     # validate's checks (model, store, study name, free space): before anything is written
     args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
@@ -71,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
             raise err  # main() says what a full disk needs
         print(f"study {cfg.name!r} did not complete ({state.name}); run the same command again to resume", file=sys.stderr)
         return EXIT_FAILED
-    print(f"study {cfg.name!r} complete: tables in {Path(cfg.store).absolute() / 'studies' / cfg.name / 'tables'}")
+    print(f"study {cfg.name!r} complete: tables in {open_store(cfg.store).tables_dir(cfg.name)}")
     return 0
 
 
@@ -85,7 +92,7 @@ def _exception(state) -> BaseException | None:
 
 
 def _still_needed(cfg: StudyConfig, estimate: space.Estimate) -> int:
-    from rlheal import preflight
+    from flows import preflight
     from rlheal.store import Store
 
     return estimate.still_needed(preflight.done_fractions(Store(cfg.store), cfg.name))
@@ -108,12 +115,13 @@ def no_space_message(cause: BaseException, cfg: StudyConfig | None, estimate: sp
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from tasks.replicates import compare
+    from flows.replicates import compare
 
-    store = Path(args.store)
+    from rlheal.store import Store
+
+    store = Store(args.store)
     names = list(dict.fromkeys(args.studies))
-    out = Path(args.out) if args.out else store / "replicates" / "+".join(names)
-    out = compare([store / "studies" / n for n in names], out)
+    out = compare({n: store.tables_dir(n) for n in names}, Path(args.out) if args.out else store.replicates_dir(names))
     print(f"compared {len(names)} studies: {out / 'replicates.md'}")
     return 0
 
@@ -131,8 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("studies", nargs="+", metavar="STUDY", help="study names in the store")
     c.add_argument("--store", default="store", help="artifact store directory (default: ./store)")
     c.add_argument("--out", help="output folder (default: <store>/replicates/<names joined by +>)")
-    for cmd in (v, r, st):
+    v.add_argument("--explain", action="store_true", help="print every config field with its type, default and description (docs/config.md), and exit")
+    v.add_argument("config", nargs="?")
+    for cmd in (r, st):
         cmd.add_argument("config")
+    for cmd in (v, r, st):
         cmd.add_argument("--store", help="artifact store directory (overrides the config's `store`)")
         cmd.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                          help="override one config field, e.g. --set name=toy-seed1 --set data.train_seed=1 (repeatable)")
