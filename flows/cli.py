@@ -62,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()
-    open_store(cfg.store).claim_study(cfg.name, cfg.model_dump(mode="json", exclude={"store"}), args.force)
+    open_store(cfg.store).claim_study(cfg.name, cfg.claim(), args.force)
     # Stage modules log through the standard library; let Prefect forward them to the UI.
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -27,7 +27,7 @@ def check(cfg: StudyConfig, force: bool = False, space_check: bool = True, out: 
     store = Store(cfg.store)
     store.check_usable()
     model, columns, sweep = inspect_model(cfg)
-    store.check_claim(cfg.name, cfg.model_dump(mode="json", exclude={"store"}), force)
+    store.check_claim(cfg.name, cfg.claim(), force)
     import torch
 
     est = space.estimate(cfg, model, columns, cuda=torch.cuda.is_available(), **sweep)

@@ -25,7 +25,7 @@ SPLITS = ("id", "ood")
 @flow(name="rlheal-study", flow_run_name="study {config_path}")
 def study(config_path: str, store: str | None = None, overrides: list[str] | None = None) -> dict[str, str]:
     cfg = load_config(config_path, store, overrides or ())
-    open_store(cfg.store).claim_study(cfg.name, cfg.model_dump(mode="json", exclude={"store"}))
+    open_store(cfg.store).claim_study(cfg.name, cfg.claim())
     return stages.with_options(task_runner=task_runner(cfg.runner), flow_run_name=f"{cfg.name}")(cfg)
 
 

@@ -449,6 +449,13 @@ class StudyConfig(Section):
     editing: EditingSection = EditingSection()
     runner: RunnerSection = RunnerSection()
 
+    def claim(self) -> dict[str, Any]:
+        """What a study name stands for in its store (`Store.claim_study`): every field that can
+        change its results. Not the store's location, nor the runner, which decides where and
+        when tasks run, not what they compute (a thread runner and a Dask cluster write the
+        same tables)."""
+        return self.model_dump(mode="json", exclude={"store", "runner"})
+
     @model_validator(mode="after")
     def _relations(self) -> StudyConfig:
         if self.pretrain.enabled and not self.model.builtin:

@@ -17,20 +17,37 @@ from rlheal.config import RunnerSection
 def task_runner(r: RunnerSection):
     if r.kind == "local":
         return ThreadPoolTaskRunner(max_workers=r.n_workers)
-    import dask
     from prefect_dask import DaskTaskRunner
+
+    if r.address:  # a cluster started elsewhere: its workers' environment is its own
+        return DaskTaskRunner(address=r.address)
+    import dask
 
     # Dask's nanny starts every worker with MALLOC_TRIM_THRESHOLD_=65536 (to hand memory back
     # to the OS), which also switches off glibc's adaptive mmap threshold: every tensor over
-    # 128 kB then comes from a fresh mmap, and a CPU worker ran PPO 2.2x slower, in ~300,000
-    # page faults a second. None unsets it (distributed's own convention).
+    # 128 kB then comes from a fresh mmap, and PPO on a CPU worker ran 2.2x slower, the
+    # machine at ~300,000 page faults a second. None unsets it (distributed's convention);
+    # the nanny reads it when the runner starts the cluster, so it is set for the process.
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    if r.address:
-        return DaskTaskRunner(address=r.address)
-    kwargs = {"n_workers": r.n_workers, "threads_per_worker": r.threads_per_worker, "processes": True, "dashboard_address": None}
+    # The workers report to the flow's own API, a temporary one too: without it each worker
+    # started a temporary server of its own on the same database.
+    env = {"PREFECT_API_URL": url} if (url := api_url()) else {}
+    kwargs = {"n_workers": r.n_workers, "threads_per_worker": r.threads_per_worker, "processes": True, "dashboard_address": None, "env": env}
     if r.gpus_per_task:
         kwargs["resources"] = {"GPU": r.gpus_per_task}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+
+
+def api_url() -> str | None:
+    """The Prefect API this process talks to: the configured one, or inside a flow run the
+    flow's client's (the temporary server a run without PREFECT_API_URL starts)."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import get_current_settings
+
+    if url := get_current_settings().api.url:
+        return url
+    ctx = FlowRunContext.get()
+    return str(ctx.client.api_url).rstrip("/") if ctx is not None and ctx.client is not None else None
 
 
 def gpu_slot(r: RunnerSection):

@@ -171,12 +171,17 @@ def artifact(store: Store, cfg: StudyConfig) -> Artifact:
     return STAGE.artifact(store, key_config(cfg))
 
 
+def make(art: Artifact, cfg: StudyConfig) -> Path:
+    """The data artifact `art`: found sealed, or built."""
+    return STAGE.build(art, lambda tmp: build(tmp, cfg))
+
+
 def run(store: Store, cfg: StudyConfig) -> Path:
-    """Build (or find) the data artifact: the task's body, no Prefect needed."""
-    return Path(stage.fn(artifact(store, cfg), cfg))
+    """Build (or find) the data artifact; plain function, no Prefect needed."""
+    return make(artifact(store, cfg), cfg)
 
 
 @task(name=STAGE.name, task_run_name="data")
 def stage(artifact: Artifact, cfg: StudyConfig) -> str:
     maybe_fail("data")
-    return str(STAGE.build(artifact, lambda tmp: build(tmp, cfg)))
+    return str(make(artifact, cfg))

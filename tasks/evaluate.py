@@ -325,8 +325,8 @@ def artifact(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: 
 
 
 def run(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Path:
-    """Evaluate a stored checkpoint on one split: the task's body, no Prefect needed."""
-    return Path(stage.fn(artifact(store, cfg, ckpt, split, data_path), cfg, ckpt, split, str(data_path)))
+    """Evaluate a stored checkpoint on one split; plain function, no Prefect needed."""
+    return make(artifact(store, cfg, ckpt, split, data_path), cfg, ckpt, split, Path(data_path))
 
 
 def _run_name(parameters: dict) -> str:
@@ -335,10 +335,14 @@ def _run_name(parameters: dict) -> str:
 
 @task(name=STAGE.name, task_run_name=_run_name)
 def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
-    """Evaluate a stored checkpoint (`ckpt`, a `checkpoints` row) on one split of the data
-    artifact `data`, or find the sealed result."""
     maybe_fail("eval")
-    hands = _hands(Path(data), split)
+    return str(make(artifact, cfg, ckpt, split, Path(data)))
+
+
+def make(art: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Path:
+    """Evaluation `art` of a stored checkpoint (`ckpt`, a `checkpoints` row) on one split of
+    the data artifact `data_path`: found sealed, or run."""
+    hands = _hands(data_path, split)
 
     def build(tmp: Path) -> dict:
         cuda = torch.cuda.is_available()
@@ -351,7 +355,7 @@ def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data: st
         log.info("eval %s %s: accuracy %d/%d, first attempt %.3f, ce %.4f, %.1f s", ckpt["ckpt_id"], split, s["k"], s["n"], s["first_attempt_accuracy"], s["ce"], s["seconds"])
         return {"accuracy": s["accuracy"], "batch_size_used": s["batch_size_used"], "stop_token_ids": stop_token_ids(tok)}
 
-    return str(STAGE.build(artifact, build))
+    return STAGE.build(art, build)
 
 
 def collect(paths: Sequence[str | Path]) -> tuple[pl.DataFrame, pl.DataFrame]:

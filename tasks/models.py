@@ -200,14 +200,19 @@ def model_dir(art_path: str | Path) -> Path:
     return Path(json.loads((p / SOURCE).read_text())["path"]) if (p / SOURCE).is_file() else p
 
 
+def make(art: Artifact, cfg: StudyConfig) -> Path:
+    """The model artifact `art`: found sealed, or built."""
+    if cfg.model.name_or_path:
+        resolve_pretrained(cfg.model)  # fail fast, before taking any lock
+    return STAGE.build(art, lambda tmp: build(tmp, cfg))
+
+
 def run(store: Store, cfg: StudyConfig) -> Path:
-    """Build (or find) the model artifact: the task's body, no Prefect needed."""
-    return Path(stage.fn(artifact(store, cfg), cfg))
+    """Build (or find) the model artifact; plain function, no Prefect needed."""
+    return make(artifact(store, cfg), cfg)
 
 
 @task(name=STAGE.name, task_run_name="model")
 def stage(artifact: Artifact, cfg: StudyConfig) -> str:
     maybe_fail("model")
-    if cfg.model.name_or_path:
-        resolve_pretrained(cfg.model)  # fail fast, before taking any lock
-    return str(STAGE.build(artifact, lambda tmp: build(tmp, cfg)))
+    return str(make(artifact, cfg))

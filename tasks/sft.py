@@ -351,17 +351,21 @@ def artifact(store: Store, cfg: StudyConfig, model_art: Artifact, data_art: Arti
 
 
 def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -> Path:
-    """Train (or find) the SFT run: the task's body, no Prefect needed."""
+    """Train (or find) the SFT run; plain function, no Prefect needed."""
     art = artifact(store, cfg, Store.from_path(model_art_path), Store.from_path(data_path))
-    return Path(stage.fn(art, cfg, str(model_art_path), str(data_path)))
+    return make(art, cfg, Path(model_art_path), Path(data_path))
 
 
 @task(name=STAGE.name, task_run_name="sft steps={cfg.sft.save_steps}")
 def stage(artifact: Artifact, cfg: StudyConfig, model: str, data: str) -> str:
-    """SFT from the model artifact `model` on the data artifact `data`; checkpoints are sealed
-    as they are saved, the run (its tables) once training ends."""
     maybe_fail("sft")
-    store, run_art, data_path = open_store(artifact.root), artifact, Path(data)
+    return str(make(artifact, cfg, Path(model), Path(data)))
+
+
+def make(run_art: Artifact, cfg: StudyConfig, model: Path, data_path: Path) -> Path:
+    """SFT run `run_art` from the model artifact `model` on the data artifact `data_path`:
+    checkpoints are sealed as they are saved, the run (its tables) once training ends."""
+    store = open_store(run_art.root)
     model_path = models.model_dir(model)
     model_hash = store.manifest(model)["weights_sha256"]
 
@@ -375,4 +379,4 @@ def stage(artifact: Artifact, cfg: StudyConfig, model: str, data: str) -> str:
 
     path = STAGE.build(run_art, build)
     shutil.rmtree(run_art.work_dir, ignore_errors=True)
-    return str(path)
+    return path

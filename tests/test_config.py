@@ -237,3 +237,17 @@ def test_one_lora_section_for_sft_and_grpo():
     assert (cfg.sft.lora.r, cfg.sft.lora.alpha, cfg.rl.grpo.lora.r, cfg.rl.grpo.lora.alpha) == (4, 16, 64, 8)
     with pytest.raises(ConfigError, match=r"sft.lora.targets"):
         parse_config({"name": "t", "sft": {"lora": {"targets": []}}})
+
+
+def test_a_study_is_the_same_study_on_another_runner(tmp_path):
+    """The runner decides where and when tasks run, not what they compute (make demo-long moved
+    to a Dask cluster and kept its tables): changing it must not refuse the study's store."""
+    from rlheal.store import Store, StoreError
+
+    local = parse_config({"name": "t"})
+    dask = parse_config({"name": "t", "runner": {"kind": "dask", "n_workers": 2}})
+    store = Store(tmp_path)
+    store.claim_study("t", local.claim())
+    store.check_claim("t", dask.claim())
+    with pytest.raises(StoreError, match=r"sft.learning_rate"):
+        store.check_claim("t", parse_config({"name": "t", "sft": {"learning_rate": 1e-4}}).claim())

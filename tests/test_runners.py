@@ -6,16 +6,49 @@ from rlheal.config import RunnerSection
 from rlheal.runners import task_runner
 
 
-def test_dask_workers_keep_glibcs_adaptive_malloc():
-    """Dask's nanny starts each worker with MALLOC_TRIM_THRESHOLD_=65536, which also turns off
-    glibc's adaptive mmap threshold: every tensor over 128 kB then came from a fresh mmap and
-    PPO on a CPU worker ran 2.2x slower (~300,000 page faults a second). The runner unsets it;
-    a real worker process shows what it got."""
+def _worker_env(runner) -> dict:
+    """What one real worker process of the runner's LocalCluster sees."""
     from distributed import Client, LocalCluster
 
-    runner = task_runner(RunnerSection(kind="dask", n_workers=1))
-    kwargs = runner.cluster_kwargs | {"n_workers": 1, "threads_per_worker": 1}
-    with LocalCluster(**kwargs) as cluster, Client(cluster) as client:
-        (env,) = client.run(lambda: {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}).values()
+    def probe():
+        keys = ("MALLOC_TRIM_THRESHOLD_", "MKL_NUM_THREADS", "PREFECT_API_URL")
+        return {k: os.environ.get(k) for k in keys}
+
+    with LocalCluster(**(runner.cluster_kwargs | {"n_workers": 1})) as cluster, Client(cluster) as client:
+        (env,) = client.run(probe).values()
+    return env
+
+
+def test_dask_workers_keep_glibcs_adaptive_malloc_and_report_to_the_flows_api(prefect_api, monkeypatch):
+    """Dask's nanny starts each worker with MALLOC_TRIM_THRESHOLD_=65536, which also turns off
+    glibc's adaptive mmap threshold: every tensor over 128 kB then came from a fresh mmap and
+    PPO on a CPU worker ran 2.2x slower. Without the flow's API URL each worker started a
+    Prefect server of its own."""
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # the API is the harness's settings context, as a flow's temporary server is
+    env = _worker_env(task_runner(RunnerSection(kind="dask", n_workers=1)))
     assert env["MALLOC_TRIM_THRESHOLD_"] is None, env
-    assert env["OMP_NUM_THREADS"] == "1"  # the rest of Dask's worker environment stays
+    assert env["MKL_NUM_THREADS"] == "1", env  # the rest of Dask's worker environment stays (nothing else sets it)
+    assert env["PREFECT_API_URL"] == prefect_api, env
+
+
+def test_a_cluster_started_elsewhere_is_only_addressed():
+    runner = task_runner(RunnerSection(kind="dask", address="tcp://127.0.0.1:1"))
+    assert runner.address == "tcp://127.0.0.1:1" and not runner.cluster_kwargs
+
+
+def test_inside_a_flow_without_an_api_setting_the_workers_get_the_flows_temporary_server(monkeypatch):
+    """`rlheal run` without PREFECT_API_URL: the flow's temporary server is the workers' API."""
+    from prefect import flow
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from rlheal.runners import api_url
+
+    @flow
+    def probe() -> str | None:
+        return api_url()
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert api_url() is None
+        url = probe()
+    assert url and url.startswith("http://127.0.0.1:") and url.endswith("/api"), url

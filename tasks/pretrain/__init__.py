@@ -236,16 +236,20 @@ def artifact(store: Store, cfg: StudyConfig, model_art: Artifact) -> Artifact:
 
 
 def run(store: Store, cfg: StudyConfig, model_dir: Path) -> Path:
-    """Build (or find) the pretrained base: the task's body, no Prefect needed."""
-    return Path(stage.fn(artifact(store, cfg, Store.from_path(model_dir)), cfg, str(model_dir)))
+    """Build (or find) the pretrained base; plain function, no Prefect needed."""
+    return make(artifact(store, cfg, Store.from_path(model_dir)), cfg, Path(model_dir))
 
 
 @task(name=STAGE.name, task_run_name="pretrain steps={cfg.pretrain.steps}")
 def stage(artifact: Artifact, cfg: StudyConfig, model: str) -> str:
-    """The pretrained base of the model artifact `model`: the shipped copy when it matches, else trained."""
     maybe_fail("pretrain")
-    model_dir = Path(model)
-    start_hash = open_store(artifact.root).manifest(model_dir)["weights_sha256"]
+    return str(make(artifact, cfg, Path(model)))
+
+
+def make(art: Artifact, cfg: StudyConfig, model_dir: Path) -> Path:
+    """The pretrained base `art` of the model artifact `model_dir`: found sealed, or the
+    shipped copy when it matches, or trained."""
+    start_hash = open_store(art.root).manifest(model_dir)["weights_sha256"]
 
     def build(tmp: Path) -> dict:
         shipped = shipped_for(cfg, start_hash) if cfg.pretrain.use_shipped else None
@@ -258,7 +262,7 @@ def stage(artifact: Artifact, cfg: StudyConfig, model: str) -> str:
             log.info("pretrain: the shipped base was trained with another config; training (%d steps)", cfg.pretrain.steps)
         return {"source": "trained", **pretrain(model_dir, tmp, cfg)}
 
-    return str(STAGE.build(artifact, build))
+    return STAGE.build(art, build)
 
 
 def main(argv: list[str] | None = None) -> int:

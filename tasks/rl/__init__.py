@@ -84,20 +84,24 @@ def _check_data(cfg: StudyConfig, data_path: Path) -> None:
 
 
 def run(store: Store, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Path:
-    """RL from one starting checkpoint: the task's body, no Prefect needed."""
-    art = artifact(store, cfg, start_ckpt, Store.from_path(data_path))
-    return Path(stage.fn(art, cfg, start_ckpt, start_ckpt["step"], str(data_path)))
+    """RL from one starting checkpoint; plain function, no Prefect needed."""
+    return make(artifact(store, cfg, start_ckpt, Store.from_path(data_path)), cfg, start_ckpt, Path(data_path))
 
 
 @task(name=STAGE.name, task_run_name="rl from={start_step}")
 def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, start_step: int, data: str) -> str:
-    """RL from one starting checkpoint (`ckpt`, a `checkpoints` row as a dict; `start_step`
-    names the task run); returns the sealed run artifact. Resumes a killed run at its last
-    saved update; a sealed run is a cache hit."""
+    """`start_step` names the task run."""
     maybe_fail("rl")
-    store, run_art, start_ckpt, data_path = open_store(artifact.root), artifact, ckpt, Path(data)
+    return str(make(artifact, cfg, ckpt, Path(data)))
+
+
+def make(run_art: Artifact, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Path:
+    """RL run `run_art` from one starting checkpoint (a `checkpoints` row as a dict) on the
+    data artifact's hand stream. Resumes a killed run at its last saved update; a sealed run
+    is a cache hit."""
+    store = open_store(run_art.root)
     if store.is_sealed(run_art):
-        return str(run_art.path)
+        return run_art.path
     _check_data(cfg, data_path)
     train = ppo.train if cfg.rl.algorithm == "ppo" else grpo.train
 
@@ -110,7 +114,7 @@ def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, start_step: int, dat
 
     path = STAGE.build(run_art, build)
     shutil.rmtree(run_art.work_dir, ignore_errors=True)
-    return str(path)
+    return path
 
 
 def collect(paths: list[str | Path]) -> dict[str, pl.DataFrame]:
