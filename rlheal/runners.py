@@ -32,7 +32,10 @@ def task_runner(r: RunnerSection):
     # The workers report to the flow's own API, a temporary one too: without it each worker
     # started a temporary server of its own on the same database.
     env = {"PREFECT_API_URL": url} if (url := api_url()) else {}
-    kwargs = {"n_workers": r.n_workers, "threads_per_worker": r.threads_per_worker, "processes": True, "dashboard_address": None, "env": env}
+    kwargs = {
+        "n_workers": r.n_workers, "threads_per_worker": r.threads_per_worker, "processes": True, "dashboard_address": None, "env": env,
+        "preload": ["rlheal.workers"],  # the stages' INFO lines, as the flow's process prints them
+    }  # fmt: skip
     if r.gpus_per_task:
         kwargs["resources"] = {"GPU": r.gpus_per_task}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)

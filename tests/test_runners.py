@@ -1,5 +1,6 @@
 """Task runners (rlheal/runners.py): an existing engine, started the way rlheal needs it."""
 
+import logging
 import os
 
 from rlheal.config import RunnerSection
@@ -12,7 +13,7 @@ def _worker_env(runner) -> dict:
 
     def probe():
         keys = ("MALLOC_TRIM_THRESHOLD_", "MKL_NUM_THREADS", "PREFECT_API_URL")
-        return {k: os.environ.get(k) for k in keys}
+        return {k: os.environ.get(k) for k in keys} | {"rlheal_level": logging.getLogger("rlheal").getEffectiveLevel()}
 
     with LocalCluster(**(runner.cluster_kwargs | {"n_workers": 1})) as cluster, Client(cluster) as client:
         (env,) = client.run(probe).values()
@@ -30,6 +31,7 @@ def test_dask_workers_keep_glibcs_adaptive_malloc_and_report_to_the_flows_api(pr
     assert env["MALLOC_TRIM_THRESHOLD_"] is None, env
     assert env["MKL_NUM_THREADS"] == "1", env  # the rest of Dask's worker environment stays (nothing else sets it)
     assert env["PREFECT_API_URL"] == prefect_api, env
+    assert env["rlheal_level"] == logging.INFO, env  # the stages' progress lines are printed
 
 
 def test_a_cluster_started_elsewhere_is_only_addressed():
