@@ -149,3 +149,16 @@ def test_a_study_config_changes_only_where_both_versions_have_the_field(tmp_path
     with pytest.raises(StoreError, match=r"sft.learning_rate: 0.0003 -> 0.001"):
         s.check_claim("toy", {"sft": {"learning_rate": 1e-3, "lora": {"enabled": False}}})
     s.check_claim("toy", {"sft": {"learning_rate": 1e-3}}, force=True)
+
+
+def test_a_stage_key_refuses_a_path_as_an_input(tmp_path):
+    """Inputs are artifacts (by id) or content keys `kind:...`: a path would key an artifact by
+    where the store lives, and two stores of one study would never share it."""
+    from rlheal.caching import Stage
+
+    s, stage = Store(tmp_path), Stage("sft", version="1")
+    data = s.artifact("data", {})
+    assert stage.artifact(s, {}, [data]).inputs == (data.id,)
+    assert stage.artifact(s, {}, ["ckpt:base:abc"]).key != stage.artifact(s, {}, ["ckpt:base:abd"]).key
+    with pytest.raises(TypeError, match="an input is an Artifact or a content key"):
+        stage.artifact(s, {}, [str(data.path)])
