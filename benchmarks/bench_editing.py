@@ -45,7 +45,7 @@ def setup(root: Path, hidden: int, layers: int, hands: int, max_new_tokens: int)
         "eval": {"ce_hands": hands, "decoding": {"max_new_tokens": max_new_tokens}}, "editing": {"grid": "small"},
     })  # fmt: skip
     base = root / "base"
-    models.build_tiny(base, cfg.model)
+    models.build_tiny(base, cfg)
     w0 = load_file(base / "model.safetensors")
     rows = []
     for ckpt, seed in (("sft-4", 4), ("sft-8", 8)):

@@ -44,6 +44,9 @@ from rlheal.config import ModelSection, StudyConfig, parse_config  # noqa: E402
 from tasks import data, evaluate, lm, models  # noqa: E402
 from tasks.chat import encode, render  # noqa: E402
 from tasks.generalpoints import Episode  # noqa: E402
+from tasks.benchmark import eval_examples, eval_set_hash, examples_of, get  # noqa: E402
+
+GP = get("generalpoints")
 
 QWEN = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
 
@@ -58,8 +61,8 @@ def study_config(args) -> StudyConfig:
 
 
 def hands_table(n: int) -> pl.DataFrame:
-    hands = data.eval_hands(42, n)
-    return data.eval_table(hands["id"], data.eval_set_hash(hands))
+    hands = eval_examples(GP, 42, n)
+    return data.eval_table(GP, hands["id"], eval_set_hash(GP, hands), parse_config({"name": "bench"}))
 
 
 def load(args, device: torch.device):
@@ -91,7 +94,7 @@ def baseline(model, tok, table, cfg) -> pl.DataFrame:
     stops = set(config.eos_token_id)
     device = next(model.parameters()).device
     played = evaluate.Played([], [], 1)
-    for hand in evaluate.hands_from_table(table):
+    for hand in examples_of(GP, table):
         episode, gens = Episode(hand, cfg.verifier.mode, cfg.verifier.verify_iter), []
         while not episode.done:
             ids = encode(tok, render(tok, episode.messages(), add_generation_prompt=True, date_string=cfg.chat.date_string))
@@ -104,7 +107,7 @@ def baseline(model, tok, table, cfg) -> pl.DataFrame:
             episode.record(text)
         played.episodes.append(episode)
         played.generations.append(gens)
-    return evaluate.attempts_table(played, "bench", table["split"][0], "reference")
+    return evaluate.attempts_table(GP, played, "bench", table["split"][0], "reference")
 
 
 def child(args) -> None:
@@ -175,7 +178,7 @@ def main() -> None:
         tmp = Path(tmp)
         args.model_dir = tmp / "tiny"
         args.model_dir.mkdir()
-        models.build_tiny(args.model_dir, ModelSection(builtin="tiny"))  # weights unused under --qwen
+        models.build_tiny(args.model_dir, parse_config({"name": "bench"}))  # weights unused under --qwen
         base_hands = args.baseline_hands or (min(16, args.hands) if args.qwen else args.hands)
         fast = spawn("batched", args, args.hands, tmp / "batched.parquet")
         slow = spawn("baseline", args, base_hands, tmp / "baseline.parquet")

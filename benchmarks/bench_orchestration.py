@@ -43,7 +43,7 @@ def direct(config: Path, store: Path) -> float:
     tables.mkdir(parents=True, exist_ok=True)
     for name, table in (("eval_summary", summary), ("eval_attempts", attempts)):
         table.write_parquet(tables / f"{name}.parquet")
-    report.run(tables, st.report_dir(cfg.name), cfg.name)
+    report.run(tables, st.report_dir(cfg.name), cfg.name, cfg.task)
     return time.perf_counter() - t0
 
 

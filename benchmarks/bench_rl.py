@@ -29,6 +29,9 @@ from tasks import data, lm, models, rl, sft
 from tasks.rl import common
 from tasks.rl.ppo import precision
 from tasks.rl.rollout import Envs, Generator, rollout
+from tasks.benchmark import get
+
+GP = get("generalpoints")
 
 
 def study(envs: int, rounds: int, updates: int, max_new_tokens: int, rl_from: str | None = None):
@@ -58,7 +61,7 @@ def study(envs: int, rounds: int, updates: int, max_new_tokens: int, rl_from: st
 
 def attempts_per_second(model, tok, cfg, n_envs: int, rounds: int, cuda: bool) -> tuple[float, float]:
     """(graded attempts, generated tokens) per second of `rounds` rounds over `n_envs` environments."""
-    envs = Envs(n_envs, lambda i: common.hand_stream(cfg, set(), i), cfg.rl.seed, cfg.verifier.mode, cfg.verifier.verify_iter)
+    envs = Envs(GP, n_envs, lambda i: common.example_stream(cfg, set(), i), cfg.rl.seed, cfg.verifier.mode, cfg.verifier.verify_iter)
     generate = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string, precision(cuda))
     torch.manual_seed(0)
     if cuda:
@@ -112,7 +115,7 @@ def run_qwen(args) -> None:
 
     assert torch.cuda.is_available(), "--qwen needs a CUDA GPU"
     cfg = study(args.envs, args.rounds, args.updates, args.max_new_tokens)
-    tok = models.build_tokenizer()
+    tok = models.build_tokenizer(GP)
     config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

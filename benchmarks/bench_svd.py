@@ -41,7 +41,7 @@ def tiny_trajectory(root: Path, hidden: int, layers: int, n_ckpts: int) -> tuple
         "model": {"builtin": "tiny", "tiny": {"hidden_size": hidden, "intermediate_size": hidden * 8 // 3, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2}},
     })  # fmt: skip
     base = root / "base"
-    models.build_tiny(base, cfg.model)
+    models.build_tiny(base, cfg)
     weights = load_file(base / "model.safetensors")
     rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(base)}]
     g = torch.Generator().manual_seed(0)

@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tasks.generalpoints import deal, score  # noqa: E402
 from tasks.generalpoints.prompt import answer_block  # noqa: E402
+from tasks.benchmark import eval_examples, get  # noqa: E402
+
+GP = get("generalpoints")
 
 # ------------------------------------------------------------------ the response mix
 
@@ -208,8 +211,8 @@ def prepare_sft(n: int) -> None:
 
     cfg = parse_config({"name": "bench", "data": {"train_size": n, "multi_turn_fraction": 0.1}, "sft": {"save_steps": [0, 1]}})
     t0 = time.perf_counter()
-    hands = data.eval_hands(cfg.data.eval_seed, cfg.data.eval_size)
-    table, _ = data.sft_table(cfg, {data.overlap_key(h, "ordered") for s in hands for h in hands[s]})
+    hands = eval_examples(GP, cfg.data.eval_seed, cfg.data.eval_size)
+    table, _, _ = data.sft_table(GP, cfg, {GP.overlap_key(h, "ordered") for s in hands for h in hands[s]})
     t1 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         write_parquet(table, Path(tmp) / "sft_train.parquet")

@@ -65,7 +65,7 @@ def inspect_model(cfg: StudyConfig) -> tuple[space.ModelShapes, dict, dict]:
             quiet = logging.getLogger("rlheal.model")
             quiet.disabled = True  # a throw-away copy for its shapes: not the study's model stage
             try:
-                models.build_tiny(path, cfg.model)
+                models.build_tiny(path, cfg)
             finally:
                 quiet.disabled = False
         else:

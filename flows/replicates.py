@@ -15,6 +15,7 @@ number), `replicates.md` and `fig_replicates.png`.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +26,8 @@ import polars as pl  # noqa: E402
 
 from rlheal.config import ConfigError  # noqa: E402
 from rlheal.store import replace_dir  # noqa: E402
-from tasks import report  # noqa: E402
+from tasks import benchmark, report  # noqa: E402
+from tasks.benchmark import Benchmark  # noqa: E402
 
 class ReplicateError(ConfigError):
     """A study to compare is missing or has no tables (bad input: the message names its folder)."""
@@ -101,7 +103,14 @@ def hands(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]]) -> 
     return f"{ns[0]} hands per split each" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} hands per split"
 
 
-def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], out: Path) -> Path | None:
+def study_task(tables: Path) -> str:
+    """The task a study ran (its claim, `studies/<name>/config.json`); claims written before
+    the `task` field existed are GeneralPoints studies, the only task there was."""
+    claim = Path(tables).parent / "config.json"
+    return json.loads(claim.read_text()).get("task", "generalpoints") if claim.is_file() else "generalpoints"
+
+
+def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], out: Path, bench: Benchmark) -> Path | None:
     """OOD (and ID) accuracy through SFT for every replicate (its `sft_accuracy` and
     `rl_recovery` views), RL's end point from each start, and the paper's curve on its own panel."""
     if all(acc is None for acc, _ in views.values()):
@@ -120,12 +129,14 @@ def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], ou
     ax.set_xscale("symlog", linthresh=10)
     ax.set(xlabel="SFT step (log scale above 10)", ylabel="accuracy (%)", title=f"{len(views)} replicates ({hands(views)})")
     ax.legend(fontsize=6, ncol=2)
-    p = report.paper()
-    for stage, style in (("sft", "o-"), ("rl", "s--")):
-        d = p.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
-        axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=report.PAPER_SE_PP, fmt=style, capsize=2, label="OOD after SFT" if stage == "sft" else "OOD after RL from step")
-    axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title="PAPER (Jin et al. 2025, Llama-3.2-11B)")
-    axp.legend(fontsize=7)
+    if (ref := bench.paper_reference()) is not None:
+        for stage, style in (("sft", "o-"), ("rl", "s--")):
+            d = ref.curve.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
+            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=report.PAPER_SE_PP, fmt=style, capsize=2, label="OOD after SFT" if stage == "sft" else "OOD after RL from step")
+        axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title=f"PAPER ({ref.label})")
+        axp.legend(fontsize=7)
+    else:
+        axp.set_axis_off()
     fig.tight_layout()
     path = out / "fig_replicates.png"
     fig.savefig(path, dpi=110)
@@ -138,14 +149,18 @@ def compare(tables: dict[str, Path], out: Path) -> Path:
     if len(tables) < 2:
         raise ReplicateError("compare: give at least two distinct studies")
     studies = {name: study_tables(Path(d)) for name, d in tables.items()}
+    tasks = {name: study_task(Path(d)) for name, d in tables.items()}
+    if len(set(tasks.values())) > 1:
+        raise ReplicateError("compare: the studies ran different tasks (" + ", ".join(f"{n}: {t}" for n, t in tasks.items()) + "); replicates share one task")
+    bench = benchmark.get(next(iter(tasks.values())))
     names = list(studies)
-    views = {n: (report.sft_accuracy(t), report.rl_recovery(t)) for n, t in studies.items()}
+    views = {n: (report.sft_accuracy(t, bench), report.rl_recovery(t, bench)) for n, t in studies.items()}
 
     def fill(tmp: Path) -> None:
-        long = judge({n: report.all_verdicts(studies[n], *views[n]) for n in names})
+        long = judge({n: report.all_verdicts(studies[n], *views[n], bench) for n in names})
         long.write_parquet(tmp / "replicates.parquet")
         md = markdown(long, names)
-        if figure(views, tmp) is not None:
+        if figure(views, tmp, bench) is not None:
             md += "\n![fig_replicates](fig_replicates.png)\n"
         (tmp / "replicates.md").write_text(md)
 

@@ -17,9 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import data, editing, evaluate, models, pretrain, report, rl, sft, svd
-
-SPLITS = ("id", "ood")
+from tasks import benchmark, data, editing, evaluate, models, pretrain, report, rl, sft, svd
 
 
 @flow(name="rlheal-study", flow_run_name="study {config_path}")
@@ -72,7 +70,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     with stage("eval"), gpu_slot(cfg.runner):
         eval_dir = evaluate_all(cfg, st, cached, progress, ckpt_tables, data_dir)
     st.publish_all(cfg.name, Path(eval_dir), evaluate.STAGE.tables)
-    publish_summary(cfg.name, st.tables_dir(cfg.name))
+    publish_summary(cfg, st.tables_dir(cfg.name))
 
     with stage("svd"), gpu_slot(cfg.runner):
         summary = str(Path(eval_dir) / "eval_summary.parquet")
@@ -88,21 +86,22 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         st.publish_all(cfg.name, Path(edit_dir), editing.STAGE.tables)
 
     with stage("report"):
-        report_dir = report.stage(tables=str(st.tables_dir(cfg.name)), out=str(st.report_dir(cfg.name)), title=cfg.name)
+        report_dir = report.stage(tables=str(st.tables_dir(cfg.name)), out=str(st.report_dir(cfg.name)), title=cfg.name, task=cfg.task)
     progress.done("report", "report")
 
     return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
 
 
-def publish_summary(study: str, tables: Path) -> None:
+def publish_summary(cfg: StudyConfig, tables: Path) -> None:
     """Table artifacts in the Prefect UI: accuracy per checkpoint, and OOD before/after RL."""
     from prefect.artifacts import create_table_artifact
 
+    study = cfg.name
     t = report.read_tables(tables)
     cols = ["ckpt_id", "stage", "step", "split", "k", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "format_error_rate", "ce"]
     rows = t["eval_summary"].select(cols).sort("split", "stage", "step").with_columns(pl.selectors.float().round(4))
     create_table_artifact(rows.to_dicts(), key=artifact_key(study, "eval-summary"), description=f"{study}: accuracy per checkpoint and split")
-    if (recovery := report.rl_recovery(t)) is not None:
+    if (recovery := report.rl_recovery(t, benchmark.of(cfg))) is not None:
         create_table_artifact(recovery.with_columns(pl.selectors.float().round(4)).to_dicts(), key=artifact_key(study, "rl-recovery"), description=f"{study}: OOD accuracy before and after RL, per starting SFT step")
 
 
@@ -134,7 +133,7 @@ def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, ckpt_ta
     calls = {
         f"eval {evaluate.describe(c)} {s}": dict(artifact=evaluate.artifact(st, cfg, c, s, Path(data_dir)), cfg=cfg, ckpt=c, split=s, data=data_dir)
         for c in svd.read_checkpoints(ckpt_tables).to_dicts()
-        for s in SPLITS
+        for s in benchmark.of(cfg).splits
     }
     paths = fan_out(evaluate.stage.with_options(**cached), calls, progress, "eval")
     return evaluate.collect_stage.with_options(**cached)(artifact=evaluate.collect_artifact(st, paths), paths=paths)

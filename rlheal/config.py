@@ -436,6 +436,7 @@ class StudyConfig(Section):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the study's name in the store (studies/<name>/); one name, one config")]
     store: str = Field("store", description="the artifact store's folder (created on the first run); --store overrides it")
+    task: Literal["generalpoints"] = Field("generalpoints", description="the benchmark every stage plays (tasks/benchmark.py): generalpoints, the make-24 card game")
     model: ModelSection = ModelSection(builtin="tiny")
     pretrain: PretrainSection = PretrainSection()
     chat: ChatSection = ChatSection()

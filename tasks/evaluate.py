@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,19 +34,20 @@ from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks.chat import stop_token_ids
 from tasks.data import ce_target
 from tasks.lm import GLOBAL_RNG, Generate, Generation, Messages, ModelGenerator, is_oom, load_model, load_tokenizer, reference_ce
-from tasks.generalpoints import MODES, OUTCOMES, Episode, Hand, make_hand, score, wilson_interval
+from tasks import benchmark
+from tasks.benchmark import Benchmark, Episode, examples_of, other_mode, solved
 
 STAGE = Stage("eval", version="2", tables=("eval_attempts", "eval_summary"))  # 2: the CE scores the trained target, column ce_target (issue 14 §7)
 log = logging.getLogger("rlheal.eval")
 
-ATTEMPTS_SCHEMA = {
+_ATTEMPT = {
     "ckpt_id": pl.String,
     "split": pl.String,
-    "hand_index": pl.Int64,
+    "hand_index": pl.Int64,  # the example's index
     "attempt": pl.Int32,  # 1-based
     "response": pl.String,  # raw decoded output, special tokens skipped
-    "formula": pl.String,
-    "extracted": pl.Boolean,
+}
+_GRADED = {
     "format_error": pl.Boolean,
     "reward": pl.Float64,  # configured verifier mode
     "reward_other_mode": pl.Float64,
@@ -54,6 +56,11 @@ ATTEMPTS_SCHEMA = {
     "generated_tokens": pl.Int32,  # up to and including the stop token
     "hit_max_new_tokens": pl.Boolean,
 }
+
+
+def attempts_schema(bench: Benchmark) -> dict[str, pl.DataType]:
+    """eval_attempts' columns: the attempt, the task's columns (`attempt_schema`), its grade."""
+    return {**_ATTEMPT, **bench.attempt_schema, **_GRADED}
 
 
 # ---------------------------------------------------------------------------- the episode loop
@@ -70,14 +77,12 @@ class Played:
 
 
 def play(
-    hands: Sequence[Hand | Episode],
+    episodes: Sequence[Episode],
     generate: Generate,
     batch_size: int,
-    mode: str = "exact",
-    verify_iter: int = 5,
     length: Callable[[Messages], int] | None = None,
 ) -> Played:
-    """Drive multi-attempt episodes (GP §8) to the end with any generator.
+    """Drive episodes (`Benchmark.episode`, GP §8) to the end with any generator.
 
     Each round, every unfinished episode answers its current conversation: the
     conversations are sorted by `length` (default: characters) so chunks of `batch_size`
@@ -87,7 +92,7 @@ def play(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
-    episodes = [h if isinstance(h, Episode) else Episode(h, mode, verify_iter) for h in hands]
+    episodes = list(episodes)
     generations: list[list[Generation]] = [[] for _ in episodes]
     length = length or (lambda messages: sum(len(m["content"]) for m in messages))
     limit, rounds = batch_size, 0
@@ -123,29 +128,21 @@ def play(
 # ---------------------------------------------------------------------------- tables
 
 
-def hands_from_table(table: pl.DataFrame) -> list[Hand]:
-    """The Hands of an `eval_<split>` table of the data stage, with their indices and references."""
-    return [
-        dataclasses.replace(make_hand(cards, split), reference=formula, index=index)
-        for split, index, cards, formula in zip(table["split"], table["index"], table["cards"].to_list(), table["formula"])
-    ]
-
-
-def attempts_table(played: Played, ckpt_id: str, split: str, other_mode: str) -> pl.DataFrame:
-    rows = {name: [] for name in ATTEMPTS_SCHEMA}
+def attempts_table(bench: Benchmark, played: Played, ckpt_id: str, split: str, other: str) -> pl.DataFrame:
+    schema = attempts_schema(bench)
+    rows = {name: [] for name in schema}
     for ep, gens in zip(played.episodes, played.generations):
         for attempt, (s, g) in enumerate(zip(ep.scores, gens), start=1):
             values = {
                 "ckpt_id": ckpt_id,
                 "split": split,
-                "hand_index": ep.hand.index,
+                "hand_index": ep.example.index,
                 "attempt": attempt,
                 "response": g.text,
-                "formula": s.formula,
-                "extracted": s.extracted,
+                **bench.score_columns(s),
                 "format_error": s.format_error,
                 "reward": s.reward,
-                "reward_other_mode": score(g.text, ep.hand, other_mode).reward,
+                "reward_other_mode": bench.score(g.text, ep.example, other).reward,
                 "outcome": s.outcome,
                 "reason": s.reason,
                 "generated_tokens": g.tokens,
@@ -153,7 +150,17 @@ def attempts_table(played: Played, ckpt_id: str, split: str, other_mode: str) ->
             }
             for name, v in values.items():
                 rows[name].append(v)
-    return pl.DataFrame(rows, schema=ATTEMPTS_SCHEMA)
+    return pl.DataFrame(rows, schema=schema)
+
+
+def wilson_interval(k: int, n: int) -> tuple[float, float]:
+    """Wilson 95 % interval of k successes in n trials (GP §9); (nan, nan) when n == 0."""
+    if n == 0:
+        return (math.nan, math.nan)
+    from scipy.stats import binomtest
+
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def _wilson(k: str, n: str, name: str) -> list[pl.Expr]:
@@ -164,10 +171,11 @@ def _wilson(k: str, n: str, name: str) -> list[pl.Expr]:
     return [ci.struct.field("low").alias(f"{name}_ci_low"), ci.struct.field("high").alias(f"{name}_ci_high")]
 
 
-def summarize(attempts: pl.DataFrame) -> pl.DataFrame:
-    """GP §9 metrics per (ckpt_id, split) from `eval_attempts` rows."""
+def summarize(bench: Benchmark, attempts: pl.DataFrame) -> pl.DataFrame:
+    """GP §9 metrics per (ckpt_id, split) from `eval_attempts` rows, and the task's own
+    (`Benchmark.summary_metrics`)."""
     by = ["ckpt_id", "split"]
-    correct = pl.col("reward") == 5
+    correct = solved(bench)
     first = pl.col("attempt") == 1
     hands = (
         attempts.group_by(*by, "hand_index")
@@ -185,27 +193,24 @@ def summarize(attempts: pl.DataFrame) -> pl.DataFrame:
         format_error_rate=pl.col("format_error").mean(),
         first_attempt_format_error_rate=pl.col("format_error").filter(first).mean(),
         generated_tokens=pl.col("generated_tokens").sum().cast(pl.Int64),
-        *[(pl.col("outcome") == o).sum().alias(f"count_{o}") for o in OUTCOMES],
+        *[(pl.col("outcome") == o).sum().alias(f"count_{o}") for o in bench.outcomes],
     )
     n, k, a = pl.col("n"), pl.col("k"), pl.col("attempts")
-    # The authors' logs also counted one -1 truncation step per failed hand (GP §9).
-    steps = a + n - k
-    authors = {f"authors_rate_{o}": (pl.col(f"count_{o}") + (n - k if o == "no_solution" else 0)) / steps for o in OUTCOMES}
-    authors["authors_rate_correct"] = k / n
+    extra = bench.summary_metrics(n, k, a)
     return (
         hands.join(counts, on=by)
         .with_columns(accuracy=k / n, first_attempt_accuracy=pl.col("k_first") / n)
         .with_columns(
             *_wilson("k", "n", "accuracy"),
             *_wilson("k_first", "n", "first_attempt_accuracy"),
-            *[(pl.col(f"count_{o}") / a).alias(f"rate_{o}") for o in OUTCOMES],
-            **authors,
+            *[(pl.col(f"count_{o}") / a).alias(f"rate_{o}") for o in bench.outcomes],
+            **extra,
         )
         .select(
             *by, "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high",
             "first_attempt_accuracy", "first_attempt_accuracy_ci_low", "first_attempt_accuracy_ci_high",
             "mean_attempts_to_success", "attempts", "format_error_rate", "first_attempt_format_error_rate",
-            *[f"rate_{o}" for o in OUTCOMES], *authors, "generated_tokens",
+            *[f"rate_{o}" for o in bench.outcomes], *extra, "generated_tokens",
         )
         .sort(by)
     )  # fmt: skip
@@ -221,17 +226,14 @@ def ce_by_split(summary: pl.DataFrame) -> pl.DataFrame:
 # ---------------------------------------------------------------------------- evaluation
 
 
-def _other_mode(mode: str) -> str:
-    return next(m for m in MODES if m != mode)
-
-
 @torch.no_grad()
 def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Evaluate an in-memory model on one split's hands; returns (eval_attempts, eval_summary)."""
+    """Evaluate an in-memory model on one split's examples; returns (eval_attempts, eval_summary)."""
     splits = hands_table["split"].unique().to_list()
     if len(splits) != 1:
         raise ValueError(f"evaluate_model needs the hands of one split; got splits {splits}")
     split = splits[0]
+    bench = benchmark.of(cfg)
     target = ce_target(hands_table, cfg)
     started = time.perf_counter()
     decoding = cfg.eval.decoding.resolved()
@@ -243,8 +245,9 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
     # sampled evaluation holds the process's RNG lock (greedy does not need it).
     with GLOBAL_RNG if decoding["do_sample"] else contextlib.nullcontext(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(decoding["seed"])
-        played = play(hands_from_table(hands_table), generator, cfg.eval.batch_size, cfg.verifier.mode, cfg.verifier.verify_iter, generator.length)
-    attempts = attempts_table(played, ckpt["ckpt_id"], split, _other_mode(cfg.verifier.mode))
+        episodes = [bench.episode(e, cfg.verifier.mode, cfg.verifier.verify_iter) for e in examples_of(bench, hands_table)]
+        played = play(episodes, generator, cfg.eval.batch_size, generator.length)
+    attempts = attempts_table(bench, played, ckpt["ckpt_id"], split, other_mode(bench, cfg.verifier.mode))
     ce = reference_ce(model, tok, hands_table, cfg.eval.ce_hands, cfg.chat.date_string, batch_size=played.batch_size)
     model.train(was_training)
     meta = {
@@ -271,7 +274,7 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
         "device": pl.lit(str(device), pl.String),
         "seconds": pl.lit(time.perf_counter() - started, pl.Float64),
     }
-    summary = summarize(attempts).with_columns(**meta)
+    summary = summarize(bench, attempts).with_columns(**meta)
     front = ["ckpt_id", "stage", "step", "split"]
     return attempts, summary.select(*front, pl.exclude(front))
 
@@ -300,6 +303,7 @@ def config_hash(cfg: StudyConfig) -> str:
 def key_config(cfg: StudyConfig, ckpt: dict, split: str, eval_set_hash: str) -> dict[str, Any]:
     # The labels are in the key because they are written into the tables.
     return {
+        "task": cfg.task,
         "ckpt": {k: ckpt.get(k) for k in ("ckpt_id", "stage", "step", "content_hash")},
         "split": split,
         "eval_set_hash": eval_set_hash,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -26,9 +25,8 @@ from rlheal.caching import Stage
 from rlheal.config import ConfigError, ModelSection, StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, sha256_file
-from tasks.generalpoints.cards import DISPLAY, SPLITS, make_hand
-from tasks.generalpoints.prompt import FACE, answer_block, card_list, failure_message, render_prompt
-from tasks import lm
+from tasks import benchmark, lm
+from tasks.benchmark import Benchmark
 
 STAGE = Stage("model", version="1")
 SOURCE = "source.json"
@@ -42,39 +40,10 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-# Reason texts of the verifier (GP §7.1), in the pieces that do not vary.
-REASON_PHRASES = (
-    "Correct solution.", "partial solution.", "illegal characters.", "invalid sequence after number",
-    "invalid sequence after operator", "invalid sequence before '('", "unmatched closing parenthesis",
-    "invalid sequence after ')'", "you used invalid numbers: ", "you used numbers: ", " too many times",
-    "you didn't use numbers: ", " is partially correct but the full formula does not match any solution",
-    "your formula does not match any solution", "step_limit_reached",
-)
-
-
-def benchmark_phrases() -> list[str]:
-    """Fixed chunks of the benchmark's text: prompt template pieces, answer-block keys,
-    the failure prefix, verifier reasons, quoted cards and every word (issue 11: one
-    token per fixed chunk, the face sentence word by word so an unseen rule stays readable)."""
-    hand = make_hand(["A", "A", "A", "A"], "id")
-    cards = card_list(hand.cards)
-    pieces: set[str] = set()
-    for split in SPLITS:
-        text = render_prompt(make_hand(hand.cards, split)).replace(FACE[split], "\0").replace(cards, "\0")
-        pieces.update(text.split("\0"))
-    pieces.update(answer_block(hand.cards, hand.numbers, "\0").replace(cards, "\0").replace("[1, 1, 1, 1]", "\0").split("\0"))
-    pieces.add(failure_message(""))
-    pieces.update(REASON_PHRASES)
-    pieces.update(f"'{c}'" for c in DISPLAY.values())
-    pieces.update((", ", "=24"))
-    words = set(re.findall(r"[A-Za-z]+", " ".join([*pieces, *FACE.values()])))
-    return sorted(p for p in pieces | words if p)
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(bench: Benchmark) -> PreTrainedTokenizerFast:
     """Word-level vocabulary: every printable ASCII character, every 1- and 2-digit
-    string (card values and 24 are one token each), plus the benchmark phrases as
-    added tokens. Any text made of ASCII round-trips exactly, so a model's raw output
+    string (card values and 24 are one token each), plus the task's fixed phrases
+    (`Benchmark.phrases`: one token per fixed chunk) as added tokens. Any text made of ASCII round-trips exactly, so a model's raw output
     can be fed back into the conversation losslessly (GP §8)."""
     chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
     digits = [f"{i:02d}" for i in range(100)]
@@ -82,7 +51,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL["unk"]))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d{1,2}|[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.add_tokens([AddedToken(p, normalized=False, single_word=False) for p in benchmark_phrases()])
+    tok.add_tokens([AddedToken(p, normalized=False, single_word=False) for p in bench.phrases()])
     specials = [SPECIAL["pad"], SPECIAL["eos"], *(f"<|{r}|>" for r in ROLES)]
     tok.add_special_tokens([AddedToken(s, normalized=False, special=True) for s in specials])
     fast = PreTrainedTokenizerFast(
@@ -100,10 +69,11 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 # ---------------------------------------------------------------------------- model
 
 
-def build_tiny(out: Path, section: ModelSection) -> dict:
-    """Build the embedded default deterministically from its seed and save it as an HF directory."""
-    tok = build_tokenizer()
-    t = section.tiny
+def build_tiny(out: Path, cfg: StudyConfig) -> dict:
+    """Build the embedded default deterministically from its seed, with the study's task's
+    vocabulary, and save it as an HF directory."""
+    tok = build_tokenizer(benchmark.of(cfg))
+    t = cfg.model.tiny
     config = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=t.hidden_size,
@@ -160,7 +130,8 @@ def weights_hash(path: Path) -> str:
 
 def key_config(cfg: StudyConfig) -> dict:
     m = cfg.model
-    return {"builtin": m.tiny.model_dump()} if m.builtin else {"name_or_path": m.name_or_path}
+    # the tiny model's vocabulary is the task's (`build_tokenizer`)
+    return {"builtin": m.tiny.model_dump(), "task": cfg.task} if m.builtin else {"name_or_path": m.name_or_path}
 
 
 def artifact(store: Store, cfg: StudyConfig) -> Artifact:
@@ -169,7 +140,7 @@ def artifact(store: Store, cfg: StudyConfig) -> Artifact:
 
 def build(out: Path, cfg: StudyConfig) -> dict:
     if cfg.model.builtin:
-        extra = build_tiny(out, cfg.model)
+        extra = build_tiny(out, cfg)
         return {**extra, "weights_sha256": weights_hash(out)}
     src = resolve_pretrained(cfg.model)
     digest = weights_hash(src)

@@ -2,8 +2,8 @@
 
 `build(tables_dir, out_dir)` writes PNG figures, `report.md` and a self-contained
 `report.html` (figures inlined). Every section appears when its table exists and
-says so when it does not. The paper's numbers (paper_reference.csv) are always
-labelled as the paper's, never mixed with the study's.
+says so when it does not. The paper's numbers (paper_reference.csv, through the task's
+`Benchmark.paper_reference`) are always labelled as the paper's, never mixed with the study's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from rlheal.caching import Stage  # noqa: E402
+from tasks import benchmark  # noqa: E402
+from tasks.benchmark import Benchmark, solved  # noqa: E402
 
 log = logging.getLogger("rlheal.report")
-PAPER_CSV = Path(__file__).with_name("paper_reference.csv")
 # Rebuilt on every run (never cached); 2: verdict rules of docs/verdicts.md (issue 14 §6).
 STAGE = Stage("report", version="2")
 PAPER_SE_PP = 2.5  # sampling error of one 234-hand evaluation near 17.5 % (paper_results.md)
@@ -41,30 +42,18 @@ def read_tables(tables_dir: Path) -> dict[str, pl.DataFrame]:
 # ---------------------------------------------------------------------------- views
 
 
-def sft_accuracy(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
-    """Accuracy per SFT step and split (base = step 0), from eval_summary."""
+def sft_accuracy(t: dict[str, pl.DataFrame], bench: Benchmark) -> pl.DataFrame | None:
+    """Accuracy per SFT step and split (base = step 0), from eval_summary, with the task's
+    own metrics (`Benchmark.report_columns`)."""
     if "eval_summary" not in t:
         return None
     s = t["eval_summary"].filter(pl.col("stage").is_in(["base", "sft"]))
-    if (nf := number_field(t)) is not None:
-        s = s.join(nf, on=["ckpt_id", "split"], how="left")
+    if (extra := bench.report_columns(t)) is not None:
+        s = s.join(extra, on=["ckpt_id", "split"], how="left")
     return s.sort("split", "step") if s.height else None
 
 
-def number_field(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
-    """Per checkpoint and split: the share of first attempts whose `"number"` list is the
-    hand's values under the split's rule. It shows how well the model still reads the
-    face-card rule, which at small scale moves long before accuracy does."""
-    if "eval_attempts" not in t or not any(f"eval_{s}" in t for s in ("id", "ood")):
-        return None
-    hands = pl.concat([t[f"eval_{s}"].select("split", pl.col("index").alias("hand_index"), "numbers") for s in ("id", "ood") if f"eval_{s}" in t])
-    first = t["eval_attempts"].filter(pl.col("attempt") == 1).join(hands, on=["split", "hand_index"])
-    written = pl.col("response").str.extract(r'"number": \[([^\]]*)\]', 1).str.split(", ").cast(pl.List(pl.Int64), strict=False)
-    right = (written == pl.col("numbers")).fill_null(False)
-    return first.group_by("ckpt_id", "split").agg(number_field=right.mean())
-
-
-def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
+def rl_recovery(t: dict[str, pl.DataFrame], bench: Benchmark) -> pl.DataFrame | None:
     """OOD accuracy before RL (the starting SFT checkpoint) and after (the run's last update),
     and the gain with its paired interval over the same OOD hands (`start_gains`) where the
     per-hand outcomes (eval_attempts) are there: status healed / hurt / flat."""
@@ -78,7 +67,7 @@ def rl_recovery(t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
     after = final.join(ev, on="ckpt_id").select(pl.col("rl_start_step").alias("start_step"), pl.col("ckpt_id").alias("after_id"), pl.col("step").alias("updates"), pl.col("accuracy").alias("ood_after"), pl.col("accuracy_ci_low").alias("after_low"), pl.col("accuracy_ci_high").alias("after_high"), pl.col("k").alias("k_after"))
     before = ev.filter(pl.col("stage").is_in(["base", "sft"])).select(pl.col("step").alias("start_step"), pl.col("ckpt_id").alias("before_id"), pl.col("accuracy").alias("ood_before"), pl.col("accuracy_ci_low").alias("before_low"), pl.col("accuracy_ci_high").alias("before_high"), pl.col("k").alias("k_before"), "n")
     out = after.join(before, on="start_step").sort("start_step").with_columns(gain=pl.col("ood_after") - pl.col("ood_before"))
-    paired = rl_outcomes(t.get("eval_attempts"), out)
+    paired = rl_outcomes(t.get("eval_attempts"), out, bench)
     if paired is None:
         return out.with_columns(gain_low=pl.lit(None, pl.Float64), gain_high=pl.lit(None, pl.Float64), status=pl.lit(None, pl.String), healed=pl.lit(False))
     g = start_gains(*(x[None] for x in paired))
@@ -117,12 +106,12 @@ def rl_starts(t: dict[str, pl.DataFrame], rec: pl.DataFrame | None) -> pl.DataFr
     return both.join(logs, on="start_step", how="left").drop("before_id", "after_id").sort("start_step")
 
 
-def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame, bench: Benchmark) -> tuple[np.ndarray, np.ndarray] | None:
     """(before, after): OOD outcomes (R starts x H hands) of each RL run's starting checkpoint
     and of its last update, on the same hands; None without complete per-hand outcomes."""
     if attempts is None:
         return None
-    got = solved_matrix(attempts, "ood", list(dict.fromkeys(rec["before_id"].to_list() + rec["after_id"].to_list())))
+    got = solved_matrix(attempts, "ood", list(dict.fromkeys(rec["before_id"].to_list() + rec["after_id"].to_list())), bench)
     if got is None:
         return None
     _, ids, y = got
@@ -130,23 +119,18 @@ def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame) -> tuple[np.nd
     return y[[row[c] for c in rec["before_id"]]], y[[row[c] for c in rec["after_id"]]]
 
 
-def solved_matrix(attempts: pl.DataFrame, split: str, ckpt_ids: list[str]) -> tuple[np.ndarray, list[str], np.ndarray] | None:
+def solved_matrix(attempts: pl.DataFrame, split: str, ckpt_ids: list[str], bench: Benchmark) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """Per-hand outcomes of `ckpt_ids` on one split: (hand_index (H,), ckpt_ids, outcomes (C, H)),
-    1.0 where some attempt of the episode was correct (reward 5, the `k` of eval_summary).
+    1.0 where some attempt of the episode solved it (`Benchmark.success_reward`, the `k` of eval_summary).
     None if a checkpoint has no outcomes or the checkpoints were not played on the same hands."""
     a = attempts.filter((pl.col("split") == split) & pl.col("ckpt_id").is_in(ckpt_ids))
-    per = a.group_by("ckpt_id", "hand_index").agg(solved=(pl.col("reward") == 5).any().cast(pl.Float64))
+    per = a.group_by("ckpt_id", "hand_index").agg(solved=solved(bench).any().cast(pl.Float64))
     if per.is_empty() or set(per["ckpt_id"]) != set(ckpt_ids):
         return None
     wide = per.pivot(on="ckpt_id", index="hand_index", values="solved").sort("hand_index")
     if wide.null_count().sum_horizontal().item():
         return None
     return wide["hand_index"].to_numpy(), list(ckpt_ids), wide.select(ckpt_ids).to_numpy().T
-
-
-def paper(model: str = "Llama-3.2-11B-Vision-Instruct") -> pl.DataFrame:
-    ref = pl.read_csv(PAPER_CSV, schema_overrides={"sft_step": pl.Int64})
-    return ref.filter((pl.col("model") == model) & pl.col("source").str.starts_with("fig:llama_ood_recovery_line"))
 
 
 # ---------------------------------------------------------------------------- figures
@@ -160,7 +144,7 @@ def _save(fig, out: Path, name: str) -> Path:
     return path
 
 
-def fig_accuracy(acc: pl.DataFrame, rec: pl.DataFrame | None, out: Path) -> Path:
+def fig_accuracy(acc: pl.DataFrame, rec: pl.DataFrame | None, out: Path, bench: Benchmark) -> Path:
     fig, (ax, axp) = plt.subplots(1, 2, figsize=(12, 4.2))
     for split, color in (("id", "tab:blue"), ("ood", "tab:red")):
         d = acc.filter(pl.col("split") == split)
@@ -173,13 +157,15 @@ def fig_accuracy(acc: pl.DataFrame, rec: pl.DataFrame | None, out: Path) -> Path
             ax.axvspan(healed["start_step"].min(), healed["start_step"].max(), color="tab:green", alpha=0.08, label="recovery window")
     ax.set(xlabel="SFT step", ylabel="accuracy (%)", title="This study (Wilson 95 % bands)")
     ax.legend(fontsize=8)
-    p = paper()
-    for stage, style in (("sft", "o-"), ("rl", "s--")):
-        d = p.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
-        axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=PAPER_SE_PP, fmt=style, capsize=2, label="paper: OOD after SFT" if stage == "sft" else "paper: OOD after RL from step")
-    axp.axvspan(420, 1200, color="tab:green", alpha=0.08, label="paper: recovery window")
-    axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title="PAPER (Jin et al. 2025, Llama-3.2-11B, ±2.5 pp SE)")
-    axp.legend(fontsize=8)
+    if (ref := bench.paper_reference()) is not None:
+        for stage, style in (("sft", "o-"), ("rl", "s--")):
+            d = ref.curve.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
+            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=PAPER_SE_PP, fmt=style, capsize=2, label="paper: OOD after SFT" if stage == "sft" else "paper: OOD after RL from step")
+        axp.axvspan(*ref.window, color="tab:green", alpha=0.08, label="paper: recovery window")
+        axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title=f"PAPER ({ref.label}, ±2.5 pp SE)")
+        axp.legend(fontsize=8)
+    else:
+        axp.set_axis_off()
     return _save(fig, out, "fig1_accuracy_vs_sft_step")
 
 
@@ -523,7 +509,7 @@ class _SftOutcomes:
     idd: np.ndarray
 
 
-def _sft_outcomes(acc: pl.DataFrame | None, attempts: pl.DataFrame | None) -> _SftOutcomes | str:
+def _sft_outcomes(acc: pl.DataFrame | None, attempts: pl.DataFrame | None, bench: Benchmark) -> _SftOutcomes | str:
     if acc is None:
         return "no evaluation results"
     if attempts is None:
@@ -533,16 +519,16 @@ def _sft_outcomes(acc: pl.DataFrame | None, attempts: pl.DataFrame | None) -> _S
     if both.height < 2:
         return "fewer than two SFT checkpoints evaluated on both splits"
     ids = both["ckpt_id"].to_list()
-    ood, idd = solved_matrix(attempts, "ood", ids), solved_matrix(attempts, "id", ids)
+    ood, idd = solved_matrix(attempts, "ood", ids, bench), solved_matrix(attempts, "id", ids, bench)
     if ood is None or idd is None or len(ood[0]) < 4:
         return "per-hand outcomes missing for some SFT checkpoint (or fewer than 4 OOD hands)"
     return _SftOutcomes(both["step"].to_numpy(), ids, ood[0], ood[2], idd[2])
 
 
-def verdict_forgetting(acc: pl.DataFrame | None, attempts: pl.DataFrame | None) -> tuple[Verdict, dict | None]:
+def verdict_forgetting(acc: pl.DataFrame | None, attempts: pl.DataFrame | None, bench: Benchmark) -> tuple[Verdict, dict | None]:
     """docs/verdicts.md §forgetting; also returns the rule's arrays for `verdict_loss`."""
     finding = FINDINGS["forgetting"]
-    o = _sft_outcomes(acc, attempts)
+    o = _sft_outcomes(acc, attempts, bench)
     if isinstance(o, str):
         return Verdict(finding, o, "no data"), None
     r = {k: v[0] for k, v in judge_forgetting(o.ood[None], o.idd[None], o.ood_hands % 2).items()} | {"outcomes": o}
@@ -588,13 +574,13 @@ def verdict_loss(acc: pl.DataFrame | None, sft_log: pl.DataFrame | None, forgett
     return Verdict(finding, evidence, WORDS[int(r["status"])], values)
 
 
-def verdict_window(rec: pl.DataFrame | None, attempts: pl.DataFrame | None) -> Verdict:
+def verdict_window(rec: pl.DataFrame | None, attempts: pl.DataFrame | None, bench: Benchmark) -> Verdict:
     finding = FINDINGS["window"]
     if rec is not None:
         rec = rec.filter(pl.col("start_step") > 0)  # RL from the base (step 0) learns the format: not a recovery start
     if rec is None or rec.height < 3:
         return Verdict(finding, "fewer than three RL runs from SFT checkpoints (step > 0) evaluated" if rec is not None else "no RL results", "no data")
-    paired = rl_outcomes(attempts, rec)
+    paired = rl_outcomes(attempts, rec, bench)
     if paired is None or paired[0].shape[1] < 4:
         return Verdict(finding, "no per-hand OOD outcomes (eval_attempts) for the RL runs, or fewer than 4 hands", "no data")
     r = {k: v[0] for k, v in judge_window(*(x[None] for x in paired)).items()}
@@ -694,15 +680,15 @@ def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> 
     return verdicts
 
 
-def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.DataFrame | None) -> dict[str, Verdict]:
+def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.DataFrame | None, bench: Benchmark) -> dict[str, Verdict]:
     """The findings (keys of FINDINGS), judged on one study's tables and its `sft_accuracy`
     and `rl_recovery` views."""
     attempts = t.get("eval_attempts")
-    forgetting, arrays = verdict_forgetting(acc, attempts)
+    forgetting, arrays = verdict_forgetting(acc, attempts, bench)
     return {
         "forgetting": forgetting,
         "loss": verdict_loss(acc, t.get("sft_log"), arrays),
-        "window": verdict_window(rec, attempts),
+        "window": verdict_window(rec, attempts, bench),
         "rotation": verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
         **verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
     }
@@ -720,10 +706,10 @@ def _md_table(df: pl.DataFrame, floats: int = 4) -> str:
     return "\n".join(rows)
 
 
-def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
+def build(tables_dir: Path, out: Path, title: str, bench: Benchmark) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t = read_tables(tables_dir)
-    acc, rec = sft_accuracy(t), rl_recovery(t)
+    acc, rec = sft_accuracy(t, bench), rl_recovery(t, bench)
     sections, figures, absent = [], [], []
 
     def section(name: str, ok: bool, body):
@@ -740,7 +726,7 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
         return f"![{path.stem}]({path.name})\n\n{text}"
 
     cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate", "number_field"]
-    section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
+    section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out, bench), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
     section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "gain", "gain_low", "gain_high", "status")) + "\n\nGain: OOD after RL minus before, paired over the same hands, with its 95 % interval; healed / hurt when the interval excludes 0.\n")
     starts = rl_starts(t, rec)
     section("RL per start", starts is not None, lambda: _md_table(starts) + "\n\nID accuracy before and after RL (Wilson 95 %); rollout reward (ID hands, rollout temperature) averaged over the first and last fifth of the updates; raw advantages: mean interquartile range and 5-95 % spread per update, and the normalised entropy of the run's histogram (1 = flat, 0 = one bin).\n")
@@ -750,7 +736,7 @@ def build(tables_dir: Path, out: Path, title: str = "rlheal study") -> dict:
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out), editing_table(t["edit_eval_results"], t["edit_variants"])))
 
-    verdicts = list(all_verdicts(t, acc, rec).values())
+    verdicts = list(all_verdicts(t, acc, rec, bench).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
     md = "\n".join([f"# {title}\n", "## Verdicts\n", vtable, "", rules_markdown(), "", *sections])
     (out / "report.md").write_text(md)
@@ -796,22 +782,23 @@ def to_html(md: str, out: Path) -> str:
 # ---------------------------------------------------------------------------- stage
 
 
-def run(tables: Path, out: Path, title: str) -> Path:
-    """Rebuild the report folder `out` from the study tables in `tables`, swapped in atomically."""
+def run(tables: Path, out: Path, title: str, task: str) -> Path:
+    """Rebuild the report folder `out` from the study tables in `tables` (a study of `task`),
+    swapped in atomically."""
     from rlheal.store import replace_dir
 
     final = Path(out)
-    info = replace_dir(final, lambda tmp: build(Path(tables), tmp, title))
+    info = replace_dir(final, lambda tmp: build(Path(tables), tmp, title, benchmark.get(task)))
     log.info("report: %d figures, absent sections: %s", len(info["figures"]), ", ".join(info["absent"]) or "none")
     return final
 
 
 @task(name=STAGE.name, task_run_name="report", cache_policy=NO_CACHE)  # cheap, and must see the latest tables
-def stage(tables: str, out: str, title: str) -> str:
+def stage(tables: str, out: str, title: str, task: str) -> str:
     from rlheal.faults import maybe_fail
 
     maybe_fail("report")
-    final = run(Path(tables), Path(out), title)
+    final = run(Path(tables), Path(out), title, task)
     try:
         from prefect.artifacts import create_markdown_artifact
 

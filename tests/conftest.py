@@ -227,3 +227,12 @@ def assert_rebuilt(copy: Study, reference: Study, stages: tuple[str, ...] | None
             src = reference.store / rel
             for part in [src, *src.parent.glob(f"{src.name}-s*")]:
                 assert_same_artifact(copy.store / part.relative_to(reference.store), part)
+
+
+def _generalpoints():
+    from tasks.benchmark import get
+
+    return get("generalpoints")
+
+
+GP = _generalpoints()  # the benchmark most tests play (tasks/benchmark.py)

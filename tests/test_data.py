@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import subprocess
@@ -16,6 +17,8 @@ from rlheal.config import parse_config
 from rlheal.store import Store
 from tasks import data
 from tasks.generalpoints import deal, overlap_key, reference_answer, render_prompt
+from tasks.benchmark import eval_examples, training_stream
+from tests.conftest import GP
 
 
 def cfg_with(**data_fields):
@@ -60,7 +63,7 @@ def test_eval_tables_carry_the_answer_sft_trains_on(tmp_path, answer):
         ev = pl.read_parquet(out / f"eval_{split}.parquet")
         hands = [deal(split, 42, i) for i in range(20)]
         assert ev["answer"].to_list() == [reference_answer(h) for h in hands]
-        assert ev["target"].to_list() == [data._sft_row(h, cfg)["completion"][0]["content"] for h in hands]
+        assert ev["target"].to_list() == [GP.sft_row(h, cfg)["completion"][0]["content"] for h in hands]
         assert ev["ce_target"].unique().to_list() == [answer]
         firsts = [reference_answer(dataclasses.replace(h, reference=h.solutions[0])) for h in hands]
         assert ev["target"].to_list() == (firsts if answer == "first" else ev["answer"].to_list())
@@ -70,10 +73,10 @@ def test_eval_tables_carry_the_answer_sft_trains_on(tmp_path, answer):
 
 @pytest.mark.parametrize("overlap", ["ordered", "multiset"])
 def test_training_and_evaluation_hands_are_disjoint_on_100k_hands(overlap):
-    hands = data.eval_hands(42, 234)
+    hands = eval_examples(GP, 42, 234)
     exclude = {overlap_key(h, overlap) for s in hands for h in hands[s]}
     seen, skipped = 0, 0
-    for hand in data.training_hands(0, exclude, overlap):
+    for hand in training_stream(GP, 0, exclude, overlap):
         assert overlap_key(hand, overlap) not in exclude
         seen += 1
         skipped = hand.index + 1 - seen
@@ -84,11 +87,14 @@ def test_training_and_evaluation_hands_are_disjoint_on_100k_hands(overlap):
     assert (0.005 < share < 0.02) if overlap == "ordered" else (0.15 < share < 0.25)
 
 
-def test_overlap_check_catches_a_planted_duplicate(tmp_path):
-    hands = data.eval_hands(42, 5)
-    train = pl.DataFrame({"index": [0], "cards": [list(hands["id"][3].cards)]})
-    with pytest.raises(data.OverlapError, match="equals an evaluation hand"):
-        data.check_disjoint(train, hands, "ordered")
+def test_overlap_check_catches_a_planted_duplicate(tmp_path, monkeypatch):
+    """The build checks disjointness itself: a stream that (wrongly) yields an evaluation
+    hand first fails the stage instead of training on it."""
+    planted = eval_examples(GP, 42, 20)["id"][3]
+    real = data.training_stream
+    monkeypatch.setattr(data, "training_stream", lambda *a: itertools.chain([planted], real(*a)))
+    with pytest.raises(data.OverlapError, match="equals an evaluation example"):
+        data.run(Store(tmp_path), cfg_with())
 
 
 def test_same_config_is_a_cache_hit_and_other_config_is_not(tmp_path):

@@ -17,9 +17,10 @@ from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
 from tasks import data, editing, evaluate, lm, models, svd
 from tasks.editing.apply import every_matrix, in_scope
-from tasks.editing.sweep import SCHEMAS, with_recovery
+from tasks.editing.sweep import SCHEMAS, schemas, with_recovery
 from tasks.svd.metrics import Factors
 from tasks.svd.roles import ROLES_SCHEMA
+from tests.conftest import GP
 
 F64 = torch.float64
 
@@ -242,7 +243,7 @@ def test_recovery_columns_come_from_the_same_protocol_baselines():
     )
     results = pl.DataFrame([{"variant_id": v, "split": "OOD", "accuracy": float(solved[v].mean())} for v in vids])
     results = pl.DataFrame({k: results[k] if k in results.columns else pl.Series(k, [None] * 4, dtype=t) for k, t in SCHEMAS["edit_eval_results"].items()})
-    out = {r["variant_id"]: r for r in with_recovery(results, variants, attempts, 2000, 0).to_dicts()}
+    out = {r["variant_id"]: r for r in with_recovery(results, variants, attempts, 2000, 0, GP).to_dicts()}
     assert out["e2"]["recovery_fraction"] == pytest.approx(0.7) and out["e2"]["gap_significant"]
     assert (out["e2"]["donor_accuracy"], out["e2"]["target_accuracy"]) == (0.8, 0.2)
     assert out["bs"]["target_accuracy"] == 0.2 and out["bs"]["donor_accuracy"] is None and not out["bs"]["gap_significant"]
@@ -271,7 +272,7 @@ def test_no_gap_between_donor_and_target_leaves_recovery_null_for_the_right_reas
     )
     results = pl.DataFrame([{"variant_id": v, "split": "OOD", "accuracy": float(solved[v].mean())} for v in vids])
     results = pl.DataFrame({k: results[k] if k in results.columns else pl.Series(k, [None] * results.height, dtype=t) for k, t in SCHEMAS["edit_eval_results"].items()})
-    out = {r["variant_id"]: r for r in with_recovery(results, variants, attempts, 2000, 0).to_dicts()}
+    out = {r["variant_id"]: r for r in with_recovery(results, variants, attempts, 2000, 0, GP).to_dicts()}
     for name, (d, t) in cases.items():
         row = out[f"e_{name}"]
         assert (row["donor_accuracy"], row["target_accuracy"], row["accuracy"]) == (d / 100, t / 100, 0.5), name
@@ -324,7 +325,7 @@ def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("editing")
     cfg = parse_config(CFG)
     base = root / "base"
-    models.build_tiny(base, cfg.model)
+    models.build_tiny(base, cfg)
     w0 = load_file(base / "model.safetensors")
     dirs = {"sft-4": save_like(base, root / "sft-4", perturbed(w0, 4)), "sft-8": save_like(base, root / "sft-8", perturbed(w0, 8))}
     return root, cfg, checkpoints_table(dirs)
@@ -404,7 +405,7 @@ def test_compat_full_rank_is_the_donor_in_float16_and_quirks_3_and_4_on_llama(ll
 
 def test_compat_layer_range_leaves_qwen2_embeddings_alone(llama, tmp_path):
     root, cfg, ckpts = llama
-    tok = models.build_tokenizer()
+    tok = models.build_tokenizer(GP)
     qcfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
     torch.manual_seed(0)
@@ -466,7 +467,7 @@ def sweep(llama):
 def test_sweep_writes_the_three_tables_with_their_types(sweep):
     store, cfg, ckpts, data_dir, out, calls = sweep
     t = {name: pl.read_parquet(out / f"{name}.parquet") for name in editing.STAGE.tables}
-    for name, schema in SCHEMAS.items():
+    for name, schema in schemas(GP).items():  # all four tables, attempts with the task's columns
         assert t[name].schema == pl.Schema(schema), name
     assert set(calls.values()) == {1} and len(calls) == 2 * 28
 

@@ -16,8 +16,10 @@ from tasks import data, evaluate, lm, models
 from tasks.chat import prompt_completion_ids
 from tasks.evaluate import play
 from tasks.lm import Generation
-from tasks.generalpoints import OUTCOMES, deal, make_hand, render_prompt, wilson_interval
+from tasks.evaluate import wilson_interval
+from tasks.generalpoints import OUTCOMES, deal, make_hand, render_prompt
 from tasks.generalpoints.prompt import answer_block
+from tests.conftest import GP
 
 CFG = {
     "name": "t",
@@ -65,9 +67,13 @@ SCRIPT = {
 }
 
 
+def episodes(hands, mode="exact"):
+    return [GP.episode(h, mode, 5) for h in hands]
+
+
 def played_attempts(hands=(A, B, C, D), script=SCRIPT, batch_size=3, mode="exact"):
-    played = play(list(hands), Scripted(script), batch_size, mode=mode, verify_iter=5)
-    return played, evaluate.attempts_table(played, "ckpt", "id", "reference" if mode == "exact" else "exact")
+    played = play(episodes(hands, mode), Scripted(script), batch_size)
+    return played, evaluate.attempts_table(GP, played, "ckpt", "id", "reference" if mode == "exact" else "exact")
 
 
 # ---------------------------------------------------------------------------- the episode loop
@@ -91,12 +97,12 @@ def test_episode_rewards_attempts_and_success_per_hand():
     assert rows[3]["reward"] == [-2.0] * 5 and rows[3]["outcome"] == ["incorrect_number"] * 5
     assert attempts["attempt"].to_list() == [1, 1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
     assert attempts["generated_tokens"].to_list()[:4] == [7, 7, 14, 21]
-    assert attempts.schema == pl.Schema(evaluate.ATTEMPTS_SCHEMA)
+    assert attempts.schema == pl.Schema(evaluate.attempts_schema(GP))
 
 
 def test_attempt_two_sees_the_raw_output_and_the_failure_message():
     gen = Scripted(SCRIPT)
-    play([B], gen, batch_size=4)
+    play(episodes([B]), gen, batch_size=4)
     first, second, third = (call[0] for call in gen.calls)
     assert first == [{"role": "user", "content": render_prompt(B)}]
     assert second == [
@@ -110,7 +116,7 @@ def test_attempt_two_sees_the_raw_output_and_the_failure_message():
 
 def test_finished_episodes_drop_out_and_batches_are_chunked():
     gen = Scripted(SCRIPT)
-    play([A, B, C, D], gen, batch_size=3)
+    play(episodes([A, B, C, D]), gen, batch_size=3)
     sizes = [len(call) for call in gen.calls]
     # round 1: 4 episodes in chunks of 3 and 1; round 2: A is done; rounds 3..: B then C, D
     assert sizes == [3, 1, 3, 3, 2, 2]
@@ -118,7 +124,7 @@ def test_finished_episodes_drop_out_and_batches_are_chunked():
 
 def test_summary_by_hand():
     _, attempts = played_attempts()
-    s = evaluate.summarize(attempts).row(0, named=True)
+    s = evaluate.summarize(GP, attempts).row(0, named=True)
     # n = 4 hands, k = 2 solved (A on attempt 1, B on attempt 3), A = 1 + 3 + 5 + 5 attempts
     assert (s["n"], s["k"], s["attempts"]) == (4, 2, 14)
     assert s["accuracy"] == 0.5 and s["first_attempt_accuracy"] == 0.25
@@ -155,10 +161,10 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results(error):
                 raise error
             return super().__call__(conversations)
 
-    played = play([A, B, C, D], Small(SCRIPT), batch_size=4)
+    played = play(episodes([A, B, C, D]), Small(SCRIPT), batch_size=4)
     assert played.batch_size == 1
     _, reference = played_attempts(batch_size=4)
-    assert evaluate.attempts_table(played, "ckpt", "id", "reference").equals(reference)
+    assert evaluate.attempts_table(GP, played, "ckpt", "id", "reference").equals(reference)
 
 
 def test_other_errors_are_not_swallowed():
@@ -166,7 +172,7 @@ def test_other_errors_are_not_swallowed():
         raise ValueError("bad tokenizer")
 
     with pytest.raises(ValueError, match="bad tokenizer"):
-        play([A], broken, batch_size=2)
+        play(episodes([A]), broken, batch_size=2)
 
 
 def test_prefect_task_run_name_names_the_checkpoint_and_split():
@@ -187,10 +193,10 @@ def test_batch_size_is_in_the_key_only_when_sampling():
     sampled_small = parse_config({**CFG, "eval": {**CFG["eval"], "batch_size": 3, "decoding": {"preset": "authors_eval_qwen"}}})
     assert evaluate.decoding_key(greedy) == evaluate.decoding_key(greedy_small)
     assert evaluate.decoding_key(sampled) != evaluate.decoding_key(sampled_small)
-    config = lm.generation_config(sampled.eval.decoding.resolved(), models.build_tokenizer())
+    config = lm.generation_config(sampled.eval.decoding.resolved(), models.build_tokenizer(GP))
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (True, 0.7, 0.8, 20, 1.05)
     rl = parse_config({**CFG, "eval": {"decoding": {"preset": "rl_default"}}}).eval.decoding.resolved()
-    assert lm.generation_config(rl, models.build_tokenizer()).top_k == 0  # off, not transformers' 50
+    assert lm.generation_config(rl, models.build_tokenizer(GP)).top_k == 0  # off, not transformers' 50
 
 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
@@ -205,7 +211,7 @@ def tiny(tmp_path_factory):
     data_dir = Path(data.run(Store(root / "data-store"), cfg))
     base = root / "base"
     base.mkdir()
-    models.build_tiny(base, cfg.model)
+    models.build_tiny(base, cfg)
     tok, model = lm.load_tokenizer(base), lm.load_model(base)
     table = pl.read_parquet(data_dir / "eval_id.parquet").head(5)
     seqs = [prompt_completion_ids(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": a}], cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
@@ -233,7 +239,7 @@ def test_end_to_end_tables_are_consistent(tiny, tmp_path):
     out = evaluate.run(Store(tmp_path), cfg, ckpt, "id", data_dir)
     attempts = pl.read_parquet(Path(out) / "eval_attempts.parquet")
     summary = pl.read_parquet(Path(out) / "eval_summary.parquet")
-    assert attempts.schema == pl.Schema(evaluate.ATTEMPTS_SCHEMA)
+    assert attempts.schema == pl.Schema(evaluate.attempts_schema(GP))
     s = summary.row(0, named=True)
     assert (s["ckpt_id"], s["stage"], s["step"], s["split"], s["n"]) == ("sft-1", "sft", 1, "id", 8)
     per_hand = attempts.group_by("hand_index").agg(solved=(pl.col("reward") == 5).any(), tries=pl.len(), last=pl.col("attempt").max())
@@ -393,7 +399,7 @@ def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
     assert table["cards"].to_list() == pl.read_parquet(data_dir / "eval_id.parquet")["cards"].to_list()  # the same hands
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"], torch.float64)
     hands = [deal("id", first_cfg.data.eval_seed, i) for i in range(table.height)]
-    trained = [data._sft_row(h, first_cfg)["completion"][0]["content"] for h in hands]  # what an SFT row of the hand holds
+    trained = [GP.sft_row(h, first_cfg)["completion"][0]["content"] for h in hands]  # what an SFT row of the hand holds
     hf_first = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]
     hf_dealt = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
     ours = [lm.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from tasks.evaluate import wilson_interval
 from tasks.generalpoints import (
     OUTCOMES,
     SPLITS,
@@ -26,7 +27,6 @@ from tasks.generalpoints import (
     render_prompt,
     score,
     solve,
-    wilson_interval,
     wrong_attempt,
 )
 from tasks.generalpoints.prompt import answer_block

@@ -20,6 +20,7 @@ from tasks import data, editing, lm, models, sft
 from tasks.lm import ModelGenerator
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tasks.svd.matrices import MULTIMODAL, check_same_matrices, read_tensor, select_matrices
+from tests.conftest import GP
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # conftest sets it too; never reach the hub
 
@@ -32,7 +33,7 @@ def build_tiny_mllama(out: Path) -> Path:
     """A vision + text Mllama saved the way the hub stores Llama-3.2-11B-Vision:
     `language_model.model.layers.N…`, `language_model.lm_head.weight`, `vision_model…`,
     `multi_modal_projector…`; the text vocabulary is the project's tiny tokenizer."""
-    tok = models.build_tokenizer()
+    tok = models.build_tokenizer(GP)
     config = MllamaConfig(
         text_config=dict(
             vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,

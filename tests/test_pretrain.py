@@ -13,8 +13,9 @@ import torch
 from rlheal.config import load_config, parse_config
 from rlheal.store import Store
 from tasks import lm, models, pretrain
-from tasks.generalpoints import FACE, evaluate
-from tasks.pretrain.grammar import RULES, parse_answer, parse_face, prompt_face, same_answer_as, values_under
+from tasks.generalpoints import FACE, corpus, evaluate
+from tasks.generalpoints.corpus import RULES, parse_answer, parse_face, prompt_face, same_answer_as, values_under
+from tests.conftest import GP
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -32,7 +33,7 @@ def test_the_parser_reads_the_benchmark_rules_so_the_check_below_would_catch_the
 
 
 def test_corpus_never_holds_an_id_or_ood_rule_example():
-    table = pretrain.grammar.corpus(seed=0, size=10_000, block_fraction=1 / 3)
+    table = corpus.corpus(seed=0, size=10_000, block_fraction=1 / 3)
     assert table.height == 10_000
     coincide = {"id": 0, "ood": 0}
     for prompt, answer in zip(table["prompt"], table["answer"]):
@@ -42,7 +43,7 @@ def test_corpus_never_holds_an_id_or_ood_rule_example():
         assert rule not in RULES.values()
         cards, numbers = parse_answer(answer)
         assert any(c in "JQK" for c in cards)
-        assert prompt == pretrain.grammar.prompt_text(cards, sentence)  # the rest is the benchmark's text
+        assert prompt == corpus.prompt_text(cards, sentence)  # the rest is the benchmark's text
         assert tuple(numbers) == values_under(cards, rule)  # the answer computes with the stated rule
         for split in coincide:
             coincide[split] += same_answer_as(cards, numbers, split)
@@ -59,20 +60,20 @@ def test_corpus_never_holds_an_id_or_ood_rule_example():
 
 def test_corpus_never_deals_an_evaluation_hand():
     cfg = parse_config({"name": "t", "data": {"eval_size": 500}})
-    exclude = pretrain.grammar.evaluation_cards(cfg)
+    exclude = corpus.evaluation_cards(cfg)
     assert len(exclude) > 900  # both splits
-    table = pretrain.grammar.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=exclude)
+    table = corpus.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=exclude)
     assert not {tuple(c) for c in table["cards"].to_list()} & exclude
-    multiset = pretrain.grammar.evaluation_cards(parse_config({"name": "t", "data": {"eval_size": 50, "overlap": "multiset"}}))
-    table = pretrain.grammar.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=multiset, overlap="multiset")
+    multiset = corpus.evaluation_cards(parse_config({"name": "t", "data": {"eval_size": 50, "overlap": "multiset"}}))
+    table = corpus.corpus(seed=0, size=3000, block_fraction=1 / 3, exclude=multiset, overlap="multiset")
     assert not {tuple(sorted(c)) for c in table["cards"].to_list()} & multiset
 
 
 def test_corpus_is_deterministic_and_a_prefix_of_any_longer_one():
-    a = pretrain.grammar.corpus(seed=3, size=300, block_fraction=1 / 3)
-    b = pretrain.grammar.corpus(seed=3, size=500, block_fraction=1 / 3)
+    a = corpus.corpus(seed=3, size=300, block_fraction=1 / 3)
+    b = corpus.corpus(seed=3, size=500, block_fraction=1 / 3)
     assert a.equals(b.head(300))
-    assert not a.equals(pretrain.grammar.corpus(seed=4, size=300, block_fraction=1 / 3))
+    assert not a.equals(corpus.corpus(seed=4, size=300, block_fraction=1 / 3))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_short_pretraining_lowers_loss_and_writes_a_loadable_hf_dir(short_run):
     store, cfg, model_dir, out = short_run
     log = pl.read_parquet(out / pretrain.LOG)  # mean answer-token loss of steps 1-25, then 26-30
     assert log["step"].to_list() == [25, 30]
-    assert log["loss"][1] < log["loss"][0] - 0.5 and log["loss"][0] < math.log(models.build_tokenizer().__len__())
+    assert log["loss"][1] < log["loss"][0] - 0.5 and log["loss"][0] < math.log(models.build_tokenizer(GP).__len__())
     m = store.manifest(out)
     assert m["source"] == "trained" and m["weights_sha256"] == models.weights_hash(out) != models.weights_hash(model_dir)
     tok, model = lm.load_tokenizer(out), lm.load_model(out)

@@ -7,8 +7,9 @@ import polars as pl
 import pytest
 
 from flows import replicates
-from tasks import report
 from flows.replicates import overall, spread
+from tasks import report
+from tests.conftest import GP
 
 
 def editing_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):
@@ -52,10 +53,10 @@ def test_number_field_reads_the_first_attempt_against_the_hand():
             "response": [block.format("5, 12, 12, 4"), block.format("5, 10, 10, 4"), block.format("5, 12, 12, 4")],
         }),  # fmt: skip
     }
-    nf = report.number_field(t)
+    nf = GP.report_columns(t)
     assert nf.to_dicts() == [{"ckpt_id": "s", "split": "ood", "number_field": 0.5}]  # hand 1's retry does not count
     t["eval_attempts"] = t["eval_attempts"].with_columns(response=pl.lit("no answer block"))
-    assert report.number_field(t)["number_field"].to_list() == [0.0]
+    assert GP.report_columns(t)["number_field"].to_list() == [0.0]
 
 
 def editing_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -88,7 +89,7 @@ def test_replicates_figure_reads_the_hand_count_from_the_tables(tmp_path, monkey
     titles = []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, path, **kw: titles.append(self.axes[0].get_title()))
     acc = pl.DataFrame({"split": ["ood", "id", "ood", "id"], "step": [0, 0, 10, 10], "accuracy": [0.0, 0.0, 0.1, 0.2], "n": [234] * 4})
-    replicates.figure({"a": (acc, None), "b": (acc, None)}, tmp_path)
+    replicates.figure({"a": (acc, None), "b": (acc, None)}, tmp_path, GP)
     assert titles == ["2 replicates (234 hands per split each)"]
 
 
@@ -100,7 +101,7 @@ def test_the_report_header_states_the_rules_it_applies(tmp_path):
     res, variants = editing_tables(first_quarter_edits=3, quarter_interval=(-0.1, 0.9))
     res.write_parquet(tables / "edit_eval_results.parquet")
     variants.write_parquet(tables / "edit_variants.parquet")
-    info = report.build(tables, tmp_path / "out")
+    info = report.build(tables, tmp_path / "out", "rlheal study", GP)
     md = (tmp_path / "out" / "report.md").read_text()
     head = md.split("## Verdicts\n", 1)[1].split("\n## ", 1)[0]
     assert report.rules_markdown() in head
@@ -124,7 +125,7 @@ def test_rl_recovery_gains_are_paired_per_hand():
     k = {"sft-8": 40, "rl-8-5": 52}
     summary = pl.DataFrame([{"ckpt_id": c, "stage": s, "step": st, "split": "ood", "n": n, "k": k[c], "accuracy": k[c] / n, "accuracy_ci_low": float(report.wilson(np.array([k[c]]), n)[0][0]), "accuracy_ci_high": float(report.wilson(np.array([k[c]]), n)[1][0])} for c, s, st in (("sft-8", "sft", 8), ("rl-8-5", "rl", 5))])
     ck = pl.DataFrame({"ckpt_id": ["sft-8", "rl-8-5"], "stage": ["sft", "rl"], "step": [8, 5], "rl_start_step": [None, 8]}, schema_overrides={"rl_start_step": pl.Int32})
-    rec = report.rl_recovery({"eval_attempts": att, "eval_summary": summary, "checkpoints": ck}).row(0, named=True)
+    rec = report.rl_recovery({"eval_attempts": att, "eval_summary": summary, "checkpoints": ck}, GP).row(0, named=True)
     assert rec["after_low"] < rec["before_high"]  # the unpaired intervals overlap
     assert rec["status"] == "healed" and rec["healed"] and rec["gain_low"] > 0.02
 

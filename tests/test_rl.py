@@ -21,11 +21,11 @@ from rlheal.faults import InjectedFault
 from rlheal.store import Store
 from tasks import data, lm, models, rl, sft
 from tasks.chat import encode, prompt_completion_ids
-from tasks.data import training_hands
 from tasks.generalpoints import OUTCOMES, deal, overlap_key, reference_answer, render_prompt, score
 from tasks.rl import common, grpo, ppo
+from tasks.benchmark import training_stream
 from tasks.rl.rollout import Envs, Generator, Step
-from tests.conftest import kill_when
+from tests.conftest import GP, kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_advantage_histogram_layout():
 
 
 def test_split_index_from_character_offsets_on_the_tiny_tokenizer():
-    tok = models.build_tokenizer()
+    tok = models.build_tokenizer(GP)
     answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
     s = ppo.split_index(tok, answer)
     # the token holding the opening quote of `"formula":` (here one token ends with the value's opening quote)
@@ -178,7 +178,7 @@ def test_sequence_score_is_the_generation_log_probability(tmp_path):
     """The teacher-forced pass scores exactly what generate() sampled: sum over i >= 1 of
     log softmax(z_i / tau)[o_i] with z_i generate's own raw logits (left padding and all)."""
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg.model)
+    models.build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     decoding = {**cfg.rl.decoding.resolved(), "temperature": 0.7, "max_new_tokens": 12}
     gen = Generator(model, tok, decoding, cfg.chat.date_string)
@@ -210,7 +210,7 @@ def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
     by 1 (or 0), scoring o_0 or o_1, or moving the split by one token each changes L by
     nats; the test asserts that each of those wrong formulas misses."""
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg.model)
+    models.build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
     answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
@@ -248,7 +248,7 @@ def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
 
 def test_a_hands_prompt_has_the_same_token_ids_in_every_stage():
     """training.md §0: SFT rows, PPO rollouts, GRPO prompts and evaluation."""
-    tok = models.build_tokenizer()
+    tok = models.build_tokenizer(GP)
     date = parse_config({"name": "t"}).chat.date_string
     messages = [{"role": "user", "content": render_prompt(deal("id", 0, 5))}]
     sft_ids, n_prompt = prompt_completion_ids(tok, messages, [{"role": "assistant", "content": "x"}], date)
@@ -265,7 +265,7 @@ def test_a_hands_prompt_has_the_same_token_ids_in_every_stage():
 def test_environments_take_hands_in_order_of_need_and_skip_evaluation_hands():
     cfg = parse_config({"name": "t", "rl": {"seed": 3}})
     skip = {overlap_key(deal("id", 3, 1), "ordered")}
-    envs = Envs(2, lambda i: common.hand_stream(cfg, skip, i), 3, "exact", 2)
+    envs = Envs(GP, 2, lambda i: common.example_stream(cfg, skip, i), 3, "exact", 2)
     assert [ep.hand.index for ep in envs.episodes] == [0, 2]  # index 1 is an evaluation hand
     right = reference_answer(envs.episodes[1].hand)
     assert envs.step(0, "no idea")[1] is False  # graded failure 1 of 2
@@ -274,7 +274,7 @@ def test_environments_take_hands_in_order_of_need_and_skip_evaluation_hands():
     envs.step(0, "still no idea")  # graded failure 2 of 2 -> the truncation step comes next
     assert envs.episodes[0].truncation_pending
     saved = json.loads(json.dumps(envs.state()))  # a resume point is plain data
-    again = Envs(2, lambda i: common.hand_stream(cfg, skip, i), 3, "exact", 2)
+    again = Envs(GP, 2, lambda i: common.example_stream(cfg, skip, i), 3, "exact", 2)
     again.restore(saved)
     assert again.conversations() == envs.conversations() and again.next_index == envs.next_index == 4
     score, finished = again.step(0, "anything")
@@ -292,7 +292,7 @@ def first_attempt_reward(path, cfg, greedy: bool = False, n: int = 256) -> tuple
     tok, model = lm.load_tokenizer(path), lm.load_model(path).eval()
     decoding = {**cfg.rl.decoding.resolved(), **({"do_sample": False} if greedy else {})}
     generate = Generator(model, tok, decoding, cfg.chat.date_string)
-    hands = list(itertools.islice(training_hands(999, common.evaluation_keys(cfg), cfg.data.overlap), n))
+    hands = list(itertools.islice(training_stream(GP, 999, common.evaluation_keys(cfg), cfg.data.overlap), n))
     torch.manual_seed(0)
     rewards = []
     for k in range(0, n, 64):
@@ -392,7 +392,7 @@ def test_ppo_run_tables_checkpoints_and_logged_statistics(weak, ppo_run):
     cfg, run_dir, recorder = ppo_run
     p, updates = cfg.rl.ppo, cfg.rl.num_updates
     log = pl.read_parquet(run_dir / "rl_log.parquet")
-    assert log.schema == pl.Schema(common.LOG_SCHEMA)
+    assert log.schema == pl.Schema(common.log_schema(GP.outcomes))
     assert log["update"].to_list() == list(range(1, updates + 1))
     assert set(log["rl_start_step"]) == {start["step"]} and set(log["parent"]) == {start["ckpt_id"]}
     n = sum(log.row(0, named=True)[f"count_{o}"] for o in OUTCOMES)
@@ -626,7 +626,7 @@ def test_a_detached_critic_moves_the_head_only(tmp_path, detached):
     # rl.ppo.critic_detached: V's gradient stops at the final hidden state. Attached (the
     # authors' design), the same value loss reaches every backbone matrix it depends on.
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg.model)
+    models.build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, {**cfg.rl.decoding.resolved(), "max_new_tokens": 8}, cfg.chat.date_string)
     prompt = gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])

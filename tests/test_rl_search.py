@@ -10,9 +10,10 @@ import yaml
 from rlheal.config import ConfigError, load_config, parse_config
 from tasks import evaluate
 from tasks.generalpoints import SPLITS, overlap_key
-from tasks.data import eval_hands, training_hands
 from tasks.rl import search
 from tests.conftest import CONFIGS, smoke_config
+from tasks.benchmark import eval_examples, examples_of, training_stream
+from tests.conftest import GP
 
 
 def _log(rewards, kl=0.01, ev=0.3, algorithm="ppo"):
@@ -27,11 +28,11 @@ BEFORE = {"accuracy": 0.70, "format_error": 0.30}
 def test_selection_hands_are_played_by_no_stage():
     cfg = load_config(CONFIGS / "toy.yaml")
     table = search.selection_table(cfg, 7, 300, 2000)
-    held = eval_hands(cfg.data.eval_seed, cfg.data.eval_size)
+    held = eval_examples(GP, cfg.data.eval_seed, cfg.data.eval_size)
     evaluation = {overlap_key(h, cfg.data.overlap) for s in SPLITS for h in held[s]}
-    sft_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(cfg.data.train_seed, evaluation, cfg.data.overlap), cfg.data.train_size)}
-    rl_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(cfg.rl.seed, evaluation, cfg.data.overlap), 2000)}
-    keys = {overlap_key(h, cfg.data.overlap) for h in evaluate.hands_from_table(table)}
+    sft_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_stream(GP, cfg.data.train_seed, evaluation, cfg.data.overlap), cfg.data.train_size)}
+    rl_hands = {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_stream(GP, cfg.rl.seed, evaluation, cfg.data.overlap), 2000)}
+    keys = {overlap_key(h, cfg.data.overlap) for h in examples_of(GP, table)}
     assert table.height == 300 and set(table["split"]) == {"id"}
     assert not keys & evaluation and not keys & sft_hands and not keys & rl_hands
     assert table["eval_set_hash"][0] == "selection-7-300-2000"

@@ -66,7 +66,7 @@ def test_tiny_model_is_gqa_and_deterministic(tmp_path):
     cfg = parse_config({"name": "t"})
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    models.build_tiny(a, cfg.model), models.build_tiny(b, cfg.model)
+    models.build_tiny(a, cfg), models.build_tiny(b, cfg)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     k_proj = wa["model.layers.0.self_attn.k_proj.weight"]
@@ -406,6 +406,7 @@ def test_every_logged_learning_rate_follows_the_schedule(first_answer_runs, tiny
 
 
 from tests.test_evaluate import _labels_nll  # noqa: E402  (one independent CE_h for both files)
+from tests.conftest import GP
 
 
 def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
@@ -416,7 +417,7 @@ def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
     tok, base = lm.load_tokenizer(model_dir), lm.load_model(model_dir)
     table = pl.read_parquet(data_dir / "eval_ood.parquet")
     hands = [deal("ood", cfg.data.eval_seed, i) for i in range(cfg.eval.ce_hands)]
-    trained = [data._sft_row(h, cfg)["completion"][0]["content"] for h in hands]
+    trained = [GP.sft_row(h, cfg)["completion"][0]["content"] for h in hands]
     first = [_labels_nll(base, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]
     dealt = [_labels_nll(base, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
     ce0 = log.filter(pl.col("step") == 0)["ce_ood"][0]

@@ -117,7 +117,7 @@ def test_report_of_a_study_missing_stages_says_what_is_absent(reference_run, tmp
     (study / "tables").mkdir(parents=True)
     for name in ("sft_train", "sft_log", "checkpoints"):
         shutil.copy(reference_run / "studies" / "smoke" / "tables" / f"{name}.parquet", study / "tables")
-    out = report.run(study / "tables", study / "report", "partial")
+    out = report.run(study / "tables", study / "report", "partial", "generalpoints")
     md = (out / "report.md").read_text()
     assert md.count("*Absent: the tables it needs are not in this study yet.*") >= 5
     assert (out / "fig3_losses.png").exists() and "no evaluation results" in md

@@ -292,7 +292,7 @@ def trajectory(tmp_path_factory):
     root = tmp_path_factory.mktemp("svd")
     cfg = parse_config(TINY | {"svd": {"k": [0.0625, 0.125, 0.25, 16]}})
     base = root / "base"
-    models.build_tiny(base, cfg.model)
+    models.build_tiny(base, cfg)
     w0 = load_file(base / "model.safetensors")
     W = w0[ROTATED].double()
     U = torch.linalg.svd(W).U

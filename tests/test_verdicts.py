@@ -24,6 +24,7 @@ import pytest
 from scipy import stats
 
 from tasks import report
+from tests.conftest import GP
 
 HANDS = 500  # per split
 DRAWS = 200  # per scenario in `make test`; the slow test and the script use more
@@ -38,7 +39,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "verdicts.md"
 
 def f1() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """paper_results.md §2.3 (F1, Llama): SFT steps > 0, OOD after SFT and after RL from there."""
-    p = report.paper()
+    p = GP.paper_reference().curve
     sft = p.filter(pl.col("stage") == "sft").sort("sft_step")
     rl = p.filter(pl.col("stage") == "rl").sort("sft_step")
     joined = sft.join(rl, on="sft_step", suffix="_rl").filter(pl.col("sft_step") > 0)
@@ -312,7 +313,7 @@ def test_window_nulls_that_heal_read_not_supported():
 
 
 def test_wilson_is_the_eval_stages():
-    from tasks.generalpoints import wilson_interval
+    from tasks.evaluate import wilson_interval
 
     for k, n in [(0, 500), (1, 500), (88, 500), (250, 500), (500, 500), (3, 16)]:
         lo, hi = report.wilson(np.array([k]), n)
@@ -367,7 +368,7 @@ def attempts_rows(ckpt: str, split: str, solved: np.ndarray, hands: np.ndarray |
 
 
 def summary_rows(attempts: pl.DataFrame, meta: dict[str, tuple[str, int]]) -> pl.DataFrame:
-    from tasks.generalpoints import wilson_interval
+    from tasks.evaluate import wilson_interval
 
     s = attempts.group_by("ckpt_id", "split", "hand_index").agg(solved=(pl.col("reward") == 5).any()).group_by("ckpt_id", "split").agg(n=pl.len(), k=pl.col("solved").sum())
     lo, hi = zip(*(wilson_interval(k, n) for k, n in zip(s["k"], s["n"])))
@@ -431,7 +432,7 @@ def editing_study(lo: np.ndarray, hi: np.ndarray, rho: np.ndarray | None = None)
 
 
 def verdicts(t: dict[str, pl.DataFrame]) -> dict[str, report.Verdict]:
-    return report.all_verdicts(t, report.sft_accuracy(t), report.rl_recovery(t))
+    return report.all_verdicts(t, report.sft_accuracy(t, GP), report.rl_recovery(t, GP), GP)
 
 
 def code(v: report.Verdict) -> int:
@@ -687,11 +688,11 @@ def test_window_leaves_out_rl_from_the_base():
     before, after = window_case([[], [(50, 60, +1)], [(50, 60, +1)], [(0, 30, -1)]])
     base_after = (np.arange(HANDS) < 100).astype(float)
     t = rl_study_from_base(before, after, np.array([40, 80, 160, 320]), base_after)
-    rec = report.rl_recovery(t)
+    rec = report.rl_recovery(t, GP)
     assert rec["start_step"].to_list() == [0, 40, 80, 160, 320] and rec["status"][0] == "healed"
-    v = report.verdict_window(rec, t["eval_attempts"])
+    v = report.verdict_window(rec, t["eval_attempts"], GP)
     assert v.verdict == "supported" and "from 0:" not in v.evidence, v
-    assert report.verdict_window(rec.head(3), t["eval_attempts"]).verdict == "no data"  # base + 2 SFT starts
+    assert report.verdict_window(rec.head(3), t["eval_attempts"], GP).verdict == "no data"  # base + 2 SFT starts
 
 
 def test_rotation_needs_most_matrices_above_noise():

@@ -28,18 +28,17 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.space import has_r
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
-from tasks import evaluate, models
+from tasks import benchmark, evaluate, models
 from tasks.editing.apply import applied, hf_config, model_dtype, n_layers, resident
 from tasks.editing.grid import variants
 from tasks.editing.recovery import damage_fraction, paired_bootstrap
 from tasks.svd.analysis import read_checkpoints, run_meta
+from tasks.benchmark import Benchmark, solved
 from tasks.svd.engine import content_hash
 from tasks.svd.matrices import EMBEDDING, LM_HEAD, tied_embeddings, tensor_index
 
 # 2: compat quirk 4 also for mllama_text_model (Llama 3.2 Vision as the model stage saves it)
 STAGE = Stage("editing", version="2", tables=("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts"))
-TASK = "generalpoints"
-SPLITS = {"id": "ID", "ood": "OOD"}  # eval-stage split -> the label of the editing tables (§6)
 log = logging.getLogger("rlheal.editing")
 
 I32, F64, STR, BOOL = pl.Int32, pl.Float64, pl.String, pl.Boolean
@@ -63,8 +62,18 @@ RESULTS_SCHEMA = {
     "target_accuracy": F64, "recovery_fraction": F64, "recovery_ci_low": F64, "recovery_ci_high": F64,
     "gap_significant": BOOL, "damage_fraction": F64, "evaluated_at": UTC,
 }  # fmt: skip
-ATTEMPTS_SCHEMA = {**_RUN, "variant_id": STR, **evaluate.ATTEMPTS_SCHEMA}
-SCHEMAS = {"edit_variants": VARIANTS_SCHEMA, "edit_matrix_log": MATRIX_LOG_SCHEMA, "edit_eval_results": RESULTS_SCHEMA, "edit_eval_attempts": ATTEMPTS_SCHEMA}
+SCHEMAS = {"edit_variants": VARIANTS_SCHEMA, "edit_matrix_log": MATRIX_LOG_SCHEMA, "edit_eval_results": RESULTS_SCHEMA}
+
+
+def schemas(bench: Benchmark) -> dict[str, dict]:
+    """Every table's schema; edit_eval_attempts has the task's attempt columns."""
+    return SCHEMAS | {"edit_eval_attempts": {**_RUN, "variant_id": STR, **evaluate.attempts_schema(bench)}}
+
+
+def split_label(split: str) -> str:
+    """An eval-stage split as the editing tables write it (§6): `id` -> `ID`."""
+    return split.upper()
+
 # Files of a checkpoint directory that are not its config / tokenizer / generation files.
 _NOT_COPIED = {"manifest.json", "source.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "trainer_state.json"}
 
@@ -120,8 +129,8 @@ def _check_roles(variant: dict, roles: pl.DataFrame) -> None:
 # ---------------------------------------------------------------------------- store key
 
 
-def _eval_set_hashes(data_path: Path) -> dict[str, str]:
-    return {s: pl.read_parquet(Path(data_path) / f"eval_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in SPLITS}
+def _eval_set_hashes(data_path: Path, splits: tuple[str, ...]) -> dict[str, str]:
+    return {s: pl.read_parquet(Path(data_path) / f"eval_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in splits}
 
 
 def saves(cfg: StudyConfig, variant: dict) -> bool:
@@ -133,7 +142,7 @@ def key_config(cfg: StudyConfig, variant: dict, target: dict, donor: dict | None
     svd = cfg.svd.model_dump(include={"include", "exclude", "include_embeddings", "include_lm_head"})
     protocol = {"decoding": evaluate.decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "date_string": cfg.chat.date_string}
     return {
-        "variant": variant, "target": content_hash(target), "donor": content_hash(donor) if donor else None, "matrices": svd,
+        "task": cfg.task, "variant": variant, "target": content_hash(target), "donor": content_hash(donor) if donor else None, "matrices": svd,
         "eval": protocol | {"eval_set_hash": eval_set_hashes}, "save": saves(cfg, variant),
         "trust_remote_code": cfg.model.trust_remote_code, **run_meta(cfg),
     }  # fmt: skip
@@ -146,7 +155,7 @@ def _inputs(target: dict, donor: dict | None) -> list[str]:
 def artifact(store: Store, cfg: StudyConfig, variant: dict, checkpoints: pl.DataFrame, data_path: str | Path) -> Artifact:
     rows = _rows(checkpoints)
     target, donor = rows[variant["target_id"]], rows.get(variant["donor_id"])
-    config = key_config(cfg, variant, target, donor, _eval_set_hashes(Path(data_path)))
+    config = key_config(cfg, variant, target, donor, _eval_set_hashes(Path(data_path), benchmark.of(cfg).splits))
     return STAGE.artifact(store, config, inputs=_inputs(target, donor))
 
 
@@ -175,20 +184,21 @@ def edit_and_evaluate(store: Store, cfg: StudyConfig, variant: dict, target: dic
             if save_to is not None:
                 sha = save_checkpoint(loaded, target, save_to)
             ckpt = {"ckpt_id": variant["target_id"], "stage": "edit", "step": None, "content_hash": content_hash(target)}
-            evals = {s: evaluate.evaluate_model(loaded.model, loaded.tok, hands[s], cfg, ckpt) for s in SPLITS}
+            evals = {s: evaluate.evaluate_model(loaded.model, loaded.tok, table, cfg, ckpt) for s, table in hands.items()}
     now = datetime.now(timezone.utc)
     vid = {"variant_id": variant["variant_id"]}
     results = [
         meta | vid | {
-            "task": TASK, "split": SPLITS[s], "eval_protocol_id": summary["config_hash"][0], "seed": cfg.eval.decoding.seed,
+            "task": cfg.task, "split": split_label(s), "eval_protocol_id": summary["config_hash"][0], "seed": cfg.eval.decoding.seed,
             "n_hands": summary["n"][0], "n_correct": summary["k"][0], "accuracy": summary["accuracy"][0],
             "accuracy_ci_low": summary["accuracy_ci_low"][0], "accuracy_ci_high": summary["accuracy_ci_high"][0],
             "gap_significant": False, "evaluated_at": now,
         }
         for s, (_, summary) in evals.items()
     ]  # fmt: skip
-    attempts = pl.concat([a.with_columns(split=pl.lit(SPLITS[s])) for s, (a, _) in evals.items()])
-    attempts = attempts.with_columns(**{k: pl.lit(v, STR) for k, v in (meta | vid).items()}).select(list(ATTEMPTS_SCHEMA))
+    attempts = pl.concat([a.with_columns(split=pl.lit(split_label(s))) for s, (a, _) in evals.items()])
+    columns = list(schemas(benchmark.of(cfg))["edit_eval_attempts"])
+    attempts = attempts.with_columns(**{k: pl.lit(v, STR) for k, v in (meta | vid).items()}).select(columns)
     return {
         "edit_variants": pl.DataFrame([variant_row(cfg, variant, target, matrix_log, dtype, sha, now)], schema=VARIANTS_SCHEMA),
         "edit_matrix_log": pl.DataFrame([meta | vid | r for r in matrix_log], schema=MATRIX_LOG_SCHEMA),
@@ -231,7 +241,7 @@ def run_variant(
     _check_roles(variant, roles)
     rows = _rows(checkpoints)
     target, donor = rows[variant["target_id"]], rows.get(variant["donor_id"])
-    hands = {s: evaluate._hands(Path(data_path), s) for s in SPLITS}
+    hands = {s: evaluate._hands(Path(data_path), s) for s in benchmark.of(cfg).splits}
     art = art or artifact(store, cfg, variant, checkpoints, data_path)
 
     def build(tmp: Path) -> dict:
@@ -263,18 +273,18 @@ def stage(artifact: Artifact, cfg: StudyConfig, variant: dict, roles: str, check
 # ---------------------------------------------------------------------------- the study tables
 
 
-def hand_outcomes(attempts: pl.DataFrame) -> pl.DataFrame:
+def hand_outcomes(attempts: pl.DataFrame, bench: Benchmark) -> pl.DataFrame:
     """One row per (variant_id, split, hand_index): solved within the episode (as eval's accuracy)."""
-    return attempts.group_by("variant_id", "split", "hand_index").agg(solved=(pl.col("reward") == 5).any()).sort("variant_id", "split", "hand_index")
+    return attempts.group_by("variant_id", "split", "hand_index").agg(solved=solved(bench).any()).sort("variant_id", "split", "hand_index")
 
 
-def with_recovery(results: pl.DataFrame, edit_variants: pl.DataFrame, attempts: pl.DataFrame, resamples: int, seed: int) -> pl.DataFrame:
+def with_recovery(results: pl.DataFrame, edit_variants: pl.DataFrame, attempts: pl.DataFrame, resamples: int, seed: int, bench: Benchmark) -> pl.DataFrame:
     """§4.4: donor / target accuracy from the baselines of the same protocol (reference_compat
     included), ρ with its paired bootstrap CI over hands, and E5's damage fraction."""
     info = {r["variant_id"]: r for r in edit_variants.to_dicts()}
     base = {(r["target_id"], r["reference_compat"]): r["variant_id"] for r in info.values() if r["method"] == "none"}
     hands: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
-    for (vid, split), g in hand_outcomes(attempts).group_by("variant_id", "split"):
+    for (vid, split), g in hand_outcomes(attempts, bench).group_by("variant_id", "split"):
         hands[(vid, split)] = (g["hand_index"].to_numpy(), g["solved"].to_numpy())
 
     def outcome(vid: str | None, split: str) -> np.ndarray | None:
@@ -307,9 +317,11 @@ def with_recovery(results: pl.DataFrame, edit_variants: pl.DataFrame, attempts: 
 
 def collect(paths: Sequence[str | Path], cfg: StudyConfig) -> dict[str, pl.DataFrame]:
     """The study tables from the per-variant artifacts."""
-    tables = {name: pl.concat([pl.read_parquet(Path(p) / f"{name}.parquet") for p in paths], how="vertical").cast(SCHEMAS[name]) for name in STAGE.tables}
+    bench = benchmark.of(cfg)
+    schema = schemas(bench)
+    tables = {name: pl.concat([pl.read_parquet(Path(p) / f"{name}.parquet") for p in paths], how="vertical").cast(schema[name]) for name in STAGE.tables}
     e = cfg.editing
-    tables["edit_eval_results"] = with_recovery(tables["edit_eval_results"], tables["edit_variants"], tables["edit_eval_attempts"], e.bootstrap_resamples, e.bootstrap_seed)
+    tables["edit_eval_results"] = with_recovery(tables["edit_eval_results"], tables["edit_variants"], tables["edit_eval_attempts"], e.bootstrap_resamples, e.bootstrap_seed, bench)
     return tables
 
 

@@ -11,7 +11,7 @@ Modules, in the order a hand flows through them: `cards` (§1, §2), `solver` (�
 
 from tasks.generalpoints.cards import SPLITS, Hand, deal, hand_key, make_hand, overlap_key
 from tasks.generalpoints.episode import Episode
-from tasks.generalpoints.metrics import OUTCOMES, outcome_of, wilson_interval
+from tasks.generalpoints.metrics import OUTCOMES, outcome_of
 from tasks.generalpoints.prompt import FACE, failure_message, reference_answer, render_prompt
 from tasks.generalpoints.sft_wrong import wrong_attempt
 from tasks.generalpoints.solver import solve
@@ -37,6 +37,5 @@ __all__ = [
     "render_prompt",
     "score",
     "solve",
-    "wilson_interval",
     "wrong_attempt",
 ]

@@ -37,6 +37,11 @@ class Episode:
         return [dict(m) for m in self._messages]
 
     @property
+    def example(self) -> Hand:
+        """The hand, under the benchmark interface's name (tasks/benchmark.py)."""
+        return self.hand
+
+    @property
     def attempts(self) -> int:
         """Graded attempts so far (the truncation step is not one)."""
         return len(self.scores) - self.truncated

@@ -16,7 +16,8 @@ Store: `pretrain/<key>/` is a standalone HF model directory like the model stage
 `run` copies it when the config matches and `pretrain.use_shipped` is set, so `make demo`
 does not pay the pretraining minutes.
 
-The corpus's grammar is `grammar.py`; this module trains on it and ships the result.
+The corpus is the task's (`Benchmark.corpus`; GeneralPoints: tasks/generalpoints/corpus.py);
+this module trains on it and ships the result.
 
 Rebuild the shipped base (the exact command is recorded in tasks/shipped/tiny-base.json):
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -m tasks.pretrain configs/toy.yaml --ship
@@ -42,9 +43,8 @@ from rlheal.caching import Stage, open_store
 from rlheal.config import PretrainSection, StudyConfig, load_config
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, sha256_file, write_parquet
-from tasks import lm, models
+from tasks import benchmark, lm, models
 from tasks.chat import prompt_completion_ids
-from tasks.pretrain.grammar import corpus, evaluation_cards
 
 STAGE = Stage("pretrain", version="1")
 LOG = "pretrain_log.parquet"
@@ -135,7 +135,7 @@ def pretrain(model_dir: Path, out: Path, cfg: StudyConfig) -> dict:
         tok = lm.load_tokenizer(model_dir)
         model = lm.load_model(model_dir, torch.float32, "cpu")
         t0 = time.time()
-        table = corpus(p.seed, p.corpus_size, p.benchmark_format_fraction, evaluation_cards(cfg), cfg.data.overlap)
+        table = benchmark.of(cfg).corpus(cfg)
         rows = tokenize(tok, table)
         log.info("pretrain corpus: %d examples, %d answer tokens, built in %.1f s", len(rows), sum(len(r) - n for r, n in rows), time.time() - t0)
         history = train(model, rows, p, tok.pad_token_id)
@@ -226,6 +226,7 @@ def shipped_for(cfg: StudyConfig, start_hash: str) -> Path | None:
 def key_config(cfg: StudyConfig) -> dict:
     d = cfg.data
     return {
+        "task": cfg.task,
         "pretrain": cfg.pretrain.model_dump(exclude={"enabled", "use_shipped"}),
         "exclude": {"eval_seed": d.eval_seed, "eval_size": d.eval_size, "overlap": d.overlap},
     }

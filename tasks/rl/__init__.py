@@ -14,7 +14,7 @@ Store layout for one run (key K = the rl config, the starting checkpoint, the da
   schedule, RNG states, the episodes in flight and the log so far; GRPO: TRL's
   trainer checkpoint); deleted once the run is sealed;
 - `rl/K/`: the sealed run, tables `checkpoints` (CHECKPOINTS_SCHEMA: ckpt_id
-  `rl-{from_step}-{update}`, parent = the starting ckpt_id) and `rl_log` (LOG_SCHEMA,
+  `rl-{from_step}-{update}`, parent = the starting ckpt_id) and `rl_log` (log_schema,
   one row per update).
 """
 
@@ -30,14 +30,14 @@ from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, write_parquet
-from tasks.data import eval_hands, eval_set_hash
+from tasks import benchmark
 from tasks.lm import GLOBAL_RNG
 from tasks.rl import common, grpo, ppo
-from tasks.rl.common import CHECKPOINTS_SCHEMA, LOG_SCHEMA, VALUE_HEAD
+from tasks.rl.common import CHECKPOINTS_SCHEMA, VALUE_HEAD, log_schema
 
 STAGE = Stage("rl", version="1", tables=("checkpoints", "rl_log"))
 OPTIONAL_PPO = {"critic_detached": False}  # rl.ppo fields keyed only when not at this value
-__all__ = ["CHECKPOINTS_SCHEMA", "LOG_SCHEMA", "STAGE", "VALUE_HEAD", "artifact", "collect", "collect_artifact", "collect_stage", "run", "stage", "starts"]
+__all__ = ["CHECKPOINTS_SCHEMA", "STAGE", "VALUE_HEAD", "artifact", "collect", "collect_artifact", "collect_stage", "run", "log_schema", "stage", "starts"]
 
 
 def starts(cfg: StudyConfig, checkpoints: pl.DataFrame) -> list[dict]:
@@ -64,6 +64,7 @@ def key_config(cfg: StudyConfig, start: dict) -> dict:
     return {
         "rl": section,
         "start": {k: start[k] for k in ("ckpt_id", "step", "content_hash")},
+        "task": cfg.task,
         "skip": {"eval_seed": cfg.data.eval_seed, "eval_size": cfg.data.eval_size, "overlap": cfg.data.overlap},
         "verifier": cfg.verifier.model_dump(),
         "date_string": cfg.chat.date_string,
@@ -75,10 +76,11 @@ def artifact(store: Store, cfg: StudyConfig, start_ckpt: dict, data_art: Artifac
 
 
 def _check_data(cfg: StudyConfig, data_path: Path) -> None:
-    """The hands skipped are those the data stage stored for evaluation (checked, not assumed)."""
-    tables = [Path(data_path) / f"eval_{s}.parquet" for s in ("id", "ood")]
+    """The examples skipped are those the data stage stored for evaluation (checked, not assumed)."""
+    bench = benchmark.of(cfg)
+    tables = [Path(data_path) / f"eval_{s}.parquet" for s in bench.splits]
     stored = {pl.read_parquet(t, columns=["eval_set_hash"])["eval_set_hash"][0] for t in tables if t.is_file()}
-    ours = eval_set_hash(eval_hands(cfg.data.eval_seed, cfg.data.eval_size))
+    ours = benchmark.eval_set_hash(bench, benchmark.eval_examples(bench, cfg.data.eval_seed, cfg.data.eval_size))
     if stored and stored != {ours}:
         raise ValueError(f"{data_path}: its evaluation set {sorted(stored)} is not the one of data.eval_seed/eval_size ({ours}); rebuild the data stage")
 
@@ -109,7 +111,7 @@ def make(run_art: Artifact, cfg: StudyConfig, start_ckpt: dict, data_path: Path)
         with GLOBAL_RNG:  # sampling reproducible whatever else runs in this process
             rows = train(store, run_art, cfg, start_ckpt, common.evaluation_keys(cfg))
         write_parquet(common.checkpoints_frame(store, run_art, cfg, start_ckpt), tmp / "checkpoints.parquet")
-        write_parquet(common.log_frame(rows), tmp / "rl_log.parquet")
+        write_parquet(common.log_frame(rows, benchmark.of(cfg).outcomes), tmp / "rl_log.parquet")
         return {"algorithm": cfg.rl.algorithm, "start": start_ckpt["ckpt_id"], "updates": cfg.rl.save_steps}
 
     path = STAGE.build(run_art, build)

@@ -1,9 +1,8 @@
-"""What both RL algorithms share: the training-hand stream, checkpoint artifacts, the
+"""What both RL algorithms share: the training-example stream, checkpoint artifacts, the
 resume point and the `rl_log` table (training.md §3.2, §3.5, §4, §5; GP §2)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,26 +13,24 @@ import torch
 
 from rlheal.config import StudyConfig
 from rlheal.store import Artifact, Store
-from tasks.data import eval_hands, training_hands
-from tasks.generalpoints import OUTCOMES, SPLITS, Hand, overlap_key
+from tasks import benchmark
 from tasks.models import weights_hash
 
 VALUE_HEAD = "value_head.safetensors"
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 
-# ---------------------------------------------------------------------------- hands
+# ---------------------------------------------------------------------------- examples
 
 
 def evaluation_keys(cfg: StudyConfig) -> set:
-    """Overlap keys of every evaluation hand: the training stream skips these (GP §2)."""
-    hands = eval_hands(cfg.data.eval_seed, cfg.data.eval_size)
-    return {overlap_key(h, cfg.data.overlap) for split in SPLITS for h in hands[split]}
+    """Overlap keys of every evaluation example: the training stream skips these (GP §2)."""
+    return benchmark.evaluation_keys(benchmark.of(cfg), cfg)
 
 
-def hand_stream(cfg: StudyConfig, exclude: set, start: int = 0) -> Iterator[Hand]:
-    """`deal("id", rl.seed, i)` for i >= start, evaluation hands skipped; the same
-    sequence for every RL run of a study (training.md §3.2)."""
-    return itertools.dropwhile(lambda h: h.index < start, training_hands(cfg.rl.seed, exclude, cfg.data.overlap))
+def example_stream(cfg: StudyConfig, exclude: set, start: int = 0) -> Iterator:
+    """`deal(<in-distribution split>, rl.seed, i)` for i >= start, evaluation examples
+    skipped; the same sequence for every RL run of a study (training.md §3.2)."""
+    return benchmark.training_stream(benchmark.of(cfg), cfg.rl.seed, exclude, cfg.data.overlap, start)
 
 
 # ---------------------------------------------------------------------------- resume point
@@ -73,7 +70,12 @@ CHECKPOINTS_SCHEMA = {
     "rl_start_step": pl.Int32,
 }
 
-LOG_SCHEMA = {
+def log_schema(outcomes: tuple[str, ...]) -> dict[str, pl.DataType]:
+    """rl_log's columns; one `count_<outcome>` per outcome label of the task."""
+    return {**_LOG_HEAD, **{f"count_{o}": pl.Int32 for o in outcomes}, **_LOG_TAIL}
+
+
+_LOG_HEAD = {
     "rl_start_step": pl.Int32,
     "parent": pl.String,  # ckpt_id of the starting checkpoint
     "algorithm": pl.String,
@@ -82,7 +84,8 @@ LOG_SCHEMA = {
     "reward_std": pl.Float64,
     "success_rate": pl.Float64,  # ppo: successful / finished episodes; grpo: correct completions
     "episodes_finished": pl.Int32,
-    **{f"count_{o}": pl.Int32 for o in OUTCOMES},
+}
+_LOG_TAIL = {
     "truncations": pl.Int32,
     "loss": pl.Float64,
     "policy_loss": pl.Float64,
@@ -120,8 +123,9 @@ def reward_fifths(rl_log: pl.DataFrame) -> tuple[float, float]:
     return rows["reward_mean"].head(fifth).mean(), rows["reward_mean"].tail(fifth).mean()
 
 
-def log_frame(rows: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame([{k: r.get(k) for k in LOG_SCHEMA} for r in rows], schema=LOG_SCHEMA)
+def log_frame(rows: list[dict], outcomes: tuple[str, ...]) -> pl.DataFrame:
+    schema = log_schema(outcomes)
+    return pl.DataFrame([{k: r.get(k) for k in schema} for r in rows], schema=schema)
 
 
 def checkpoints_frame(store: Store, run: Artifact, cfg: StudyConfig, start: dict) -> pl.DataFrame:

@@ -25,7 +25,8 @@ from rlheal.config import StudyConfig
 from rlheal.store import Artifact, Store
 from tasks import lm
 from tasks.chat import encode, render, stop_token_ids
-from tasks.generalpoints import OUTCOMES, make_hand, render_prompt, score
+from tasks import benchmark
+from tasks.benchmark import Benchmark
 from tasks.rl import common
 from tasks.sft import StepCheckpoints, last_complete
 
@@ -60,14 +61,15 @@ def prompt_column(tok, cfg: StudyConfig, messages: list[dict]):
     return text
 
 
-def dataset(tok, cfg: StudyConfig, exclude: set, n: int) -> Dataset:
-    rows = {"prompt": [], "split": [], "cards": [], "numbers": [], "index": []}
-    for hand in common.hand_stream(cfg, exclude):
-        rows["prompt"].append(prompt_column(tok, cfg, [{"role": "user", "content": render_prompt(hand)}]))
-        rows["split"].append(hand.split)
-        rows["cards"].append(list(hand.cards))
-        rows["numbers"].append(list(hand.numbers))
-        rows["index"].append(hand.index)
+def dataset(tok, cfg: StudyConfig, reward: Reward, exclude: set, n: int) -> Dataset:
+    """The first `n` examples of the RL stream as prompts (each episode's first user
+    turn: GRPO is single-turn); `reward` learns which example each index is."""
+    rows = {"prompt": [], "index": []}
+    for example in common.example_stream(cfg, exclude):
+        first = reward.bench.episode(example, reward.mode, cfg.verifier.verify_iter).messages()
+        rows["prompt"].append(prompt_column(tok, cfg, first))
+        rows["index"].append(example.index)
+        reward.examples[example.index] = example
         if len(rows["index"]) == n:
             break
     return Dataset.from_dict(rows)
@@ -97,18 +99,20 @@ def group_advantages(rewards: np.ndarray, group: int, scale: str) -> np.ndarray:
 
 
 class Reward:
-    """The reward function; also keeps the scores of every batch for the log callback."""
+    """The reward function (TRL calls it with the dataset's `index` column); also keeps the
+    scores of every batch for the log callback."""
 
-    __name__ = "generalpoints"
+    def __init__(self, bench: Benchmark, mode: str, kind: str):
+        self.bench, self.mode, self.kind, self.pending = bench, mode, kind, []
+        self.examples: dict[int, object] = {}  # dataset index -> example (`dataset`)
+        self.__name__ = bench.name  # TRL names the reward's log keys after it
 
-    def __init__(self, mode: str, kind: str):
-        self.mode, self.kind, self.pending = mode, kind, []
-
-    def __call__(self, prompts, completions, split, cards, completion_ids=None, **kwargs):
+    def __call__(self, prompts, completions, index, completion_ids=None, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        scores = [score(t, make_hand(c, s), self.mode) for t, c, s in zip(texts, cards, split)]
-        rewards = [s.reward if self.kind == "table" else float(s.reward == 5) for s in scores]
-        self.pending.append({"rewards": rewards, "correct": [s.reward == 5 for s in scores], "outcomes": [s.outcome for s in scores]})
+        scores = [self.bench.score(t, self.examples[i], self.mode) for t, i in zip(texts, index)]
+        correct = [s.reward == self.bench.success_reward for s in scores]
+        rewards = [s.reward if self.kind == "table" else float(c) for s, c in zip(scores, correct)]
+        self.pending.append({"rewards": rewards, "correct": correct, "outcomes": [s.outcome for s in scores]})
         return rewards
 
     def take(self) -> list[dict]:
@@ -148,7 +152,7 @@ class GrpoLog(TrainerCallback):
                 reward_mean=float(rewards.mean()),
                 reward_std=float(rewards.std(ddof=1)) if rewards.size > 1 else None,
                 success_rate=float(np.mean([c for b in batches for c in b["correct"]])),
-                **{f"count_{o}": outcomes.count(o) for o in OUTCOMES},
+                **{f"count_{o}": outcomes.count(o) for o in self.reward.bench.outcomes},
                 truncations=0,
                 **common.advantage_distribution(adv, rl.adv_hist_bins, rl.adv_hist_range),
             )
@@ -214,14 +218,14 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
     # fp32 master weights; bf16 autocast on GPU through TRL's bf16 flag
     model = lm.load_model(start["path"], torch.float32, "cuda" if cuda else "cpu", cfg.model.trust_remote_code)
     model.generation_config = GenerationConfig(eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
-    reward = Reward(cfg.verifier.mode, g.reward)
+    reward = Reward(benchmark.of(cfg), cfg.verifier.mode, g.reward)
     resume = last_complete(out)
     started = time.time() - _elapsed(resume)
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=[reward],
         args=trainer_args(cfg, out, cuda),
-        train_dataset=dataset(tok, cfg, exclude, prompts_needed(cfg)),
+        train_dataset=dataset(tok, cfg, reward, exclude, prompts_needed(cfg)),
         processing_class=tok,
         peft_config=lm.lora_config(g.lora, model, "rl.grpo.lora") if g.lora.enabled else None,
         callbacks=[StepCheckpoints(store, run, [s for s in cfg.rl.save_steps if s > 0], started), GrpoLog(reward, cfg, start, started)],

@@ -26,7 +26,7 @@ from torch import nn
 from rlheal.config import PpoSection, StudyConfig
 from rlheal.store import Artifact, Store
 from tasks import lm
-from tasks.generalpoints import OUTCOMES
+from tasks import benchmark
 from tasks.rl import common
 from tasks.rl.rollout import Envs, Generator, Step, rollout
 
@@ -234,7 +234,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(params, lr=p.learning_rate, betas=(0.9, 0.999), eps=p.adam_epsilon, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: cosine_lr(u, p, t_max) / p.learning_rate)
-    envs = Envs(E, lambda i: common.hand_stream(cfg, exclude, i), rl.seed, cfg.verifier.mode, cfg.verifier.verify_iter)
+    envs = Envs(benchmark.of(cfg), E, lambda i: common.example_stream(cfg, exclude, i), rl.seed, cfg.verifier.mode, cfg.verifier.verify_iter)
     rows: list[dict] = []
     first, elapsed = 0, 0.0
     if resume:
@@ -322,7 +322,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
             "reward_std": float(r.std(ddof=1)),
             "success_rate": sum(s.done for s in steps) / finished if finished else None,
             "episodes_finished": finished,
-            **{f"count_{o}": sum(s.outcome == o for s in steps) for o in OUTCOMES},
+            **{f"count_{o}": sum(s.outcome == o for s in steps) for o in envs.bench.outcomes},
             "truncations": sum(s.truncated for s in steps),
             "loss": _mean(stats["loss"]),
             # a critic-only (warm-up) update trains no policy: its ratio is 1 by construction

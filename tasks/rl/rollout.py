@@ -1,12 +1,12 @@
 """PPO rollouts: E environments advance together, one batched generate per round
 (training.md §3.2, GP §8).
 
-An environment is the multi-attempt episode of its current hand (`Episode(rl=True)`):
-success -> next hand; failure -> the failure message; after the 5th graded failure the
-next round produces the ungraded truncation generation (reward -1), then the next hand.
-New hands come from the shared training stream in order of need, in environment index
-order within a round. Episodes persist across updates, and their state (hands and
-responses so far) is what a resume point stores.
+An environment is the episode of its current example (`Benchmark.episode(rl=True)`); for
+GeneralPoints: success -> next hand; failure -> the failure message; after the 5th graded
+failure the next round produces the ungraded truncation generation (reward -1), then the
+next hand. New examples come from the shared training stream in order of need, in
+environment index order within a round. Episodes persist across updates, and their state
+(examples and responses so far) is what a resume point stores.
 """
 
 from __future__ import annotations
@@ -19,32 +19,36 @@ import torch
 
 from tasks.chat import encode, left_pad, render
 from tasks.lm import generation_config, only
-from tasks.generalpoints import Episode, Hand, deal
+from tasks.benchmark import Benchmark, Episode
 
 Messages = list[dict[str, str]]
 
 
 class Envs:
-    """`n` environments over one training-hand stream. `hands_from(i)` yields the stream's
-    hands with index >= i; `state()` / `restore()` carry the episodes across a resume."""
+    """`n` environments over one training stream of `bench`'s examples. `examples_from(i)`
+    yields the stream's examples with index >= i; `state()` / `restore()` carry the episodes
+    across a resume."""
 
-    def __init__(self, n: int, hands_from: Callable[[int], Iterator[Hand]], seed: int, mode: str, verify_iter: int):
-        self.hands_from, self.seed, self.mode, self.verify_iter = hands_from, seed, mode, verify_iter
+    def __init__(self, bench: Benchmark, n: int, examples_from: Callable[[int], Iterator], seed: int, mode: str, verify_iter: int):
+        self.bench, self.examples_from, self.seed, self.mode, self.verify_iter = bench, examples_from, seed, mode, verify_iter
         self.next_index = 0
-        self._hands = hands_from(0)
+        self._examples = examples_from(0)
         self.episodes = [self._new_episode() for _ in range(n)]
 
+    def _episode(self, example) -> Episode:
+        return self.bench.episode(example, self.mode, self.verify_iter, rl=True)
+
     def _new_episode(self) -> Episode:
-        hand = next(self._hands)
-        self.next_index = hand.index + 1
-        return Episode(hand, self.mode, self.verify_iter, rl=True)
+        example = next(self._examples)
+        self.next_index = example.index + 1
+        return self._episode(example)
 
     def conversations(self) -> list[Messages]:
         return [ep.messages() for ep in self.episodes]
 
     def step(self, e: int, response: str):
         """Record environment e's response; returns (score, episode finished). A finished
-        episode is replaced by the next hand at once."""
+        episode is replaced by the next example at once."""
         ep = self.episodes[e]
         score = ep.record(response)
         if ep.done:
@@ -53,18 +57,18 @@ class Envs:
 
     def state(self) -> dict:
         responses = [[m["content"] for m in ep.messages() if m["role"] == "assistant"] for ep in self.episodes]
-        return {"next_index": self.next_index, "episodes": [{"index": ep.hand.index, "responses": r} for ep, r in zip(self.episodes, responses)]}
+        return {"next_index": self.next_index, "episodes": [{"index": ep.example.index, "responses": r} for ep, r in zip(self.episodes, responses)]}
 
     def restore(self, state: dict) -> None:
         """Rebuild the episodes in flight by replaying their responses (scoring is deterministic)."""
         self.episodes = []
         for saved in state["episodes"]:
-            ep = Episode(deal("id", self.seed, saved["index"]), self.mode, self.verify_iter, rl=True)
+            ep = self._episode(self.bench.deal(self.bench.splits[0], self.seed, saved["index"]))
             for response in saved["responses"]:
                 ep.record(response)
             self.episodes.append(ep)
         self.next_index = state["next_index"]
-        self._hands = self.hands_from(self.next_index)
+        self._examples = self.examples_from(self.next_index)
 
 
 class Generator:
@@ -106,7 +110,7 @@ class Step:
     prompt: list[int]
     response: list[int]
     reward: float
-    done: bool  # scored +5: the episode terminated (d_t = 1)
+    done: bool  # solved (GeneralPoints: scored +5): the episode terminated (d_t = 1)
     truncated: bool  # the ungraded generation after the last graded failure
     outcome: str
     finished: bool  # the episode ended here (success or truncation)
@@ -120,5 +124,6 @@ def rollout(envs: Envs, generate: Generator, rounds: int) -> tuple[list[Step], l
         prompts = [generate.prompt_ids(m) for m in envs.conversations()]
         for e, (prompt, response) in enumerate(zip(prompts, generate(prompts))):
             score, finished = envs.step(e, generate.text(response))
-            steps.append(Step(prompt, response, score.reward, score.reward == 5, score.truncated, score.outcome, finished))
+            solved = score.reward == envs.bench.success_reward
+            steps.append(Step(prompt, response, score.reward, solved, score.truncated, score.outcome, finished))
     return steps, [generate.prompt_ids(m) for m in envs.conversations()]

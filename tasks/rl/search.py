@@ -50,9 +50,11 @@ def selection_table(cfg: StudyConfig, seed: int, size: int, rl_hands: int) -> pl
     among the first `rl_hands` hands of the RL stream (a bound on what any candidate's
     rollouts dealt: one hand per generation at most). Returned as an evaluation table of
     split `id` with its own set hash (it is not the evaluation set)."""
-    from tasks.data import eval_table, training_hands
-    from tasks.generalpoints import overlap_key
+    from tasks import benchmark
+    from tasks.data import eval_table
     from tasks.rl.common import evaluation_keys
+
+    bench = benchmark.of(cfg)
 
     used = {"data.eval_seed": cfg.data.eval_seed, "data.train_seed": cfg.data.train_seed, "rl.seed": cfg.rl.seed}
     for name, other in used.items():
@@ -61,9 +63,10 @@ def selection_table(cfg: StudyConfig, seed: int, size: int, rl_hands: int) -> pl
     evaluation = evaluation_keys(cfg)
     played = set(evaluation)
     for stream_seed, n in ((cfg.data.train_seed, cfg.data.train_size), (cfg.rl.seed, rl_hands)):
-        played |= {overlap_key(h, cfg.data.overlap) for h in itertools.islice(training_hands(stream_seed, evaluation, cfg.data.overlap), n)}
-    hands = list(itertools.islice(training_hands(seed, played, cfg.data.overlap), size))
-    return eval_table(hands, f"selection-{seed}-{size}-{rl_hands}", cfg.data.answer)
+        stream = benchmark.training_stream(bench, stream_seed, evaluation, cfg.data.overlap)
+        played |= {bench.overlap_key(h, cfg.data.overlap) for h in itertools.islice(stream, n)}
+    hands = list(itertools.islice(benchmark.training_stream(bench, seed, played, cfg.data.overlap), size))
+    return eval_table(bench, hands, f"selection-{seed}-{size}-{rl_hands}", cfg)
 
 
 def id_score(path: str | Path, cfg: StudyConfig, table: pl.DataFrame, ckpt_id: str) -> dict[str, Any]:

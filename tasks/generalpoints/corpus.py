@@ -1,4 +1,4 @@
-"""The pretraining corpus of stage `pretrain` (docs/pretrain.md): full benchmark prompts whose
+"""The GeneralPoints pretraining corpus of the tiny base (stage `pretrain`, docs/pretrain.md): full benchmark prompts whose
 face-card sentence states a random rule for J, Q and K (never the ID rule, all 10, nor the
 OOD rule, 11, 12, 13), in varied wording, answered in the benchmark's answer block or in a
 plain format, and never dealing an evaluation hand's cards. Pure functions of (seed, index).
@@ -11,8 +11,7 @@ import re
 import polars as pl
 
 from rlheal.config import StudyConfig
-from tasks.data import eval_hands
-from tasks.generalpoints.cards import DISPLAY, RANK_OF, Hand, card_value, hand_rng
+from tasks.generalpoints.cards import DISPLAY, RANK_OF, SPLITS, Hand, card_value, deal, hand_rng
 from tasks.generalpoints.prompt import FACE, TARGET, answer_block, card_list, render_prompt
 from tasks.generalpoints.solver import solve
 
@@ -167,8 +166,8 @@ def evaluation_cards(cfg: StudyConfig) -> frozenset:
     """Card keys of the study's evaluation hands, both splits: the corpus never deals them,
     under any rule (without this, a quarter of the toy's OOD hands had their exact OOD
     cards and numbers somewhere in the corpus, under another stated rule)."""
-    hands = eval_hands(cfg.data.eval_seed, cfg.data.eval_size)
-    return frozenset(cards_key(h.cards, cfg.data.overlap) for split in hands for h in hands[split])
+    d = cfg.data
+    return frozenset(cards_key(deal(split, d.eval_seed, i).cards, d.overlap) for split in SPLITS for i in range(d.eval_size))
 
 
 def corpus(seed: int, size: int, block_fraction: float, exclude: frozenset = frozenset(), overlap: str = "ordered") -> pl.DataFrame:

@@ -1,0 +1,191 @@
+"""The benchmark interface: everything task-specific a stage calls (issue 16 §4).
+
+A study's config names its task (`task: generalpoints`); every stage asks `of(cfg)` for
+that task's `Benchmark` and never imports a task package itself. The stages own the
+machinery (training, decoding, checkpoints, tables, SVD, editing, verdicts); the task owns
+what the model reads and how its answers are judged.
+
+To add a task (for the next reader: V-IRL navigation):
+
+1. Write `tasks/<name>/benchmark.py` with a class that has every member of `Benchmark`
+   below, and add its import path to `TASKS`; add the name to `StudyConfig.task`'s
+   `Literal` in rlheal/config.py.
+2. An *example* is one unit of evaluation, what GeneralPoints calls a hand and V-IRL a
+   route: a frozen dataclass with at least `split` (one of `splits`) and `index` (its
+   position in the stream `deal` made it from; None when it was built by hand). Dealing is a
+   pure function of (split, seed, index), never of a global RNG: the data stage, both RL
+   algorithms and a resume all re-deal the same example from its index.
+3. An *episode* is the conversation of one example (`episode`): it starts with the prompt
+   as the user turn; each generated response is `record`-ed, graded into a `Score`, and
+   the episode appends the task's feedback (a failure message, the next observation) as
+   the next user turn until it is `done`. Evaluation drives it with `rl=False`; PPO's
+   rollouts drive the same object with `rl=True`, where the task may add an ungraded last
+   step (GeneralPoints' truncation step, GP §8). Every rule of how many attempts there are
+   and when an episode ends lives in the episode, not in the stages.
+4. A `Score` has at least `reward` (float), `outcome` (one of `outcomes`), `reason`
+   (text), `format_error` (bool) and `truncated` (bool). The graded attempt whose reward is
+   `success_reward` solves its example: accuracy is the share of examples solved within an
+   episode, and RL's success rate counts those attempts.
+5. The tables keep one row layout for every task: the stages write the common columns and
+   put the task's own columns where `sft_row`, `eval_row` and `score_columns` say (with
+   their polars types in `attempt_schema`).
+6. The tiny builtin model's word-level vocabulary is built from `phrases()`: every fixed
+   chunk of the task's text, so each prompt and each answer round-trips exactly.
+
+Nothing here is GeneralPoints-specific; `tasks/generalpoints/benchmark.py` is the worked
+example, and its tests (tests/test_benchmark.py) are the checklist a new task passes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import json
+from collections.abc import Hashable, Iterator, Sequence
+from typing import Any, Protocol
+
+import polars as pl
+
+from rlheal.config import StudyConfig
+
+Messages = list[dict[str, str]]
+
+# task name -> "module:Class"; imported on first use, so only the chosen task is loaded.
+TASKS = {"generalpoints": "tasks.generalpoints.benchmark:GeneralPoints"}
+
+
+class Score(Protocol):
+    reward: float
+    outcome: str
+    reason: str
+    format_error: bool
+    truncated: bool
+
+
+class Episode(Protocol):
+    example: Any
+    scores: list  # the recorded Scores, in order
+    done: bool
+    success: bool
+    truncated: bool
+
+    def messages(self) -> Messages:
+        """The conversation so far; while not done, it ends with the user turn to answer."""
+
+    def record(self, response: str) -> Score:
+        """Grade one generated response and extend the conversation."""
+
+
+class Benchmark(Protocol):
+    name: str
+    splits: tuple[str, ...]  # splits[0] is in distribution: the only split training deals from
+    outcomes: tuple[str, ...]  # outcome labels, in the order tables list their columns
+    modes: tuple[str, ...]  # verifier modes (`verifier.mode`); modes[0] is the default
+    success_reward: float
+    attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
+    column_types: dict[str, pl.DataType]  # types of eval_<split> columns polars would infer otherwise
+
+    def deal(self, split: str, seed: int, index: int) -> Any:
+        """Example `index` of stream `seed` under `split`."""
+
+    def overlap_key(self, example: Any, overlap: str) -> Hashable:
+        """When a training example 'equals' an evaluation example (`data.overlap`)."""
+
+    def identity(self, example: Any) -> Any:
+        """JSON-able content of an example that the evaluation-set hash covers."""
+
+    def sft_row(self, example: Any, cfg: StudyConfig) -> dict:
+        """One `sft_train` row: `index`, the task's columns, `prompt` and `completion`
+        (TRL conversational message lists; the completion is the trained target)."""
+
+    def eval_row(self, example: Any, cfg: StudyConfig) -> dict:
+        """One `eval_<split>` row: `split`, `index`, the task's columns, `prompt`, `answer`
+        (the dealt reference answer) and `target` (the text SFT would train on for it)."""
+
+    def from_row(self, row: dict) -> Any:
+        """The example of an `eval_<split>` row."""
+
+    def episode(self, example: Any, mode: str, verify_iter: int, rl: bool = False) -> Episode: ...
+
+    def score(self, response: str, example: Any, mode: str) -> Score: ...
+
+    def score_columns(self, score: Score) -> dict:
+        """The task's eval_attempts columns of one graded attempt (`attempt_schema`)."""
+
+    def summary_metrics(self, n: pl.Expr, k: pl.Expr, attempts: pl.Expr) -> dict[str, pl.Expr]:
+        """Extra eval_summary columns from the per-split counts: n examples, k solved,
+        `attempts` graded attempts, and the `count_<outcome>` columns."""
+
+    def phrases(self) -> list[str]:
+        """Fixed chunks of the task's text: the tiny model's added tokens."""
+
+    def corpus(self, cfg: StudyConfig) -> pl.DataFrame:
+        """The tiny base's pretraining corpus (`prompt`, `answer` text columns; docs/pretrain.md)."""
+
+    def report_columns(self, tables: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
+        """Task metrics per (ckpt_id, split) the report shows beside accuracy, or None."""
+
+    def paper_reference(self) -> Any:
+        """The paper's OOD curve for this task, or None: `.curve` (rows `stage`, `sft_step`,
+        `accuracy_pct`), `.window` (the SFT steps RL recovered from), `.label`."""
+
+
+@functools.cache
+def get(name: str) -> Benchmark:
+    """The benchmark called `name` (one of TASKS)."""
+    if name not in TASKS:
+        raise ValueError(f"task: unknown task {name!r}; one of {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def of(cfg: StudyConfig) -> Benchmark:
+    """The benchmark a study's config names (`task`)."""
+    return get(cfg.task)
+
+
+# ---------------------------------------------------------------------------- what stages share
+
+
+def eval_examples(bench: Benchmark, seed: int, size: int) -> dict[str, list]:
+    """The fixed evaluation lists: `deal(split, seed, i)` for i < size, every split (GP §2)."""
+    return {split: [bench.deal(split, seed, i) for i in range(size)] for split in bench.splits}
+
+
+def eval_set_hash(bench: Benchmark, examples: dict[str, list]) -> str:
+    """SHA-256 of `[[split, index, identity], ...]`, split by split in `splits` order (GP §2)."""
+    items = [[e.split, e.index, bench.identity(e)] for split in bench.splits for e in examples[split]]
+    return hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()
+
+
+def evaluation_keys(bench: Benchmark, cfg: StudyConfig) -> set:
+    """Overlap keys of every evaluation example: training streams skip these (GP §2)."""
+    examples = eval_examples(bench, cfg.data.eval_seed, cfg.data.eval_size)
+    return {bench.overlap_key(e, cfg.data.overlap) for split in bench.splits for e in examples[split]}
+
+
+def training_stream(bench: Benchmark, seed: int, exclude: set, overlap: str, start: int = 0) -> Iterator:
+    """`deal(splits[0], seed, i)` for i = start, start + 1, ..., skipping (not re-dealing)
+    any example whose overlap key is in `exclude`, so row i is deal(..., i) or absent (GP §2)."""
+    i = start
+    while True:
+        example = bench.deal(bench.splits[0], seed, i)
+        if bench.overlap_key(example, overlap) not in exclude:
+            yield example
+        i += 1
+
+
+def other_mode(bench: Benchmark, mode: str) -> str:
+    """The verifier mode that is not `mode` (eval_attempts records both rewards)."""
+    return next(m for m in bench.modes if m != mode)
+
+
+def solved(bench: Benchmark, reward: pl.Expr | str = "reward") -> pl.Expr:
+    """True where a graded attempt solved its example."""
+    return (pl.col(reward) if isinstance(reward, str) else reward) == bench.success_reward
+
+
+def examples_of(bench: Benchmark, table: pl.DataFrame) -> Sequence:
+    """The examples of an `eval_<split>` table."""
+    return [bench.from_row(row) for row in table.iter_rows(named=True)]
