@@ -5,7 +5,7 @@
 
 Both methods play the same multi-attempt episodes (GP §8) on the same evaluation hands
 with the same greedy decoding, the same renderer and the same stop tokens:
-- `batched`: `tasks.evaluate.evaluate_model` (all unfinished episodes of the split per
+- `batched`: `tasks.eval.evaluate_model` (all unfinished episodes of the split per
   round, chunks of --batch-size sorted by length, left padding, KV cache);
 - `baseline`: the authors' way (training.md §7.1), written out here: for each hand, for
   each attempt, one `model.generate` call on a batch of one (KV cache, no padding).
@@ -41,7 +41,8 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from rlheal.config import ModelSection, StudyConfig, parse_config  # noqa: E402
-from tasks import data, evaluate, lm, models  # noqa: E402
+from tasks import data, eval, lm
+from tasks.model import build_tiny
 from tasks.chat import encode, render  # noqa: E402
 from tasks.generalpoints import Episode  # noqa: E402
 from tasks.benchmark import eval_examples, eval_set_hash, examples_of, get  # noqa: E402
@@ -83,7 +84,7 @@ def load(args, device: torch.device):
 
 
 def batched(model, tok, table, cfg) -> pl.DataFrame:
-    attempts, _ = evaluate.evaluate_model(model, tok, table, cfg, {"ckpt_id": "bench", "stage": "base", "step": 0})
+    attempts, _ = eval.evaluate_model(model, tok, table, cfg, {"ckpt_id": "bench", "stage": "base", "step": 0})
     return attempts
 
 
@@ -93,7 +94,7 @@ def baseline(model, tok, table, cfg) -> pl.DataFrame:
     config = lm.generation_config(cfg.eval.decoding.resolved(), tok)
     stops = set(config.eos_token_id)
     device = next(model.parameters()).device
-    played = evaluate.Played([], [], 1)
+    played = eval.Played([], [], 1)
     for hand in examples_of(GP, table):
         episode, gens = Episode(hand, cfg.verifier.mode, cfg.verifier.verify_iter), []
         while not episode.done:
@@ -107,7 +108,7 @@ def baseline(model, tok, table, cfg) -> pl.DataFrame:
             episode.record(text)
         played.episodes.append(episode)
         played.generations.append(gens)
-    return evaluate.attempts_table(GP, played, "bench", table["split"][0], "reference")
+    return eval.attempts_table(GP, played, "bench", table["split"][0], "reference")
 
 
 def child(args) -> None:
@@ -178,7 +179,7 @@ def main() -> None:
         tmp = Path(tmp)
         args.model_dir = tmp / "tiny"
         args.model_dir.mkdir()
-        models.build_tiny(args.model_dir, parse_config({"name": "bench"}))  # weights unused under --qwen
+        build_tiny(args.model_dir, parse_config({"name": "bench"}))  # weights unused under --qwen
         base_hands = args.baseline_hands or (min(16, args.hands) if args.qwen else args.hands)
         fast = spawn("batched", args, args.hands, tmp / "batched.parquet")
         slow = spawn("baseline", args, base_hands, tmp / "baseline.parquet")

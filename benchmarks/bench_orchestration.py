@@ -25,7 +25,7 @@ import polars as pl  # noqa: E402
 
 from rlheal.config import load_config  # noqa: E402
 from rlheal.store import Store  # noqa: E402
-from tasks import data, evaluate, models, report, sft  # noqa: E402
+from tasks import data, eval, model, report, sft  # noqa: E402
 
 
 def direct(config: Path, store: Path) -> float:
@@ -34,11 +34,11 @@ def direct(config: Path, store: Path) -> float:
     cfg = load_config(config, store)
     st = Store(cfg.store)
     data_dir = data.run(st, cfg)
-    model_dir = models.run(st, cfg)
+    model_dir = model.run(st, cfg)
     sft_dir = sft.run(st, cfg, model_dir, data_dir)
     ckpts = pl.read_parquet(Path(sft_dir) / "checkpoints.parquet").to_dicts()
-    paths = [evaluate.run(st, cfg, c, s, data_dir) for c in ckpts for s in ("id", "ood")]
-    attempts, summary = evaluate.collect(paths)
+    paths = [eval.run(st, cfg, c, s, data_dir) for c in ckpts for s in ("id", "ood")]
+    attempts, summary = eval.collect(paths)
     tables = st.tables_dir(cfg.name)
     tables.mkdir(parents=True, exist_ok=True)
     for name, table in (("eval_summary", summary), ("eval_attempts", attempts)):

@@ -25,7 +25,9 @@ import torch
 
 from rlheal.config import load_config, parse_config
 from rlheal.store import Store
-from tasks import data, lm, models, rl, sft
+from tasks import data, lm, rl, sft
+from tasks.model import build_tokenizer
+import tasks.model
 from tasks.rl import common
 from tasks.rl.ppo import precision
 from tasks.rl.rollout import Envs, Generator, rollout
@@ -97,7 +99,7 @@ def run_tiny(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
         data_dir = data.run(store, cfg)
-        run_dir = sft.run(store, cfg, models.run(store, cfg), data_dir)
+        run_dir = sft.run(store, cfg, tasks.model.run(store, cfg), data_dir)
         start = pl.read_parquet(Path(run_dir) / "checkpoints.parquet").to_dicts()[-1]
         tok, model = lm.load_tokenizer(start["path"]), lm.load_model(start["path"]).eval()
         n_params = sum(q.numel() for q in model.parameters())
@@ -115,7 +117,7 @@ def run_qwen(args) -> None:
 
     assert torch.cuda.is_available(), "--qwen needs a CUDA GPU"
     cfg = study(args.envs, args.rounds, args.updates, args.max_new_tokens)
-    tok = models.build_tokenizer(GP)
+    tok = build_tokenizer(GP)
     config = Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, vocab_size=len(tok), tie_word_embeddings=True, max_position_embeddings=4096, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +133,7 @@ def run_qwen(args) -> None:
         torch.cuda.empty_cache()
         store = Store(Path(tmp) / "store")
         data_dir = data.run(store, cfg)
-        start = {"ckpt_id": "qwen-random", "stage": "base", "step": 0, "path": str(path), "content_hash": models.weights_hash(path)}
+        start = {"ckpt_id": "qwen-random", "stage": "base", "step": 0, "path": str(path), "content_hash": lm.weights_hash(path)}
         torch.cuda.reset_peak_memory_stats()
         per_update = seconds_per_update(store, cfg, start, Path(data_dir))
     print(f"  PPO update ({cfg.rl.ppo.num_envs * cfg.rl.ppo.steps_per_env} samples, {cfg.rl.ppo.epochs} epochs, fp32 weights + bf16 autocast): " + ", ".join(f"{s:.2f}" for s in per_update) + " s per update")

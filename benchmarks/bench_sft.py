@@ -21,7 +21,7 @@ import torch
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, lm, models, sft
+from tasks import data, lm, model, sft
 from tasks.chat import prompt_completion_ids
 
 
@@ -46,7 +46,7 @@ def run_tiny(steps: int, batch: int) -> None:
     cfg = study(steps, batch)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
-        data_dir, model_dir = data.run(store, cfg), models.run(store, cfg)
+        data_dir, model_dir = data.run(store, cfg), model.run(store, cfg)
         tokens = trained_tokens(cfg, model_dir, data_dir)
         run_art = sft.artifact(store, cfg, Store.from_path(model_dir), Store.from_path(data_dir))
         t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import models, svd
+from tasks import lm, model, svd
 from tasks.svd.engine import SvdCache, decompose
 from tasks.svd.metrics import Factors, weight_metrics
 from tasks.svd.roles import plan_comparisons
@@ -41,7 +41,7 @@ def tiny_trajectory(root: Path, hidden: int, layers: int, n_ckpts: int) -> tuple
         "model": {"builtin": "tiny", "tiny": {"hidden_size": hidden, "intermediate_size": hidden * 8 // 3, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2}},
     })  # fmt: skip
     base = root / "base"
-    models.build_tiny(base, cfg)
+    model.build_tiny(base, cfg)
     weights = load_file(base / "model.safetensors")
     rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(base)}]
     g = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def tiny_trajectory(root: Path, hidden: int, layers: int, n_ckpts: int) -> tuple
         save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
         rows.append({"ckpt_id": f"sft-{i}", "stage": "sft", "step": i, "parent": "base", "path": str(out)})
     ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32, "parent": pl.String}).with_columns(
-        content_hash=pl.col("path").map_elements(lambda p: models.weights_hash(Path(p)), return_dtype=pl.String)
+        content_hash=pl.col("path").map_elements(lambda p: lm.weights_hash(Path(p)), return_dtype=pl.String)
     )
     return cfg, ckpts
 
@@ -164,7 +164,7 @@ def run_gpu(memory_gib: float, device: str = "cuda") -> None:
         del wa
         cfg = parse_config({"name": "bench", "model": {"name_or_path": str(a)}, "svd": {"batch_memory_gib": memory_gib}})
         matrices = svd.select_matrices(a, cfg.svd)
-        rows = {c: {"ckpt_id": c, "path": str(p), "content_hash": models.weights_hash(p)} for c, p in (("a", a), ("b", b))}
+        rows = {c: {"ckpt_id": c, "path": str(p), "content_hash": lm.weights_hash(p)} for c, p in (("a", a), ("b", b))}
         print(f"Qwen2.5-0.5B-shaped random weights (bf16): {len(matrices)} matrices, {name}; fp32 SVD, batch cap {memory_gib} GiB")
 
         def one_pass(batched: bool) -> float:

@@ -40,7 +40,7 @@ def _validate(args: argparse.Namespace) -> StudyConfig | None:
     return cfg
 
 
-STAGES = ["data", "model", "pretrain", "sft", "rl", "eval", "svd", "editing", "report"]
+STAGES = ["data", "model", "pretrain", "sft", "rl", "eval", "svd", "edit", "report"]
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -55,7 +55,7 @@ def inspect_model(cfg: StudyConfig) -> tuple[space.ModelShapes, dict, dict]:
     """The model's shapes (safetensors headers; the builtin model is built into a throw-away
     folder), checked against the svd section; returns (shapes, the svd cache's columns per
     kind of object, the editing sweep's counts for `space.estimate`)."""
-    from tasks import editing, models, sft
+    from tasks import edit, model, sft
     from tasks.svd.engine import columns_plan
     from tasks.svd.matrices import check_k, model_shapes, select_matrices
 
@@ -65,14 +65,14 @@ def inspect_model(cfg: StudyConfig) -> tuple[space.ModelShapes, dict, dict]:
             quiet = logging.getLogger("rlheal.model")
             quiet.disabled = True  # a throw-away copy for its shapes: not the study's model stage
             try:
-                models.build_tiny(path, cfg)
+                model.build_tiny(path, cfg)
             finally:
                 quiet.disabled = False
         else:
-            path = models.resolve_pretrained(cfg.model)
+            path = model.resolve_pretrained(cfg.model)
         matrices = select_matrices(path, cfg.svd)
         check_k(cfg.svd, matrices)
         shapes = model_shapes(path, matrices, copied=bool(cfg.model.builtin))
-        sweep = editing.sweep_size(cfg, path) | {"sft_bytes": sft.save_bytes(cfg.sft, path)}
-    columns = columns_plan(cfg, list(shapes.matrices), list(shapes.others), editing.column_requests(cfg))
+        sweep = edit.sweep_size(cfg, path) | {"sft_bytes": sft.save_bytes(cfg.sft, path)}
+    columns = columns_plan(cfg, list(shapes.matrices), list(shapes.others), edit.column_requests(cfg))
     return shapes, columns, sweep

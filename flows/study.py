@@ -1,4 +1,4 @@
-"""The study as one Prefect flow: data -> model (-> pretrain) -> sft -> rl -> eval -> svd -> editing -> report.
+"""The study as one Prefect flow: data -> model (-> pretrain) -> sft -> rl -> eval -> svd -> edit -> report.
 
 Every stage is a cached task whose result is the path of a sealed store artifact, so
 running a study again (from the CLI, or by retrying the flow run) recomputes only what
@@ -17,7 +17,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import benchmark, data, editing, evaluate, models, pretrain, report, rl, sft, svd
+from tasks import benchmark, data, edit, eval, model, pretrain, report, rl, sft, svd
 
 
 @flow(name="rlheal-study", flow_run_name="study {config_path}")
@@ -43,8 +43,8 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     progress.done("data", "data")
 
     with stage("model"):
-        model_art = models.artifact(st, cfg)
-        model_dir = models.stage.with_options(**cached)(artifact=model_art, cfg=cfg)
+        model_art = model.artifact(st, cfg)
+        model_dir = model.stage.with_options(**cached)(artifact=model_art, cfg=cfg)
     progress.done("model", "model")
 
     if cfg.pretrain.enabled:  # builtin models only: a base with knowledge to lose
@@ -69,27 +69,27 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
 
     with stage("eval"), gpu_slot(cfg.runner):
         eval_dir = evaluate_all(cfg, st, cached, progress, ckpt_tables, data_dir)
-    st.publish_all(cfg.name, Path(eval_dir), evaluate.STAGE.tables)
+    st.publish_all(cfg.name, Path(eval_dir), eval.STAGE.tables)
     publish_summary(cfg, st.tables_dir(cfg.name))
 
     with stage("svd"), gpu_slot(cfg.runner):
         summary = str(Path(eval_dir) / "eval_summary.parquet")
         svd_art = svd.artifact(st, cfg, ckpt_tables, summary)
-        edit_columns = editing.column_requests(cfg)  # decomposed in svd's one pass, for the editing stage
+        edit_columns = edit.column_requests(cfg)  # decomposed in svd's one pass, for the edit stage
         svd_dir = svd.stage.with_options(**cached)(artifact=svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
     st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
     progress.done("svd", "svd")
 
-    with stage("editing"), gpu_slot(cfg.runner):
+    with stage("edit"), gpu_slot(cfg.runner):
         edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)
     if edit_dir:
-        st.publish_all(cfg.name, Path(edit_dir), editing.STAGE.tables)
+        st.publish_all(cfg.name, Path(edit_dir), edit.STAGE.tables)
 
     with stage("report"):
         report_dir = report.stage(tables=str(st.tables_dir(cfg.name)), out=str(st.report_dir(cfg.name)), title=cfg.name, task=cfg.task)
     progress.done("report", "report")
 
-    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "editing": edit_dir, "report": report_dir}
+    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "edit": edit_dir, "report": report_dir}
 
 
 def publish_summary(cfg: StudyConfig, tables: Path) -> None:
@@ -131,23 +131,23 @@ def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, ckpt_ta
     """One cached task per (checkpoint, split), run in parallel where the runner has room;
     then one table of all of them."""
     calls = {
-        f"eval {evaluate.describe(c)} {s}": dict(artifact=evaluate.artifact(st, cfg, c, s, Path(data_dir)), cfg=cfg, ckpt=c, split=s, data=data_dir)
+        f"eval {eval.describe(c)} {s}": dict(artifact=eval.artifact(st, cfg, c, s, Path(data_dir)), cfg=cfg, ckpt=c, split=s, data=data_dir)
         for c in svd.read_checkpoints(ckpt_tables).to_dicts()
         for s in benchmark.of(cfg).splits
     }
-    paths = fan_out(evaluate.stage.with_options(**cached), calls, progress, "eval")
-    return evaluate.collect_stage.with_options(**cached)(artifact=evaluate.collect_artifact(st, paths), paths=paths)
+    paths = fan_out(eval.stage.with_options(**cached), calls, progress, "eval")
+    return eval.collect_stage.with_options(**cached)(artifact=eval.collect_artifact(st, paths), paths=paths)
 
 
 def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: str, ckpt_tables: list[str], data_dir: str) -> str | None:
     """One cached task per editing variant (baselines included), then their tables."""
-    roles, checkpoints = editing.read_roles(svd_dir), svd.read_checkpoints(ckpt_tables)
-    variants = editing.plan(cfg, roles, checkpoints)
+    roles, checkpoints = edit.read_roles(svd_dir), svd.read_checkpoints(ckpt_tables)
+    variants = edit.plan(cfg, roles, checkpoints)
     if not variants:
         return None
     calls = {
-        v["variant_id"]: dict(artifact=editing.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
+        v["variant_id"]: dict(artifact=edit.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
         for v in variants
     }
-    paths = fan_out(editing.stage.with_options(**cached), calls, progress, "editing")
-    return editing.collect_stage.with_options(**cached)(artifact=editing.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)
+    paths = fan_out(edit.stage.with_options(**cached), calls, progress, "edit")
+    return edit.collect_stage.with_options(**cached)(artifact=edit.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)

@@ -363,7 +363,7 @@ class SvdSection(Section):
         description="regular expressions; a tensor whose whole name matches one (and no exclude) is analysed (§1.1)",
     )
     exclude: list[str] = Field([], description="regular expressions of tensor names left out")
-    include_embeddings: bool = Field(False, description="also analyse (and, in the editing stage, edit) the input embedding; off as analysis.md §1.1")
+    include_embeddings: bool = Field(False, description="also analyse (and, in the edit stage, edit) the input embedding; off as analysis.md §1.1")
     include_lm_head: bool = Field(False, description="also analyse (and edit) the lm_head; of a tied model this is the embedding, counted once")
     k: list[KSpec] = Field([0.0625, 0.125, 0.25], min_length=1, description="k-specs: int = absolute, float in (0,1] = fraction of r")
     columns: Literal["needed", "all"] = Field("needed", description="singular vectors stored: those the k-grids (and editing) read, or all (~2x the model in fp32)")
@@ -400,10 +400,10 @@ class EditVariant(Section):
     target: Role = Field("S", description="checkpoint role that is edited and evaluated")
 
 
-class EditingSection(Section):
+class EditSection(Section):
     """Rotation-editing experiments (analysis.md §4)."""
 
-    enabled: bool = Field(True, description="run the editing stage")
+    enabled: bool = Field(True, description="run the edit stage")
     grid: Literal["default", "authors", "small", "none"] = Field("default", description="built-in variant grid (§4.3); `none` = only `variants`")
     variants: list[EditVariant] = Field([], description="variants added to the grid")
     reference_compat: bool = Field(False, description="reproduce the authors' quirks (§4.2)")
@@ -412,7 +412,7 @@ class EditingSection(Section):
     bootstrap_seed: int = Field(0, description="seed of the bootstrap")
 
     @model_validator(mode="after")
-    def _compat_absolute(self) -> EditingSection:
+    def _compat_absolute(self) -> EditSection:
         if self.reference_compat:
             for i, v in enumerate(self.variants):
                 for name in ("k_top", "k_tail"):
@@ -447,7 +447,7 @@ class StudyConfig(Section):
     rl: RlSection = RlSection()
     roles: RolesSection = RolesSection()
     svd: SvdSection = SvdSection()
-    editing: EditingSection = EditingSection()
+    edit: EditSection = EditSection()
     runner: RunnerSection = RunnerSection()
 
     def claim(self) -> dict[str, Any]:
@@ -456,6 +456,14 @@ class StudyConfig(Section):
         when tasks run, not what they compute (a thread runner and a Dask cluster write the
         same tables)."""
         return self.model_dump(mode="json", exclude={"store", "runner"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        # issue 16 gave each stage one name; a config written before says where its section went
+        if isinstance(data, dict) and "editing" in data:
+            raise ValueError("editing: the section is now called edit (one name per stage: config, module, store folder, tables)")
+        return data
 
     @model_validator(mode="after")
     def _relations(self) -> StudyConfig:

@@ -9,7 +9,7 @@ state, PPO's resume point), deleted once the stage is sealed.
 What each stage writes (the modules that write it):
 - data: three Parquet tables (tasks/data.py);
 - model: the tiny model, or a Mllama's language model, is copied in; another Hugging Face
-  model is only pointed to (tasks/models.py);
+  model is only pointed to (tasks/model.py);
 - pretrain: one tiny checkpoint in float32 (tasks/pretrain/);
 - sft: one standalone checkpoint per listed step > 0 in `sft.save_dtype`; while training,
   the trainer's checkpoint (float32 weights and AdamW's two moments), two of them at a save
@@ -18,12 +18,12 @@ What each stage writes (the modules that write it):
   while training, PPO's resume point (Adam's two moments, twice at a save), one per run
   running in parallel (tasks/rl/);
 - eval: per checkpoint and split, the attempts and summary tables, then all of them again
-  in one table (tasks/evaluate.py);
+  in one table (tasks/eval.py);
 - svd: one cache artifact per decomposed object with all r singular values (float64) and
   the U / V columns `tasks.svd.engine.columns_plan` says that kind of object keeps, in the
   compute dtype (float64 on CPU, float32 on GPU; analysis.md §2), plus the tables;
 - editing: four tables per variant, then all of them in one; a full checkpoint per edited
-  variant only with `editing.keep_checkpoints` or reference_compat (tasks/editing/sweep.py);
+  variant only with `edit.keep_checkpoints` or reference_compat (tasks/edit/sweep.py);
 - report: the figures and report pages (tasks/report.py).
 
 Table sizes are the weakest part (Parquet compresses text by its content): each table is
@@ -215,7 +215,7 @@ def estimate(
     cfg: StudyConfig,
     model: ModelShapes,
     columns: Mapping[str, Sequence[tuple[int, int]]],
-    editing_roles: Mapping[str, str] | None = None,
+    edit_roles: Mapping[str, str] | None = None,
     n_variants: int = 0,
     n_baselines: int = 0,
     sft_bytes: int = 4,
@@ -224,7 +224,7 @@ def estimate(
     """Store space per stage (bytes) of a study of `model` under `cfg`.
 
     `columns`: `tasks.svd.engine.columns_plan` (kind -> (top, tail) per matrix: checkpoint,
-    delta, noise and edit:<role> for the roles editing reads); `editing_roles`: role ->
+    delta, noise and edit:<role> for the roles editing reads); `edit_roles`: role ->
     checkpoint kind (sft / rl / base) of each role editing reads, for keep_checkpoints;
     `n_variants` / `n_baselines`: the editing sweep; `sft_bytes`: bytes per element of
     `sft.save_dtype`; `cuda`: the svd stage computes in float32 there, float64 on the CPU."""
@@ -301,7 +301,7 @@ def estimate(
     stages.append(StageSpace("svd", round(cache + tables), files=cache_files + 7, what=what))
 
     # editing: per variant four small tables, then one study-wide copy; checkpoints if kept.
-    e = cfg.editing
+    e = cfg.edit
     n_runs = n_variants + n_baselines
     if e.enabled and n_runs:
         matrix_log = EDIT_MATRIX_LOG + EDIT_MATRIX_ROW * len(shapes)  # a variant's; a baseline's is empty
@@ -310,11 +310,11 @@ def estimate(
         combined += n_variants * EDIT_MATRIX_ROW * len(shapes) + EDIT_COMBINED_ROW * per_row * 2 * attempts * n_runs
         stored, files, kept = n_runs * one + n_variants * matrix_log + combined, 5 * (n_runs + 1), ""
         if e.keep_checkpoints or e.reference_compat:  # in the target's dtype (quirk 5: float16)
-            per_ckpt = max(model.checkpoint_bytes(2 if e.reference_compat else {"sft": sft_bytes, "rl": 4}.get(k)) for k in (editing_roles or {"S": "sft"}).values())
+            per_ckpt = max(model.checkpoint_bytes(2 if e.reference_compat else {"sft": sft_bytes, "rl": 4}.get(k)) for k in (edit_roles or {"S": "sft"}).values())
             stored, files, kept = stored + n_variants * per_ckpt, files + n_variants * CHECKPOINT_FILES, f", {n_variants} edited checkpoints"
-        stages.append(StageSpace("editing", round(stored), files=files, what=f"{n_variants} variants + {n_baselines} baselines, tables{kept}"))
+        stages.append(StageSpace("edit", round(stored), files=files, what=f"{n_variants} variants + {n_baselines} baselines, tables{kept}"))
     else:
-        stages.append(StageSpace("editing", 0, what="no editing"))
+        stages.append(StageSpace("edit", 0, what="no editing"))
 
     tasks = 5 + runs + 2 * n_ckpt + n_runs + 4
     stages.append(StageSpace("report", REPORT + TASK_RESULT * tasks, files=10 + tasks, what="figures, report pages, task records"))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlheal.config import parse_config  # noqa: E402
 from rlheal.store import Store  # noqa: E402
-from tasks import data, evaluate, models, pretrain, sft  # noqa: E402
+from tasks import data, eval, model, pretrain, sft  # noqa: E402
 from tasks.generalpoints import make_hand, score  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def main() -> None:
     t = {}
     t0 = time.time()
     data_dir = data.run(store, cfg)
-    model_dir = models.run(store, cfg)
+    model_dir = model.run(store, cfg)
     t["data+model"] = time.time() - t0
     t0 = time.time()
     if cfg.pretrain.enabled:
@@ -119,8 +119,8 @@ def main() -> None:
     for ckpt in ckpts.to_dicts():
         row = {"step": ckpt["step"]}
         for split in args.splits.split(","):
-            path = evaluate.run(store, cfg, ckpt, split, Path(data_dir))
-            hands = pl.read_parquet(Path(data_dir) / f"eval_{split}.parquet")
+            path = eval.run(store, cfg, ckpt, split, Path(data_dir))
+            hands = pl.read_parquet(Path(data_dir) / f"eval_set_{split}.parquet")
             m = step_row(pl.read_parquet(path / "eval_attempts.parquet"), pl.read_parquet(path / "eval_summary.parquet"), hands)
             row.update({f"{split}_{k}": v for k, v in m.items()})
         rows.append(row)

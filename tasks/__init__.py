@@ -1,1 +1,1 @@
-"""One module per stage of the study: data, sft, rl, evaluate, svd, editing, report."""
+"""One module per stage of the study, named as the stage: data, model, pretrain, sft, rl, eval, svd, edit, report."""

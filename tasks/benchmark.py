@@ -84,7 +84,7 @@ class Benchmark(Protocol):
     modes: tuple[str, ...]  # verifier modes (`verifier.mode`); modes[0] is the default
     success_reward: float
     attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
-    column_types: dict[str, pl.DataType]  # types of eval_<split> columns polars would infer otherwise
+    column_types: dict[str, pl.DataType]  # types of eval_set_<split> columns polars would infer otherwise
 
     def deal(self, split: str, seed: int, index: int) -> Any:
         """Example `index` of stream `seed` under `split`."""
@@ -100,11 +100,11 @@ class Benchmark(Protocol):
         (TRL conversational message lists; the completion is the trained target)."""
 
     def eval_row(self, example: Any, cfg: StudyConfig) -> dict:
-        """One `eval_<split>` row: `split`, `index`, the task's columns, `prompt`, `answer`
+        """One `eval_set_<split>` row: `split`, `index`, the task's columns, `prompt`, `answer`
         (the dealt reference answer) and `target` (the text SFT would train on for it)."""
 
     def from_row(self, row: dict) -> Any:
-        """The example of an `eval_<split>` row."""
+        """The example of an `eval_set_<split>` row."""
 
     def episode(self, example: Any, mode: str, verify_iter: int, rl: bool = False) -> Episode: ...
 
@@ -187,5 +187,5 @@ def solved(bench: Benchmark, reward: pl.Expr | str = "reward") -> pl.Expr:
 
 
 def examples_of(bench: Benchmark, table: pl.DataFrame) -> Sequence:
-    """The examples of an `eval_<split>` table."""
+    """The examples of an `eval_set_<split>` table."""
     return [bench.from_row(row) for row in table.iter_rows(named=True)]

@@ -3,7 +3,7 @@
 Tables (one artifact, `<store>/data/<key>/`):
 - `sft_train`: one row per training example, in index order, in TRL's conversational
   prompt/completion format (`prompt`, `completion` are message lists) plus the task's fields.
-- `eval_id`, `eval_ood`: the evaluation examples with their dealt reference answers
+- `eval_set_id`, `eval_set_ood`: the evaluation examples with their dealt reference answers
   (`answer`), the answer SFT would train on for the hand (`target`, what the teacher-forced
   CE of training.md §7.3 scores) and which of the two that is (`ce_target`, = `data.answer`),
   and the evaluation-set hash (GP §2).
@@ -26,7 +26,7 @@ from rlheal.store import Artifact, Store, write_parquet
 from tasks import benchmark
 from tasks.benchmark import Benchmark, eval_examples, eval_set_hash, training_stream
 
-STAGE = Stage("data", version="2", tables=("sft_train", "eval_id", "eval_ood"))  # 2: eval tables carry the trained target (issue 14 §7)
+STAGE = Stage("data", version="2", tables=("sft_train", "eval_set_id", "eval_set_ood"))  # 2: eval tables carry the trained target (issue 14 §7)
 log = logging.getLogger("rlheal.data")
 
 
@@ -79,8 +79,8 @@ def build(out: Path, cfg: StudyConfig) -> dict:
     log.info("sft_train: %d rows, %d training indices skipped as evaluation examples", train.height, skipped)
     write_parquet(train, out / "sft_train.parquet")
     for split in bench.splits:
-        write_parquet(eval_table(bench, examples[split], set_hash, cfg), out / f"eval_{split}.parquet")
-    return {"eval_set_hash": set_hash, "rows": {"sft_train": train.height, **{f"eval_{s}": len(examples[s]) for s in bench.splits}}, "skipped_overlap": skipped}
+        write_parquet(eval_table(bench, examples[split], set_hash, cfg), out / f"eval_set_{split}.parquet")
+    return {"eval_set_hash": set_hash, "rows": {"sft_train": train.height, **{f"eval_set_{s}": len(examples[s]) for s in bench.splits}}, "skipped_overlap": skipped}
 
 
 def key_config(cfg: StudyConfig) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import threading
 from collections.abc import Callable
@@ -23,6 +24,7 @@ import polars as pl
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, MllamaForCausalLM, PreTrainedTokenizerFast
 
+from rlheal.store import sha256_file
 from tasks.chat import encode, left_pad, prompt_completion_ids, render, stop_token_ids
 
 Messages = list[dict[str, str]]
@@ -35,6 +37,14 @@ GLOBAL_RNG = threading.RLock()
 # from_pretrained initialises on the meta device through process-global state: two
 # threads loading at once (parallel tasks on the thread runner) corrupt each other.
 _load_lock = threading.Lock()
+
+
+def weights_hash(path: Path) -> str:
+    """Content hash of a model directory's weights (all safetensors files)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def load_model(path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu", trust_remote_code: bool = False):

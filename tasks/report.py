@@ -241,7 +241,7 @@ def fig_advantages(rl_log: pl.DataFrame, out: Path) -> Path:
     return _save(fig, out, "fig5_advantages")
 
 
-def editing_lines(res: pl.DataFrame, variants: pl.DataFrame) -> dict[str, pl.DataFrame]:
+def edit_lines(res: pl.DataFrame, variants: pl.DataFrame) -> dict[str, pl.DataFrame]:
     """The k_top sweeps to plot, one line per experiment and k_tail (E2 and E5 both use
     swap_directions but are different experiments: B→S and S→R), k_top as a number in
     increasing order; layer-range variants are not on a k axis and are left out."""
@@ -254,8 +254,8 @@ def editing_lines(res: pl.DataFrame, variants: pl.DataFrame) -> dict[str, pl.Dat
     return dict(sorted(lines.items()))
 
 
-def fig_editing(res: pl.DataFrame, variants: pl.DataFrame, out: Path) -> Path | None:
-    lines = editing_lines(res, variants)
+def fig_edit(res: pl.DataFrame, variants: pl.DataFrame, out: Path) -> Path | None:
+    lines = edit_lines(res, variants)
     if not lines:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -297,7 +297,7 @@ RECOVERS_MOST = 0.5  # ρ ≥ 0.5; the paper claims 0.7-0.8
 def rules() -> dict[str, str]:
     """The rules exactly as the functions below implement them, one sentence block per
     finding; the report's header and docs/verdicts.md print this text."""
-    from tasks.editing.grid import CLAIM_LAYERS, CLAIM_TOP
+    from tasks.edit.grid import CLAIM_LAYERS, CLAIM_TOP
 
     ci = f"{100 * LEVEL:.0f} %"
     z = f"{Z:.3f}"
@@ -328,12 +328,12 @@ def rules() -> dict[str, str]:
             f"**Supported**: drift < {100 * SIGMA_DRIFT_MAX:g} %, both geometric means over matrices ≥ {ROTATION_MARGIN:g}, and for both more matrices above 1 than chance allows "
             f"(one-sided sign test, p ≤ {SIGN_TEST_ALPHA:g}; needs ≥ {math.ceil(-math.log2(SIGN_TEST_ALPHA))} matrices). **Not supported**: drift ≥ {100 * SIGMA_DRIFT_MAX:g} % or either geometric mean ≤ 1. Otherwise inconclusive."
         ),
-        "editing_some": (
+        "edit_some": (
             f"The claimed variants (E2 with k_top {CLAIM_TOP:g} on every layer, E3 on layers {CLAIM_LAYERS} with k_top 1.0; those that edit no matrix are skipped), OOD recovery fraction ρ with its paired-bootstrap {ci} interval (analysis.md §4.4; "
             f"no interval when the donor-target gap is not significant). Per variant: supported if the interval lies above {RECOVERS_SOME:g}, not supported if it lies at or below {RECOVERS_SOME:g}, inconclusive otherwise. "
             f"**Supported**: every variant supported; **not supported**: any variant not supported; otherwise inconclusive."
         ),
-        "editing_most": (
+        "edit_most": (
             f"As above with the question ρ ≥ {RECOVERS_MOST:g}: a variant is supported if its interval's lower end is ≥ {RECOVERS_MOST:g}, not supported if its upper end is < {RECOVERS_MOST:g}. "
             f"A wide interval such as [−0.1, 0.9] is inconclusive for both questions."
         ),
@@ -463,14 +463,14 @@ def judge_recovery(lo: np.ndarray, hi: np.ndarray) -> dict[str, np.ndarray]:
 
 # The paper's findings as this study judges them, in report order; the keys name them in
 # tables (replicates). The paper's claim 1 is two questions here (forgetting, loss), its
-# claim 5 two more (editing_some, editing_most).
+# claim 5 two more (edit_some, edit_most).
 FINDINGS = {
     "forgetting": "OOD accuracy peaks early in SFT, then falls while ID keeps rising",
     "loss": "The reference-answer loss does not show the OOD peak",
     "window": "RL restores OOD ability only from checkpoints inside a window (not too early, not too late)",
     "rotation": "Singular values barely move while singular vectors rotate",
-    "editing_some": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers some of the lost OOD ability (ρ > 0)",
-    "editing_most": "... and recovers most of it (ρ ≥ 0.5; the paper: 70-80 %)",
+    "edit_some": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers some of the lost OOD ability (ρ > 0)",
+    "edit_most": "... and recovers most of it (ρ ≥ 0.5; the paper: 70-80 %)",
 }
 
 
@@ -636,12 +636,12 @@ def verdict_rotation(pairs: pl.DataFrame | None, roles: pl.DataFrame | None) -> 
     return Verdict(finding, evidence, WORDS[int(r["status"])], values)
 
 
-def verdict_editing(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> dict[str, Verdict]:
-    """The two questions on the claimed variants: `editing_some` (ρ > 0), `editing_most` (ρ ≥ 0.5)."""
-    keys = ("editing_some", "editing_most")
+def verdict_edit(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> dict[str, Verdict]:
+    """The two questions on the claimed variants: `edit_some` (ρ > 0), `edit_most` (ρ ≥ 0.5)."""
+    keys = ("edit_some", "edit_most")
     if res is None or variants is None:
         return {k: Verdict(FINDINGS[k], "no editing results", "no data") for k in keys}
-    from tasks.editing import claim_variants
+    from tasks.edit import claim_variants
 
     claims = {v: k for k, v in claim_variants(variants).items() if v is not None}
     picks = res.join(variants, on="variant_id").filter((pl.col("split") == "OOD") & pl.col("variant_id").is_in(list(claims))).sort("variant_id")
@@ -690,7 +690,7 @@ def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.D
         "loss": verdict_loss(acc, t.get("sft_log"), arrays),
         "window": verdict_window(rec, attempts, bench),
         "rotation": verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
-        **verdict_editing(t.get("edit_eval_results"), t.get("edit_variants")),
+        **verdict_edit(t.get("edit_eval_results"), t.get("edit_variants")),
     }
 
 
@@ -734,7 +734,7 @@ def build(tables_dir: Path, out: Path, title: str, bench: Benchmark) -> dict:
     section("Losses", "sft_log" in t, lambda: with_fig(fig_losses(t["sft_log"], acc, out)))
     section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
-    section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_editing(t["edit_eval_results"], t["edit_variants"], out), editing_table(t["edit_eval_results"], t["edit_variants"])))
+    section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_edit(t["edit_eval_results"], t["edit_variants"], out), edit_table(t["edit_eval_results"], t["edit_variants"])))
 
     verdicts = list(all_verdicts(t, acc, rec, bench).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
@@ -750,7 +750,7 @@ def rules_markdown() -> str:
     return "\n".join(lines + [f"- **{key}**: {text}" for key, text in rules().items()])
 
 
-def editing_table(res: pl.DataFrame, variants: pl.DataFrame) -> str:
+def edit_table(res: pl.DataFrame, variants: pl.DataFrame) -> str:
     cols = ["experiment", "method", "k_top_spec", "k_tail_spec", "layers_spec", "split", "n_hands", "n_correct", "accuracy", "recovery_fraction", "recovery_ci_low", "recovery_ci_high"]
     d = res.join(variants, on="variant_id")
     return _md_table(d.select([c for c in cols if c in d.columns]).sort("experiment", "method", "split")) + "\n"

@@ -36,7 +36,8 @@ from rlheal.config import SftSection, StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.progress import Progress
 from rlheal.store import Artifact, Store, write_parquet
-from tasks import lm, models
+from tasks import lm
+from tasks.model import model_dir
 from tasks.chat import prompt_completion_ids
 from tasks.data import ce_target
 
@@ -297,7 +298,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and longest > limit:
         raise ValueError(f"an SFT row has {longest} tokens, more than the model's {limit} positions")
-    evals = {split: pl.read_parquet(data_path / f"eval_{split}.parquet") for split in ("ood", "id")}
+    evals = {split: pl.read_parquet(data_path / f"eval_set_{split}.parquet") for split in ("ood", "id")}
 
     out = run.work_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -328,7 +329,7 @@ def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, mode
             continue
         art = run.step(step)
         m = store.manifest(art)
-        rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": models.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
+        rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": lm.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
     state_file = max(run.work_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
     if state_file is not None:
         history = json.loads(state_file.read_text())["log_history"]
@@ -366,12 +367,12 @@ def make(run_art: Artifact, cfg: StudyConfig, model: Path, data_path: Path) -> P
     """SFT run `run_art` from the model artifact `model` on the data artifact `data_path`:
     checkpoints are sealed as they are saved, the run (its tables) once training ends."""
     store = open_store(run_art.root)
-    model_path = models.model_dir(model)
+    model_path = model_dir(model)
     model_hash = store.manifest(model)["weights_sha256"]
 
     def build(tmp: Path) -> dict:
         train(store, run_art, cfg, model_path, data_path)
-        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash, ce_target(pl.read_parquet(data_path / "eval_ood.parquet"), cfg))
+        ckpts, logs = tables(store, run_art, cfg, model_path, model_hash, ce_target(pl.read_parquet(data_path / "eval_set_ood.parquet"), cfg))
         write_parquet(ckpts, tmp / "checkpoints.parquet")
         write_parquet(logs, tmp / "sft_log.parquet")
         parts = [f"{run_art.stage}/{run_art.step(k).key}" for k in cfg.sft.save_steps if k > 0]

@@ -171,7 +171,7 @@ def _thin(store: Path, study: str) -> tuple[str, ...]:
     (svd_stage, _), = task_artifacts("svd")
     rl_run = max((m["start"], p) for p, m in task_artifacts("rl") if "start" in m)[1]
     base_id = next(p for p, m in task_artifacts("eval") if m["config"].get("split") == "id" and m["config"]["ckpt"].get("ckpt_id") == "base")
-    variant = min((m["variant_id"], p) for p, m in task_artifacts("editing") if not m.get("variant_id", "baseline").startswith("baseline"))[1]
+    variant = min((m["variant_id"], p) for p, m in task_artifacts("edit") if not m.get("variant_id", "baseline").startswith("baseline"))[1]
     removed = [data, model, sft_run, rl_run, base_id, svd_stage, variant]
     for path in removed:
         for p in [path, *path.parent.glob(f"{path.name}-s*")]:  # with its checkpoints <key>-s<step>

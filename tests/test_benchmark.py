@@ -16,7 +16,7 @@ import pytest
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import benchmark, data, evaluate
+from tasks import benchmark, data, eval
 from tasks.benchmark import Benchmark
 from tasks.rl.rollout import Envs
 from tests.conftest import GP
@@ -207,10 +207,10 @@ def test_the_data_stage_writes_the_tasks_rows(tmp_path, echo):
     train = pl.read_parquet(out / "sft_train.parquet")
     assert train.columns == ["index", "value", "prompt", "completion"] and train.height == 12
     assert train["completion"][0][0]["content"] == str(train["value"][0])
-    ood = pl.read_parquet(out / "eval_ood.parquet")
+    ood = pl.read_parquet(out / "eval_set_ood.parquet")
     assert ood.schema["value"] == pl.Int16 and ood["prompt"][0].startswith("Say ") and not any(ch.isdigit() for ch in ood["prompt"][0])
     # Echo's overlap key is (split, value): ten ID values, six of them held for evaluation
-    held = {v for v in pl.read_parquet(out / "eval_id.parquet")["value"]}
+    held = {v for v in pl.read_parquet(out / "eval_set_id.parquet")["value"]}
     assert not held & set(train["value"])
 
 
@@ -222,15 +222,15 @@ def test_evaluation_tables_use_the_tasks_scores_and_columns(echo):
         out = []
         for c in conversations:
             value = int(c[0]["content"].split()[1].rstrip("."))
-            out.append(evaluate.Generation(answers[value][sum(m["role"] == "assistant" for m in c)], 1, False))
+            out.append(eval.Generation(answers[value][sum(m["role"] == "assistant" for m in c)], 1, False))
         return out
 
-    played = evaluate.play([echo.episode(e, "exact", 3) for e in examples], generate, batch_size=2)
-    attempts = evaluate.attempts_table(echo, played, "c", "id", "loose")
-    assert attempts.columns[5] == "said" and attempts.schema == pl.Schema(evaluate.attempts_schema(echo))
+    played = eval.play([echo.episode(e, "exact", 3) for e in examples], generate, batch_size=2)
+    attempts = eval.attempts_table(echo, played, "c", "id", "loose")
+    assert attempts.columns[5] == "said" and attempts.schema == pl.Schema(eval.attempts_schema(echo))
     assert attempts["reward"].to_list() == [1.0, 0.0, 0.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
     assert attempts["reward_other_mode"].to_list()[2] == 1.0  # " 1 " is right when stripped
-    s = evaluate.summarize(echo, attempts).row(0, named=True)
+    s = eval.summarize(echo, attempts).row(0, named=True)
     assert (s["n"], s["k"], s["attempts"], s["echo_misses"]) == (4, 3, 9, 1)
     assert (s["rate_right"], s["rate_wrong"], s["rate_silent"]) == pytest.approx((3 / 9, 5 / 9, 1 / 9))
 

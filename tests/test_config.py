@@ -186,7 +186,7 @@ def test_every_config_field_has_a_description():
 
     rows = explain_fields()
     assert len(rows) > 150  # every section expanded, not just the top level
-    assert "editing.variants[].method" in {path for path, *_ in rows}  # and the entries of a list of sections
+    assert "edit.variants[].method" in {path for path, *_ in rows}  # and the entries of a list of sections
     undescribed = [path for path, _, _, doc in rows if not doc.strip()]
     assert not undescribed, f"fields without a description: {undescribed}"
 
@@ -251,3 +251,10 @@ def test_a_study_is_the_same_study_on_another_runner(tmp_path):
     store.check_claim("t", dask.claim())
     with pytest.raises(StoreError, match=r"sft.learning_rate"):
         store.check_claim("t", parse_config({"name": "t", "sft": {"learning_rate": 1e-4}}).claim())
+
+
+def test_a_config_with_the_old_editing_section_is_told_its_new_name():
+    """issue 16 renamed the section to the stage's one name; the old key is refused with where it went."""
+    with pytest.raises(ConfigError, match="editing: the section is now called edit"):
+        parse_config({"name": "t", "editing": {"grid": "small"}})
+    assert parse_config({"name": "t", "edit": {"grid": "small"}}).edit.grid == "small"

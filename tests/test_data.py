@@ -37,14 +37,14 @@ def test_tables_hold_what_the_spec_says(tmp_path):
     assert row["prompt"][0] == {"role": "user", "content": render_prompt(hand)}
     assert 0.35 < train["multi_turn"].mean() < 0.65
     for split in ("id", "ood"):
-        ev = pl.read_parquet(out / f"eval_{split}.parquet")
+        ev = pl.read_parquet(out / f"eval_set_{split}.parquet")
         assert ev["index"].to_list() == list(range(20)) and (ev["split"] == split).all()
         assert ev["prompt"][7] == render_prompt(deal(split, 42, 7))
     # the evaluation-set hash of GP §2, recomputed independently
     items = [[s, i, list(deal(s, 42, i).cards)] for s in ("id", "ood") for i in range(20)]
     expected = hashlib.sha256(json.dumps(items, separators=(",", ":")).encode()).hexdigest()
     assert Store(tmp_path).manifest(out)["eval_set_hash"] == expected
-    assert pl.read_parquet(out / "eval_ood.parquet")["eval_set_hash"].unique().to_list() == [expected]
+    assert pl.read_parquet(out / "eval_set_ood.parquet")["eval_set_hash"].unique().to_list() == [expected]
 
 
 def test_answer_first_uses_the_first_canonical_solution(tmp_path):
@@ -60,7 +60,7 @@ def test_eval_tables_carry_the_answer_sft_trains_on(tmp_path, answer):
     cfg = cfg_with(answer=answer)
     out = data.run(Store(tmp_path), cfg)
     for split in ("id", "ood"):
-        ev = pl.read_parquet(out / f"eval_{split}.parquet")
+        ev = pl.read_parquet(out / f"eval_set_{split}.parquet")
         hands = [deal(split, 42, i) for i in range(20)]
         assert ev["answer"].to_list() == [reference_answer(h) for h in hands]
         assert ev["target"].to_list() == [GP.sft_row(h, cfg)["completion"][0]["content"] for h in hands]
@@ -110,13 +110,13 @@ def test_same_config_is_a_cache_hit_and_other_config_is_not(tmp_path):
 
 def test_cli_run_writes_study_tables_and_reruns_cached(cli_env, tmp_path):
     cfg = tmp_path / "study.yaml"
-    cfg.write_text(yaml.safe_dump({"name": "cli", "store": str(tmp_path / "store"), "data": {"train_size": 64, "eval_size": 8}, "sft": {"save_steps": [0, 2], "batch_size": 8, "per_device_batch_size": 8, "ce_every": 100}, "eval": {"ce_hands": 4, "decoding": {"max_new_tokens": 16}}, "rl": {"from_steps": []}, "editing": {"enabled": False}}))
+    cfg.write_text(yaml.safe_dump({"name": "cli", "store": str(tmp_path / "store"), "data": {"train_size": 64, "eval_size": 8}, "sft": {"save_steps": [0, 2], "batch_size": 8, "per_device_batch_size": 8, "ce_every": 100}, "eval": {"ce_hands": 4, "decoding": {"max_new_tokens": 16}}, "rl": {"from_steps": []}, "edit": {"enabled": False}}))
     cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg)]
     first = subprocess.run(cmd, env=cli_env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     tables = tmp_path / "store" / "studies" / "cli" / "tables"
-    assert {p.name for p in tables.glob("*.parquet")} >= {"sft_train.parquet", "eval_id.parquet", "eval_ood.parquet", "checkpoints.parquet", "sft_log.parquet"}
-    assert pl.scan_parquet(tables / "eval_ood.parquet").select(pl.len()).collect().item() == 8
+    assert {p.name for p in tables.glob("*.parquet")} >= {"sft_train.parquet", "eval_set_id.parquet", "eval_set_ood.parquet", "checkpoints.parquet", "sft_log.parquet"}
+    assert pl.scan_parquet(tables / "eval_set_ood.parquet").select(pl.len()).collect().item() == 8
     assert datasets.Dataset.from_parquet(str(tables / "sft_train.parquet")).num_rows == 64
     # the terminal's progress display: every stage from the start, the finished counts at the end
     lines = re.findall(r"^\[cli \d+:\d\d\] (.*)$", first.stderr, re.M)

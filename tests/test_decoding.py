@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from rlheal.config import ConfigError, load_config, parse_config
-from tasks import lm, models
+from tasks import lm
+from tasks.model import build_tiny
 from tasks.generalpoints import deal, render_prompt
 from tasks.rl.rollout import Generator
 from tests.conftest import CONFIGS, ROOT
@@ -59,7 +60,7 @@ def test_a_rollout_of_one_prompt_at_temperature_1_gives_distinct_completions(tmp
     with the config's resolved RL decoding. Sampled: 16 of 16 distinct here, as expected
     at tau = 1 on a near-uniform model; greedy rollouts would give 1."""
     cfg = parse_config({"name": "t", "rl": {"decoding": {"temperature": 1.0, "max_new_tokens": 16}}})
-    models.build_tiny(tmp_path, cfg)
+    build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     generate = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
     prompt = generate.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tasks.evaluate import wilson_interval
+from tasks.eval import wilson_interval
 from tasks.generalpoints import (
     OUTCOMES,
     SPLITS,

@@ -59,7 +59,7 @@ def differences(name: str, saved: pl.DataFrame, now: pl.DataFrame) -> list[str]:
 def test_the_saved_copy_is_complete():
     """The copy holds every table a smoke study publishes (a dropped file would pass the test below)."""
     names = {p.stem for p in GOLDEN.glob("*.parquet")}
-    assert {"sft_train", "eval_id", "eval_ood", "checkpoints", "sft_log", "rl_log", "eval_attempts", "eval_summary", "checkpoint_roles",
+    assert {"sft_train", "eval_set_id", "eval_set_ood", "checkpoints", "sft_log", "rl_log", "eval_attempts", "eval_summary", "checkpoint_roles",
             "svd_pair_metrics", "edit_variants", "edit_eval_results"} <= names, sorted(names)  # fmt: skip
 
 

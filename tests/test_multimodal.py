@@ -16,7 +16,7 @@ from transformers import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGe
 
 from rlheal.config import SvdSection, parse_config
 from rlheal.store import Store
-from tasks import data, editing, lm, models, sft
+from tasks import data, edit, lm, model, sft
 from tasks.lm import ModelGenerator
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tasks.svd.matrices import MULTIMODAL, check_same_matrices, read_tensor, select_matrices
@@ -33,7 +33,7 @@ def build_tiny_mllama(out: Path) -> Path:
     """A vision + text Mllama saved the way the hub stores Llama-3.2-11B-Vision:
     `language_model.model.layers.N…`, `language_model.lm_head.weight`, `vision_model…`,
     `multi_modal_projector…`; the text vocabulary is the project's tiny tokenizer."""
-    tok = models.build_tokenizer(GP)
+    tok = model.build_tokenizer(GP)
     config = MllamaConfig(
         text_config=dict(
             vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
@@ -76,11 +76,11 @@ def pipeline(mllama, tmp_path_factory):
         "name": "mm", "model": {"name_or_path": str(mllama)},
         "data": {"train_size": 32, "eval_size": 8, "multi_turn_fraction": 0.3},
         "sft": {"save_steps": [0, 2], "batch_size": 8, "per_device_batch_size": 8, "learning_rate": 3e-3, "lr_schedule": "constant", "ce_every": 2},
-        "eval": {"ce_hands": 4, "decoding": {"max_new_tokens": 8}}, "rl": {"from_steps": []}, "editing": {"enabled": False},
+        "eval": {"ce_hands": 4, "decoding": {"max_new_tokens": 8}}, "rl": {"from_steps": []}, "edit": {"enabled": False},
     })  # fmt: skip
     store = Store(tmp_path_factory.mktemp("store"))
     data_dir = data.run(store, cfg)
-    model_dir = models.run(store, cfg)
+    model_dir = model.run(store, cfg)
     run_dir = sft.run(store, cfg, model_dir, data_dir)
     ckpts = pl.read_parquet(Path(run_dir) / "checkpoints.parquet")
     paths = dict(zip(ckpts["ckpt_id"], ckpts["path"]))
@@ -146,7 +146,7 @@ def test_select_matrices_takes_the_text_model_only(mllama):
 
 def test_model_stage_saves_the_language_model_exactly(mllama, pipeline):
     _, model_dir, base, _ = pipeline
-    assert base == model_dir and not (model_dir / models.SOURCE).exists()
+    assert base == model_dir and not (model_dir / model.SOURCE).exists()
     files, src = saved_tensors(model_dir), saved_tensors(mllama)
     assert files.keys() == {n.removeprefix("language_model.") for n in src if n.startswith("language_model.")}
     assert all(torch.equal(t, src[f"language_model.{n}"]) for n, t in files.items())
@@ -182,7 +182,7 @@ def test_compat_layer_range_edits_take_the_embedding_and_lm_head_of_the_saved_la
     must still take the input embedding and lm_head (untied here: 8 more embedding rows), as the
     authors' code did on the Mllama names; the other layers stay bit for bit."""
     dirs = {"sft-2": tmp_path / "sft-2", "sft-1": tmp_path / "sft-1"}
-    models.save_text_model(mllama, dirs["sft-2"])  # what the model stage writes
+    model.save_text_model(mllama, dirs["sft-2"])  # what the model stage writes
     assert json.loads((dirs["sft-2"] / "config.json").read_text())["model_type"] == "mllama_text_model"
     g = torch.Generator().manual_seed(1)
     donor = {k: v + 0.1 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in saved_tensors(dirs["sft-2"]).items()}
@@ -190,17 +190,17 @@ def test_compat_layer_range_edits_take_the_embedding_and_lm_head_of_the_saved_la
     for f in dirs["sft-1"].glob("*.safetensors"):
         f.unlink()
     save_file({k: v.contiguous() for k, v in donor.items()}, dirs["sft-1"] / "model.safetensors", metadata={"format": "pt"})
-    rows = {c: {"ckpt_id": c, "path": str(p), "content_hash": models.weights_hash(p)} for c, p in dirs.items()}
+    rows = {c: {"ckpt_id": c, "path": str(p), "content_hash": lm.weights_hash(p)} for c, p in dirs.items()}
     roles = pl.DataFrame({"role": ["B", "S"], "ckpt_id": ["sft-1", "sft-2"]})
     target = saved_tensors(dirs["sft-2"])
     for compat in (True, False):
-        cfg = parse_config({"name": "mm", "editing": {"grid": "none", "reference_compat": compat, "variants": [{"method": "swap_directions", "k_top": 64, "layers": "0-0"}]}})
-        [v] = [v for v in editing.variants(cfg, roles, N_LAYERS) if v["method"] != "none"]
+        cfg = parse_config({"name": "mm", "edit": {"grid": "none", "reference_compat": compat, "variants": [{"method": "swap_directions", "k_top": 64, "layers": "0-0"}]}})
+        [v] = [v for v in edit.variants(cfg, roles, N_LAYERS) if v["method"] != "none"]
         assert v["layers"] == [0] and v["reference_compat"] == compat
         dtype = torch.float16 if compat else torch.float32
-        with editing.resident(rows["sft-2"], dtype) as loaded:
+        with edit.resident(rows["sft-2"], dtype) as loaded:
             assert type(loaded.model) is MllamaForCausalLM
-            with editing.applied(Store(tmp_path / "store"), cfg, v, loaded, rows["sft-2"], rows["sft-1"]) as log:
+            with edit.applied(Store(tmp_path / "store"), cfg, v, loaded, rows["sft-2"], rows["sft-1"]) as log:
                 during = state(loaded.model)
         changed = {n for n in target if not torch.equal(during[n], target[n].to(dtype))}
         layer0 = {n for n in target if n.startswith("model.layers.0.") and target[n].ndim == 2}

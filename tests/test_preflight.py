@@ -19,7 +19,7 @@ from tests.conftest import CONFIGS, smoke_config
 # where each stage's bytes live in the store (the report stage: the study's folder, with the
 # Prefect result records of every task)
 STAGE_DIRS = {"data": ["data"], "model": ["model"], "pretrain": ["pretrain"], "sft": ["sft"], "rl": ["rl"], "eval": ["eval"],
-              "svd": ["svd"], "editing": ["editing"], "report": ["studies", ".prefect"]}  # fmt: skip
+              "svd": ["svd"], "edit": ["edit"], "report": ["studies", ".prefect"]}  # fmt: skip
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15}
 
 
@@ -55,7 +55,7 @@ def test_printed_estimate_is_within_25_percent_of_what_the_smoke_study_wrote(smo
     assert set(actual) <= set(estimate), f"stages that wrote but were not estimated: {set(actual) - set(estimate)}"
     checked = {s: n for s, n in actual.items() if n > 20e3}
     # every stage the smoke study runs writes that much: the test has teeth for each of them
-    assert {"data", "model", "sft", "rl", "eval", "svd", "editing", "report"} <= set(checked), checked
+    assert {"data", "model", "sft", "rl", "eval", "svd", "edit", "report"} <= set(checked), checked
     off = {s: round(estimate[s] / n, 3) for s, n in checked.items() if abs(estimate[s] / n - 1) > 0.25}
     assert not off, f"estimate / written more than 25 % off: {off}"
     total = sum(actual.values())
@@ -184,10 +184,10 @@ def _paper_estimate(preset: str, tmp_path: Path):
     cfg = load_config(CONFIGS / f"{preset}.yaml")
     model, others = paper_shapes(p)
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": p["layers"], "dtype": "bfloat16", "model_type": p["model_type"]}))
-    from tasks import editing, sft
+    from tasks import edit, sft
 
-    sweep = editing.sweep_size(cfg, tmp_path) | {"sft_bytes": sft.save_bytes(cfg.sft, tmp_path)}
-    columns = columns_plan(cfg, list(model.matrices), others, editing.column_requests(cfg))
+    sweep = edit.sweep_size(cfg, tmp_path) | {"sft_bytes": sft.save_bytes(cfg.sft, tmp_path)}
+    columns = columns_plan(cfg, list(model.matrices), others, edit.column_requests(cfg))
     est = space.estimate(cfg, model, columns, cuda=True, **sweep)
     print("\n" + space.format_estimate(est, cfg.store))
     return cfg, model, sweep, est
@@ -234,7 +234,7 @@ def test_llama_svd_cache_written_out_by_hand(tmp_path):
 def _variants(cfg, path):
     import polars as pl
 
-    from tasks.editing.grid import variants
+    from tasks.edit.grid import variants
 
     roles = pl.DataFrame({"role": ["base", "B", "S", "R"], "ckpt_id": ["base", "b", "s", "r"]})
     return [v for v in variants(cfg, roles, 40) if v["method"] not in ("none", "copy")]

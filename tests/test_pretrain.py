@@ -12,7 +12,9 @@ import torch
 
 from rlheal.config import load_config, parse_config
 from rlheal.store import Store
-from tasks import lm, models, pretrain
+from tasks import lm, pretrain
+from tasks.model import build_tokenizer
+import tasks.model
 from tasks.generalpoints import FACE, corpus, evaluate
 from tasks.generalpoints.corpus import RULES, parse_answer, parse_face, prompt_face, same_answer_as, values_under
 from tests.conftest import GP
@@ -80,7 +82,7 @@ def test_corpus_is_deterministic_and_a_prefix_of_any_longer_one():
 def short_run(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store"))
     cfg = parse_config(SHORT)
-    model_dir = models.run(store, cfg)
+    model_dir = tasks.model.run(store, cfg)
     return store, cfg, Path(model_dir), Path(pretrain.run(store, cfg, model_dir))
 
 
@@ -88,9 +90,9 @@ def test_short_pretraining_lowers_loss_and_writes_a_loadable_hf_dir(short_run):
     store, cfg, model_dir, out = short_run
     log = pl.read_parquet(out / pretrain.LOG)  # mean answer-token loss of steps 1-25, then 26-30
     assert log["step"].to_list() == [25, 30]
-    assert log["loss"][1] < log["loss"][0] - 0.5 and log["loss"][0] < math.log(models.build_tokenizer(GP).__len__())
+    assert log["loss"][1] < log["loss"][0] - 0.5 and log["loss"][0] < math.log(build_tokenizer(GP).__len__())
     m = store.manifest(out)
-    assert m["source"] == "trained" and m["weights_sha256"] == models.weights_hash(out) != models.weights_hash(model_dir)
+    assert m["source"] == "trained" and m["weights_sha256"] == lm.weights_hash(out) != lm.weights_hash(model_dir)
     tok, model = lm.load_tokenizer(out), lm.load_model(out)
     ids = torch.tensor([tok("Cards: ['J', '2', 'A', 'A']")["input_ids"]])
     assert model.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
@@ -121,9 +123,9 @@ def test_shipped_base_matches_its_hash_loads_and_is_what_the_toy_study_uses(tmp_
     assert len(tok) == model.config.vocab_size
     # `run` copies it instead of training (seconds, not minutes)
     store = Store(tmp_path)
-    out = pretrain.run(store, cfg, models.run(store, cfg))
+    out = pretrain.run(store, cfg, tasks.model.run(store, cfg))
     assert store.manifest(out)["source"] == "shipped"
-    assert models.weights_hash(out) == record["weights_sha256"]
+    assert lm.weights_hash(out) == record["weights_sha256"]
 
 
 @pytest.mark.slow

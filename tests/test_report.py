@@ -12,7 +12,7 @@ from tasks import report
 from tests.conftest import GP
 
 
-def editing_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):
+def edit_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):
     variants = pl.DataFrame([
         {"variant_id": "top", "method": "swap_directions", "reference_compat": False, "k_tail_spec": "0", "experiment": "E2", "k_top_spec": "0.2", "layers_spec": None, "n_matrices_edited": 14},
         {"variant_id": "quarter", "method": "swap_directions", "reference_compat": False, "k_tail_spec": "0", "experiment": "E3", "k_top_spec": "1.0", "layers_spec": "0-0.25", "n_matrices_edited": first_quarter_edits},
@@ -25,15 +25,15 @@ def editing_tables(first_quarter_edits: int, quarter_interval=(0.0, 0.0)):
 
 
 def test_an_edit_that_touches_no_matrix_is_no_evidence():
-    v = report.verdict_editing(*editing_tables(first_quarter_edits=0))
-    assert (v["editing_some"].verdict, v["editing_most"].verdict) == ("supported", "supported")
-    assert "layers 0-0.25: edits no matrix of this model" in v["editing_some"].evidence
-    assert v["editing_some"].values == {"rho top 0.2": 0.75, "rho_low top 0.2": 0.6, "rho_high top 0.2": 0.9}
+    v = report.verdict_edit(*edit_tables(first_quarter_edits=0))
+    assert (v["edit_some"].verdict, v["edit_most"].verdict) == ("supported", "supported")
+    assert "layers 0-0.25: edits no matrix of this model" in v["edit_some"].evidence
+    assert v["edit_some"].values == {"rho top 0.2": 0.75, "rho_low top 0.2": 0.6, "rho_high top 0.2": 0.9}
     # the first quarter edits, and recovers nothing: the conjunction of the two claims fails
-    both = report.verdict_editing(*editing_tables(first_quarter_edits=3))
-    assert (both["editing_some"].verdict, both["editing_most"].verdict) == ("not supported", "not supported")
-    mixed = report.verdict_editing(*editing_tables(first_quarter_edits=3, quarter_interval=(0.3, 0.6)))
-    assert (mixed["editing_some"].verdict, mixed["editing_most"].verdict) == ("supported", "inconclusive")
+    both = report.verdict_edit(*edit_tables(first_quarter_edits=3))
+    assert (both["edit_some"].verdict, both["edit_most"].verdict) == ("not supported", "not supported")
+    mixed = report.verdict_edit(*edit_tables(first_quarter_edits=3, quarter_interval=(0.3, 0.6)))
+    assert (mixed["edit_some"].verdict, mixed["edit_most"].verdict) == ("supported", "inconclusive")
 
 
 def test_replicate_verdicts_and_spread():
@@ -47,7 +47,7 @@ def test_replicate_verdicts_and_spread():
 def test_number_field_reads_the_first_attempt_against_the_hand():
     block = '{{\n  "cards": [\'5\', \'Q\', \'Q\', \'4\'],\n  "number": [{}],\n  "formula": "4*(5+12/12)=24",\n}}'
     t = {
-        "eval_ood": pl.DataFrame({"split": ["ood", "ood"], "index": [0, 1], "numbers": [[5, 12, 12, 4], [5, 12, 12, 4]]}),
+        "eval_set_ood": pl.DataFrame({"split": ["ood", "ood"], "index": [0, 1], "numbers": [[5, 12, 12, 4], [5, 12, 12, 4]]}),
         "eval_attempts": pl.DataFrame({
             "ckpt_id": ["s", "s", "s"], "split": ["ood"] * 3, "hand_index": [0, 1, 1], "attempt": [1, 1, 2],
             "response": [block.format("5, 12, 12, 4"), block.format("5, 10, 10, 4"), block.format("5, 12, 12, 4")],
@@ -59,7 +59,7 @@ def test_number_field_reads_the_first_attempt_against_the_hand():
     assert GP.report_columns(t)["number_field"].to_list() == [0.0]
 
 
-def editing_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
+def edit_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
     """E2 (B→S) and E5 (S→R) both with method swap_directions, k_top given as absolute k (the
     authors' preset), which sort differently as strings ("1024" < "256" < "64")."""
     rows, res = [], []
@@ -77,7 +77,7 @@ def editing_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
 def test_fig_editing_draws_each_experiment_on_its_own_line_in_numeric_k_order(tmp_path, monkeypatch):
     figs = []
     monkeypatch.setattr(report, "_save", lambda fig, out, name: figs.append(fig) or out / f"{name}.png")
-    report.fig_editing(*editing_sweep(), tmp_path)
+    report.fig_edit(*edit_sweep(), tmp_path)
     for ax in figs[0].axes:
         lines = {ln.get_label(): [float(x) for x in ln.get_xdata()] for ln in ax.get_lines()}
         assert lines == {"E2 swap_directions": [64.0, 256.0, 1024.0], "E5 swap_directions": [256.0, 1024.0]}, lines
@@ -98,7 +98,7 @@ def test_the_report_header_states_the_rules_it_applies(tmp_path):
     and one verdict row per finding."""
     tables = tmp_path / "tables"
     tables.mkdir()
-    res, variants = editing_tables(first_quarter_edits=3, quarter_interval=(-0.1, 0.9))
+    res, variants = edit_tables(first_quarter_edits=3, quarter_interval=(-0.1, 0.9))
     res.write_parquet(tables / "edit_eval_results.parquet")
     variants.write_parquet(tables / "edit_variants.parquet")
     info = report.build(tables, tmp_path / "out", "rlheal study", GP)

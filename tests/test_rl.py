@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM
 from rlheal.config import ConfigError, parse_config
 from rlheal.faults import InjectedFault
 from rlheal.store import Store
-from tasks import data, lm, models, rl, sft
+from tasks import data, lm, model, rl, sft
+from tasks.model import build_tiny
 from tasks.chat import encode, prompt_completion_ids
 from tasks.generalpoints import OUTCOMES, deal, overlap_key, reference_answer, render_prompt, score
 from tasks.rl import common, grpo, ppo
@@ -89,7 +90,7 @@ def weak(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store"))
     cfg = study()
     data_dir = data.run(store, cfg)
-    run_dir = sft.run(store, cfg, models.run(store, cfg), data_dir)
+    run_dir = sft.run(store, cfg, model.run(store, cfg), data_dir)
     start = pl.read_parquet(Path(run_dir) / "checkpoints.parquet").filter(pl.col("step") == 30).to_dicts()[0]
     return store, Path(data_dir), start
 
@@ -156,7 +157,7 @@ def test_advantage_histogram_layout():
 
 
 def test_split_index_from_character_offsets_on_the_tiny_tokenizer():
-    tok = models.build_tokenizer(GP)
+    tok = model.build_tokenizer(GP)
     answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
     s = ppo.split_index(tok, answer)
     # the token holding the opening quote of `"formula":` (here one token ends with the value's opening quote)
@@ -178,7 +179,7 @@ def test_sequence_score_is_the_generation_log_probability(tmp_path):
     """The teacher-forced pass scores exactly what generate() sampled: sum over i >= 1 of
     log softmax(z_i / tau)[o_i] with z_i generate's own raw logits (left padding and all)."""
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg)
+    build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     decoding = {**cfg.rl.decoding.resolved(), "temperature": 0.7, "max_new_tokens": 12}
     gen = Generator(model, tok, decoding, cfg.chat.date_string)
@@ -210,7 +211,7 @@ def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
     by 1 (or 0), scoring o_0 or o_1, or moving the split by one token each changes L by
     nats; the test asserts that each of those wrong formulas misses."""
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg)
+    build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, cfg.rl.decoding.resolved(), cfg.chat.date_string)
     answer = encode(tok, reference_answer(deal("id", 0, 3))) + [tok.eos_token_id]
@@ -248,7 +249,7 @@ def test_sequence_score_weights_thought_and_action_at_the_real_split(tmp_path):
 
 def test_a_hands_prompt_has_the_same_token_ids_in_every_stage():
     """training.md §0: SFT rows, PPO rollouts, GRPO prompts and evaluation."""
-    tok = models.build_tokenizer(GP)
+    tok = model.build_tokenizer(GP)
     date = parse_config({"name": "t"}).chat.date_string
     messages = [{"role": "user", "content": render_prompt(deal("id", 0, 5))}]
     sft_ids, n_prompt = prompt_completion_ids(tok, messages, [{"role": "assistant", "content": "x"}], date)
@@ -452,7 +453,7 @@ def reader(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("reader"))
     cfg = study(READER)
     data_dir = data.run(store, cfg)
-    run_dir = sft.run(store, cfg, models.run(store, cfg), data_dir)
+    run_dir = sft.run(store, cfg, model.run(store, cfg), data_dir)
     return store, Path(data_dir), pl.read_parquet(Path(run_dir) / "checkpoints.parquet").to_dicts()[-1]
 
 
@@ -626,7 +627,7 @@ def test_a_detached_critic_moves_the_head_only(tmp_path, detached):
     # rl.ppo.critic_detached: V's gradient stops at the final hidden state. Attached (the
     # authors' design), the same value loss reaches every backbone matrix it depends on.
     cfg = parse_config({"name": "t"})
-    models.build_tiny(tmp_path, cfg)
+    build_tiny(tmp_path, cfg)
     tok, model = lm.load_tokenizer(tmp_path), lm.load_model(tmp_path).eval()
     gen = Generator(model, tok, {**cfg.rl.decoding.resolved(), "max_new_tokens": 8}, cfg.chat.date_string)
     prompt = gen.prompt_ids([{"role": "user", "content": render_prompt(deal("id", 0, 0))}])

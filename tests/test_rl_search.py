@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from rlheal.config import ConfigError, load_config, parse_config
-from tasks import evaluate
+from tasks import eval
 from tasks.generalpoints import SPLITS, overlap_key
 from tasks.rl import search
 from tests.conftest import CONFIGS, smoke_config
@@ -147,13 +147,13 @@ def test_a_search_runs_rl_scores_id_hands_only_and_resumes(tmp_path, monkeypatch
         "candidates": [{"name": "a", "rl": {"save_steps": [0, 1]}}, {"name": "b", "rl": {"save_steps": [0, 2], "ppo": {"learning_rate": 3e-4}}}],
     }))  # fmt: skip
     played = []
-    real = evaluate.evaluate_model
+    real = eval.evaluate_model
 
     def spy(model, tok, table, cfg, ckpt):
         played.append((ckpt["ckpt_id"], set(table["split"]), table["eval_set_hash"][0]))
         return real(model, tok, table, cfg, ckpt)
 
-    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    monkeypatch.setattr(eval, "evaluate_model", spy)
     doc = tmp_path / "toy-rl.md"
     doc.write_text(f"{search.DOC_MARKERS[0]}\n{search.DOC_MARKERS[1]}\n")
     assert search.main([str(cfg_path), str(f), "--doc", str(doc)]) == 0

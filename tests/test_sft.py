@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlheal.config import ConfigError, parse_config
 from rlheal.store import Store
-from tasks import data, lm, models, sft
+from tasks import data, lm, model, sft
 from tasks.chat import prompt_completion_ids, render
 from tasks.generalpoints import deal, failure_message, reference_answer, render_prompt
 from tests.conftest import kill_when
@@ -26,7 +26,7 @@ SMALL = {
     "sft": {"save_steps": [0, 2, 6], "batch_size": 16, "per_device_batch_size": 8, "learning_rate": 3e-3, "lr_schedule": "constant", "ce_every": 3},
     "eval": {"ce_hands": 8, "decoding": {"max_new_tokens": 16}},
     "rl": {"from_steps": []},  # the CLI tests here are about SFT
-    "editing": {"enabled": False},
+    "edit": {"enabled": False},
 }
 
 
@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory):
     store = Store(tmp_path_factory.mktemp("store"))
     cfg = parse_config(SMALL)
     data_dir = data.run(store, cfg)
-    model_dir = models.run(store, cfg)
+    model_dir = model.run(store, cfg)
     run_dir = sft.run(store, cfg, model_dir, data_dir)
     return store, cfg, Path(data_dir), Path(model_dir), Path(run_dir)
 
@@ -66,7 +66,7 @@ def test_tiny_model_is_gqa_and_deterministic(tmp_path):
     cfg = parse_config({"name": "t"})
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    models.build_tiny(a, cfg), models.build_tiny(b, cfg)
+    model.build_tiny(a, cfg), model.build_tiny(b, cfg)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     k_proj = wa["model.layers.0.self_attn.k_proj.weight"]
@@ -121,7 +121,7 @@ def test_rerun_is_a_cache_hit(tiny_run):
 def test_lora_checkpoints_are_merged_full_weights(tmp_path):
     store = Store(tmp_path)
     cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": {"enabled": True, "r": 4, "alpha": 8}, "save_steps": [0, 2], "learning_rate": 1e-2}})
-    data_dir, model_dir = data.run(store, cfg), models.run(store, cfg)
+    data_dir, model_dir = data.run(store, cfg), model.run(store, cfg)
     run_dir = sft.run(store, cfg, model_dir, data_dir)
     ckpt = pl.read_parquet(Path(run_dir) / "checkpoints.parquet").filter(pl.col("step") == 2)["path"][0]
     files = sorted(p.name for p in Path(ckpt).iterdir())
@@ -154,7 +154,7 @@ def test_lora_targets_that_match_nothing_are_an_error(tmp_path):
     store = Store(tmp_path)
     cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "lora": {"enabled": True, "targets": ["attention.wq"]}}})
     with pytest.raises(ValueError, match=r"sft.lora.targets: none of \['attention.wq'\]"):
-        sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))
+        sft.run(store, cfg, model.run(store, cfg), data.run(store, cfg))
 
 
 def test_lr_schedules_match_the_authors():
@@ -167,20 +167,20 @@ def test_lr_schedules_match_the_authors():
 def test_unknown_model_is_a_clear_error_before_training(tmp_path):
     cfg = parse_config({"name": "t", "model": {"name_or_path": "no-such-org/no-such-model"}})
     with pytest.raises(ConfigError, match="model.name_or_path: 'no-such-org/no-such-model' is neither a directory nor a model in the local"):
-        models.run(Store(tmp_path), cfg)
+        model.run(Store(tmp_path), cfg)
 
 
 def test_a_local_hf_directory_is_used_in_place(tiny_run, tmp_path):
     _, _, _, model_dir, _ = tiny_run
     cfg = parse_config({"name": "t", "model": {"name_or_path": str(model_dir)}})
-    art = models.run(Store(tmp_path), cfg)
-    assert models.model_dir(art) == model_dir
+    art = model.run(Store(tmp_path), cfg)
+    assert model.model_dir(art) == model_dir
 
 
 def _uninterrupted_final(tmp_path, cfg_dict):
     store = Store(tmp_path / "reference")
     cfg = parse_config(cfg_dict)
-    run_dir = sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))
+    run_dir = sft.run(store, cfg, model.run(store, cfg), data.run(store, cfg))
     path = pl.read_parquet(Path(run_dir) / "checkpoints.parquet")["path"][-1]
     return load_file(Path(path) / "model.safetensors")
 
@@ -316,7 +316,7 @@ def test_save_dtype_auto_reads_the_dtype_key_transformers_5_writes(tiny_run, tmp
     store = Store(tmp_path / "store")
     cfg = parse_config({**SMALL, "model": {"name_or_path": str(start)}, "sft": {**SMALL["sft"], "save_steps": [0, 2], "save_dtype": "auto", "ce_every": 1000}})
     assert sft.save_dtype(cfg.sft, start) == torch.bfloat16
-    ckpts = pl.read_parquet(Path(sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))) / "checkpoints.parquet")
+    ckpts = pl.read_parquet(Path(sft.run(store, cfg, model.run(store, cfg), data.run(store, cfg))) / "checkpoints.parquet")
     saved = Path(ckpts.filter(pl.col("step") == 2)["path"][0])
     assert {t.dtype for t in load_file(saved / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((saved / "config.json").read_text())["dtype"] == "bfloat16"
@@ -330,7 +330,7 @@ def test_one_sft_step_at_lr_1e6_on_cuda_changes_the_weights(tmp_path):
     by about lr (Adam's first step is lr * g / (|g| + eps), |g| >> eps = 1e-7 here)."""
     store = Store(tmp_path)
     cfg = parse_config({**SMALL, "sft": {**SMALL["sft"], "save_steps": [0, 1], "learning_rate": 1e-6, "lr_schedule": "constant", "ce_every": 1000}})
-    run_dir = sft.run(store, cfg, models.run(store, cfg), data.run(store, cfg))
+    run_dir = sft.run(store, cfg, model.run(store, cfg), data.run(store, cfg))
     ckpts = pl.read_parquet(Path(run_dir) / "checkpoints.parquet")
     base = load_file(Path(ckpts["path"][0]) / "model.safetensors")
     step = load_file(Path(ckpts["path"][1]) / "model.safetensors")
@@ -384,7 +384,7 @@ def first_answer_runs(tmp_path_factory):
             "data": {"train_size": 128, "eval_size": 8, "answer": "first"},
             "sft": {**SMALL["sft"], "save_steps": [0, 8], "learning_rate": 1e-3, "lr_schedule": schedule, "warmup_steps": warmup, "ce_every": 1000, "log_every": 2 if schedule == "cosine" else 1},
         })  # fmt: skip
-        data_dir, model_dir = data.run(store, cfg), models.run(store, cfg)
+        data_dir, model_dir = data.run(store, cfg), model.run(store, cfg)
         runs[schedule] = (cfg, Path(data_dir), Path(model_dir), Path(sft.run(store, cfg, model_dir, data_dir)))
     return runs
 
@@ -405,7 +405,7 @@ def test_every_logged_learning_rate_follows_the_schedule(first_answer_runs, tiny
         assert len(set(want)) >= 3
 
 
-from tests.test_evaluate import _labels_nll  # noqa: E402  (one independent CE_h for both files)
+from tests.test_eval import _labels_nll  # noqa: E402  (one independent CE_h for both files)
 from tests.conftest import GP
 
 
@@ -415,7 +415,7 @@ def test_sft_log_ce_scores_the_trained_target(first_answer_runs):
     cfg, data_dir, model_dir, run_dir = first_answer_runs["log_warmup_constant"]
     log = pl.read_parquet(run_dir / "sft_log.parquet")
     tok, base = lm.load_tokenizer(model_dir), lm.load_model(model_dir)
-    table = pl.read_parquet(data_dir / "eval_ood.parquet")
+    table = pl.read_parquet(data_dir / "eval_set_ood.parquet")
     hands = [deal("ood", cfg.data.eval_seed, i) for i in range(cfg.eval.ce_hands)]
     trained = [GP.sft_row(h, cfg)["completion"][0]["content"] for h in hands]
     first = [_labels_nll(base, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], trained)]

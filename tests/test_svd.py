@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from rlheal.config import ConfigError, RolesSection, parse_config
 from rlheal.store import Store
-from tasks import models, svd
+from tasks import lm, model, svd
 from tasks.svd import metrics as M
 from tasks.svd.analysis import ANGLES_SCHEMA, CORRELATIONS_SCHEMA, PAIR_SCHEMA, SPECTRA_SCHEMA, VS_ACCURACY_SCHEMA
 from tasks.svd.engine import decompose
@@ -292,7 +292,7 @@ def trajectory(tmp_path_factory):
     root = tmp_path_factory.mktemp("svd")
     cfg = parse_config(TINY | {"svd": {"k": [0.0625, 0.125, 0.25, 16]}})
     base = root / "base"
-    models.build_tiny(base, cfg)
+    model.build_tiny(base, cfg)
     w0 = load_file(base / "model.safetensors")
     W = w0[ROTATED].double()
     U = torch.linalg.svd(W).U
@@ -305,7 +305,7 @@ def trajectory(tmp_path_factory):
     dirs |= {"sft-6": _save_like(base, root / "sft-6", w6), "rl-5": _save_like(base, root / "rl-5", _perturbed(w6, 5))}
     ckpts = pl.DataFrame(
         [{"ckpt_id": c, "stage": c.split("-")[0] if c != "base" else "base", "step": 0 if c == "base" else int(c.split("-")[1]),
-          "parent": {"rl-5": "sft-6", "base": None}.get(c, "base"), "path": str(p), "content_hash": models.weights_hash(p)} for c, p in dirs.items()],
+          "parent": {"rl-5": "sft-6", "base": None}.get(c, "base"), "path": str(p), "content_hash": lm.weights_hash(p)} for c, p in dirs.items()],
         schema_overrides={"step": pl.Int32},
     )  # fmt: skip
     summary = _summary({"base": 0.05, "sft-2": 0.30, "sft-4": 0.50, "sft-6": 0.40, "rl-5": 0.6})
@@ -438,7 +438,7 @@ def test_second_analysis_computes_no_svd_and_eval_changes_change_the_key(traject
     # eval results that move B give a new run
     moved = summary.with_columns(accuracy=pl.when(pl.col("ckpt_id") == "sft-2").then(0.9).otherwise(pl.col("accuracy")))
     assert svd.artifact(store, cfg, ckpts, moved) != svd.artifact(store, cfg, ckpts, summary)
-    # the editing stage's access: cached factors, more columns on request (a wider artifact)
+    # the edit stage's access: cached factors, more columns on request (a wider artifact)
     row = ckpts.filter(pl.col("ckpt_id") == "sft-4").row(0, named=True)
     f = svd.load_svd(store, cfg, row, ROTATED)
     assert sum(svd.SVD_CALLS.values()) == 0 and f.n_top == 16 and f.S.dtype == F64
@@ -525,13 +525,13 @@ EDIT_GRID = [
 
 def _run_stage(store: Store, cfg, ckpts: pl.DataFrame, summary: pl.DataFrame, tmp_path: Path) -> Path:
     """The Prefect task body, as the flow calls it (with the editing sweep's columns)."""
-    from tasks import editing
+    from tasks import edit
 
     ckpts.write_parquet(tmp_path / "checkpoints.parquet")
     summary.write_parquet(tmp_path / "eval_summary.parquet")
     art = svd.artifact(store, cfg, ckpts, summary)
     out = svd.stage.fn(artifact=art, cfg=cfg, checkpoints=[str(tmp_path / "checkpoints.parquet")], eval_summary=str(tmp_path / "eval_summary.parquet"),
-                       edit_columns=editing.column_requests(cfg))
+                       edit_columns=edit.column_requests(cfg))
     return Path(out)
 
 
@@ -561,7 +561,7 @@ def test_only_the_checkpoints_editing_reads_store_its_columns(trajectory, tmp_pa
     """Issue 14 §4: a full-rank edit asks for every column of its donor and target (B, S), not
     of every trajectory checkpoint, delta and noise control; R stores what its edit needs."""
     _, _, ckpts, summary = trajectory
-    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "editing": {"grid": "none", "variants": EDIT_GRID}})
+    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "edit": {"grid": "none", "variants": EDIT_GRID}})
     store = Store(tmp_path / "store")
     svd.SVD_CALLS.clear()
     _run_stage(store, cfg, ckpts, summary, tmp_path)
@@ -579,34 +579,34 @@ def test_only_the_checkpoints_editing_reads_store_its_columns(trajectory, tmp_pa
         assert got["sft-4"][mat.param] == got["sft-6"][mat.param] == (r, r)  # B -> S at k_top 1.0
         assert got["rl-5"][mat.param] == (r // 2 + r // 8,) * 2  # top 0.5 and tail 0.125 of S -> R
     # the same, as the plan a store-space estimate reads
-    from tasks import editing
+    from tasks import edit
 
-    plan = svd.columns_plan(cfg, [(32, 32), (16, 32)], edit_columns=editing.column_requests(cfg))
+    plan = svd.columns_plan(cfg, [(32, 32), (16, 32)], edit_columns=edit.column_requests(cfg))
     assert plan == {"checkpoint": [(8, 0), (4, 0)], "delta": [(8, 0), (4, 0)], "noise": [(8, 0), (4, 0)],
                     "edit:B": [(32, 0), (16, 0)], "edit:S": [(32, 0), (16, 0)], "edit:R": [(16, 4), (8, 2)]}  # fmt: skip
 
 
-def test_a_compat_study_decomposes_each_checkpoint_matrix_once_across_svd_and_editing(trajectory, tmp_path):
+def test_a_compat_study_decomposes_each_checkpoint_matrix_once_across_svd_and_edit(trajectory, tmp_path):
     """Issue 14 §5: under reference_compat the edits also touch the embedding (quirk 3). The svd
     stage decomposes it with B's and S's other matrices, and editing decomposes nothing."""
-    from tasks import editing
+    from tasks import edit
 
     _, _, ckpts, summary = trajectory
     grid = [{"method": "swap_directions", "k_top": 8}, {"method": "swap_triplets", "k_top": 4, "k_tail": 2},
             {"method": "sv_only", "k_top": 64}, {"method": "copy", "k_top": 4096, "layers": "0-0"}, {"method": "swap_directions", "k_top": 8, "layers": "1-1"}]  # fmt: skip
-    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "editing": {"grid": "none", "reference_compat": True, "variants": grid}})
+    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "edit": {"grid": "none", "reference_compat": True, "variants": grid}})
     store = Store(tmp_path / "store")
     svd.SVD_CALLS.clear()
     out = _run_stage(store, cfg, ckpts, summary, tmp_path)
     after_svd = dict(svd.SVD_CALLS)
     roles = pl.read_parquet(out / "checkpoint_roles.parquet")
     rows = {r["ckpt_id"]: r for r in ckpts.to_dicts()}
-    variants = [v for v in editing.variants(cfg, roles, 2) if v["method"] != "none"]
+    variants = [v for v in edit.variants(cfg, roles, 2) if v["method"] != "none"]
     assert len(variants) == 5 and all(v["reference_compat"] for v in variants)
     edited = set()
     for v in variants:
-        with editing.resident(rows[v["target_id"]], torch.float16) as loaded:
-            with editing.applied(store, cfg, v, loaded, rows[v["target_id"]], rows[v["donor_id"]]) as log:
+        with edit.resident(rows[v["target_id"]], torch.float16) as loaded:
+            with edit.applied(store, cfg, v, loaded, rows[v["target_id"]], rows[v["donor_id"]]) as log:
                 edited |= {r["param"] for r in log if r["n_indices"] and not r["compat_early_exit"]}
     assert "model.embed_tokens.weight" in edited  # the edits did read factors of the embedding
     assert dict(svd.SVD_CALLS) == after_svd  # ... all from the svd stage's cache

@@ -183,7 +183,7 @@ def run_rotation(rng, draws, effect):
 
 # Editing: donor B and target S at the paper's accuracies, each claimed variant an edit with
 # recovery ρ; §4.4's paired bootstrap, vectorised.
-MAX_NO_GAP = 0.025  # tasks/editing/recovery.py
+MAX_NO_GAP = 0.025  # tasks/edit/recovery.py
 
 
 def percentile(x: np.ndarray, q: float) -> np.ndarray:
@@ -216,7 +216,7 @@ def recovery_intervals(rng, edit, donor, target, resamples: int = 2000):
     return np.where(ok, lo, np.nan), np.where(ok, hi, np.nan)
 
 
-def editing_draws(rng, draws, rho, variants=2, r=0.0, resamples=2000, hands=HANDS):
+def edit_draws(rng, draws, rho, variants=2, r=0.0, resamples=2000, hands=HANDS):
     """Donor, target and `variants` edits with recovery rho, drawn jointly (latent r)."""
     y = draw(rng, [ACC_B, ACC_S] + [ACC_S + rho * (ACC_B - ACC_S)] * variants, draws, hands, r=r)
     donor, target, edits = y[:, 0], y[:, 1], y[:, 2:]
@@ -224,8 +224,8 @@ def editing_draws(rng, draws, rho, variants=2, r=0.0, resamples=2000, hands=HAND
     return np.stack([b[0] for b in bounds], 1), np.stack([b[1] for b in bounds], 1), (edits, donor, target)
 
 
-def run_editing(rng, draws, resamples, rho, question, r=0.0):
-    lo, hi, _ = editing_draws(rng, draws, rho, r=r, resamples=resamples)
+def run_edit(rng, draws, resamples, rho, question, r=0.0):
+    lo, hi, _ = edit_draws(rng, draws, rho, r=r, resamples=resamples)
     return report.judge_recovery(lo, hi)[question]
 
 
@@ -243,15 +243,15 @@ SCENARIOS = {
     ("window", "paper: 4 starts (140, 500, 1100, 1400), RL as F1"): (lambda g, n, b: run_window(g, n, True, FOUR_STARTS), True, MIN_POWER, True),
     ("rotation", f"update = iid noise ({ROT_MATRICES} matrices {ROT_N}x{ROT_N}, median σ drift 0.35 %)"): (lambda g, n, b: run_rotation(g, n // 4, False), False, None, True),
     ("rotation", "rotation among the top 2k directions, σ drift 0.35 %"): (lambda g, n, b: run_rotation(g, n // 4, True), True, MIN_POWER, True),
-    ("editing_some", "ρ = 0 (B 17.5 %, S 9.0 %, two variants)"): (lambda g, n, b: run_editing(g, n, b, 0.0, "some"), False, None, True),
-    ("editing_some", "paper: ρ = 0.75, independent models"): (lambda g, n, b: run_editing(g, n, b, 0.75, "some"), True, 0.7, True),
-    ("editing_some", "paper: ρ = 0.75, models correlated per hand (r = 0.5)"): (lambda g, n, b: run_editing(g, n, b, 0.75, "some", r=0.5), True, MIN_POWER, False),
-    ("editing_most", "ρ = 0"): (lambda g, n, b: run_editing(g, n, b, 0.0, "most"), False, None, False),
-    ("editing_most", "ρ = 0.5 (the boundary)"): (lambda g, n, b: run_editing(g, n, b, 0.5, "most"), False, None, True),
-    ("editing_most", "ρ = 0.5 (the boundary), r = 0.5"): (lambda g, n, b: run_editing(g, n, b, 0.5, "most", r=0.5), False, None, False),
+    ("edit_some", "ρ = 0 (B 17.5 %, S 9.0 %, two variants)"): (lambda g, n, b: run_edit(g, n, b, 0.0, "some"), False, None, True),
+    ("edit_some", "paper: ρ = 0.75, independent models"): (lambda g, n, b: run_edit(g, n, b, 0.75, "some"), True, 0.7, True),
+    ("edit_some", "paper: ρ = 0.75, models correlated per hand (r = 0.5)"): (lambda g, n, b: run_edit(g, n, b, 0.75, "some", r=0.5), True, MIN_POWER, False),
+    ("edit_most", "ρ = 0"): (lambda g, n, b: run_edit(g, n, b, 0.0, "most"), False, None, False),
+    ("edit_most", "ρ = 0.5 (the boundary)"): (lambda g, n, b: run_edit(g, n, b, 0.5, "most"), False, None, True),
+    ("edit_most", "ρ = 0.5 (the boundary), r = 0.5"): (lambda g, n, b: run_edit(g, n, b, 0.5, "most", r=0.5), False, None, False),
     # More than 500 hands can show (docs/verdicts.md): measured and printed, not required.
-    ("editing_most", "paper: ρ = 0.75, independent models"): (lambda g, n, b: run_editing(g, n, b, 0.75, "most"), True, 0.0, False),
-    ("editing_most", "paper: ρ = 0.75, r = 0.5"): (lambda g, n, b: run_editing(g, n, b, 0.75, "most", r=0.5), True, 0.0, False),
+    ("edit_most", "paper: ρ = 0.75, independent models"): (lambda g, n, b: run_edit(g, n, b, 0.75, "most"), True, 0.0, False),
+    ("edit_most", "paper: ρ = 0.75, r = 0.5"): (lambda g, n, b: run_edit(g, n, b, 0.75, "most", r=0.5), True, 0.0, False),
     # Appended (seeds follow the position): coarse designs, measured and printed, not required.
     **{("window", f"4 starts ({k}): no effect"): ((lambda m: lambda g, n, b: run_window(g, n, False, m))(m), False, None, False) for k, m in COARSE.items()},
     **{("window", f"paper: 4 starts ({k}), RL as F1"): ((lambda m: lambda g, n, b: run_window(g, n, True, m))(m), True, 0.0, False) for k, m in COARSE.items()},
@@ -313,7 +313,7 @@ def test_window_nulls_that_heal_read_not_supported():
 
 
 def test_wilson_is_the_eval_stages():
-    from tasks.evaluate import wilson_interval
+    from tasks.eval import wilson_interval
 
     for k, n in [(0, 500), (1, 500), (88, 500), (250, 500), (500, 500), (3, 16)]:
         lo, hi = report.wilson(np.array([k]), n)
@@ -324,11 +324,11 @@ def test_vectorised_bootstrap_matches_paired_bootstrap():
     """The multinomial shortcut has the distribution of §4.4's index resampling: on the same
     outcomes the intervals agree within the Monte-Carlo error of 20000 resamples (the tails of
     a ratio: up to about 0.02 here; 0.04 allowed)."""
-    from tasks.editing import paired_bootstrap
+    from tasks.edit import paired_bootstrap
 
     rng = np.random.default_rng(3)
     for rho in (0.0, 0.75):
-        _, _, (edits, donor, target) = editing_draws(rng, 2, rho, variants=1, resamples=10)
+        _, _, (edits, donor, target) = edit_draws(rng, 2, rho, variants=1, resamples=10)
         lo, hi = recovery_intervals(rng, edits[:, 0], donor, target, resamples=20000)
         for i in range(2):
             ref = paired_bootstrap(edits[i, 0], donor[i], target[i], resamples=20000)
@@ -368,7 +368,7 @@ def attempts_rows(ckpt: str, split: str, solved: np.ndarray, hands: np.ndarray |
 
 
 def summary_rows(attempts: pl.DataFrame, meta: dict[str, tuple[str, int]]) -> pl.DataFrame:
-    from tasks.evaluate import wilson_interval
+    from tasks.eval import wilson_interval
 
     s = attempts.group_by("ckpt_id", "split", "hand_index").agg(solved=(pl.col("reward") == 5).any()).group_by("ckpt_id", "split").agg(n=pl.len(), k=pl.col("solved").sum())
     lo, hi = zip(*(wilson_interval(k, n) for k, n in zip(s["k"], s["n"])))
@@ -415,7 +415,7 @@ def svd_study(update: dict, noise: dict, other_noise: dict | None = None) -> dic
     return {"svd_pair_metrics": pl.DataFrame(rows, schema_overrides={"skip_reason": pl.String}), "checkpoint_roles": roles}
 
 
-def editing_study(lo: np.ndarray, hi: np.ndarray, rho: np.ndarray | None = None) -> dict[str, pl.DataFrame]:
+def edit_study(lo: np.ndarray, hi: np.ndarray, rho: np.ndarray | None = None) -> dict[str, pl.DataFrame]:
     variants = pl.DataFrame([
         {"variant_id": "top", "experiment": "E2", "method": "swap_directions", "reference_compat": False, "k_top_spec": "0.2", "k_tail_spec": "0", "layers_spec": None, "n_matrices_edited": 14},
         {"variant_id": "quarter", "experiment": "E3", "method": "swap_directions", "reference_compat": False, "k_top_spec": "1.0", "k_tail_spec": "0", "layers_spec": "0-0.25", "n_matrices_edited": 7},
@@ -473,14 +473,14 @@ def test_rotation_tables_agree():
             assert code(got) == want[i], (effect, got)
 
 
-def test_editing_tables_agree():
+def test_edit_tables_agree():
     rng = np.random.default_rng(14)
     for rho in (0.0, 0.75):
-        lo, hi, _ = editing_draws(rng, 5, rho, resamples=FAST_RESAMPLES)
+        lo, hi, _ = edit_draws(rng, 5, rho, resamples=FAST_RESAMPLES)
         want = report.judge_recovery(lo, hi)
         for i in range(5):
-            v = verdicts(editing_study(lo[i], hi[i]))
-            assert (code(v["editing_some"]), code(v["editing_most"])) == (want["some"][i], want["most"][i])
+            v = verdicts(edit_study(lo[i], hi[i]))
+            assert (code(v["edit_some"]), code(v["edit_most"])) == (want["some"][i], want["most"][i])
 
 
 # ---------------------------------------------------------------------------- the old rules' defects
@@ -556,15 +556,15 @@ def test_rotation_is_judged_against_the_same_pairs_noise_control():
 def test_a_wide_recovery_interval_is_inconclusive_for_both_questions():
     """[−0.1, 0.9] says neither that editing recovers nothing nor that it recovers most; the
     old rule said "not supported"."""
-    v = verdicts(editing_study(np.array([-0.1, -0.1]), np.array([0.9, 0.9])))
-    got = {k: x.verdict for k, x in v.items() if k.startswith("editing")}
-    assert got == {"editing_some": "inconclusive", "editing_most": "inconclusive"}
-    v = verdicts(editing_study(np.array([0.1, 0.2]), np.array([0.45, 0.4])))
-    assert (v["editing_some"].verdict, v["editing_most"].verdict) == ("supported", "not supported")  # some, but not most
-    v = verdicts(editing_study(np.array([0.6, 0.55]), np.array([0.95, 0.9])))
-    assert (v["editing_some"].verdict, v["editing_most"].verdict) == ("supported", "supported")
-    v = verdicts(editing_study(np.array([0.6, np.nan]), np.array([0.95, np.nan]), rho=np.array([0.8, 0.3])))
-    assert v["editing_most"].verdict == "inconclusive" and "gap is not significant" in v["editing_most"].evidence
+    v = verdicts(edit_study(np.array([-0.1, -0.1]), np.array([0.9, 0.9])))
+    got = {k: x.verdict for k, x in v.items() if k.startswith("edit")}
+    assert got == {"edit_some": "inconclusive", "edit_most": "inconclusive"}
+    v = verdicts(edit_study(np.array([0.1, 0.2]), np.array([0.45, 0.4])))
+    assert (v["edit_some"].verdict, v["edit_most"].verdict) == ("supported", "not supported")  # some, but not most
+    v = verdicts(edit_study(np.array([0.6, 0.55]), np.array([0.95, 0.9])))
+    assert (v["edit_some"].verdict, v["edit_most"].verdict) == ("supported", "supported")
+    v = verdicts(edit_study(np.array([0.6, np.nan]), np.array([0.95, np.nan]), rho=np.array([0.8, 0.3])))
+    assert v["edit_most"].verdict == "inconclusive" and "gap is not significant" in v["edit_most"].evidence
 
 
 def test_loss_that_shows_the_peak():
@@ -740,7 +740,7 @@ def most_power_by_hands(draws: int, hands=(500, 1000, 2000, 4000, 8000)) -> str:
     for h in hands:
         cells = []
         for r in (0.0, 0.5):
-            lo, hi, _ = editing_draws(np.random.default_rng([h, int(10 * r)]), draws, 0.75, r=r, hands=h)
+            lo, hi, _ = edit_draws(np.random.default_rng([h, int(10 * r)]), draws, 0.75, r=r, hands=h)
             cells.append(f"{100 * (report.judge_recovery(lo, hi)['most'] == report.SUPPORTED).mean():.1f} %")
         lines.append(f"| {h} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

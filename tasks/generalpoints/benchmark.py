@@ -147,7 +147,7 @@ class GeneralPoints:
         """`number_field` per checkpoint and split: the share of first attempts whose
         `"number"` list is the hand's values under the split's rule. It shows how well the
         model still reads the face-card rule, which at small scale moves long before accuracy does."""
-        tables = [f"eval_{s}" for s in SPLITS if f"eval_{s}" in t]
+        tables = [f"eval_set_{s}" for s in SPLITS if f"eval_set_{s}" in t]
         if "eval_attempts" not in t or not tables:
             return None
         hands = pl.concat([t[name].select("split", pl.col("index").alias("hand_index"), "numbers") for name in tables])

@@ -43,7 +43,7 @@ from rlheal.caching import Stage, open_store
 from rlheal.config import PretrainSection, StudyConfig, load_config
 from rlheal.faults import maybe_fail
 from rlheal.store import Artifact, Store, sha256_file, write_parquet
-from tasks import benchmark, lm, models
+from tasks import benchmark, lm, model
 from tasks.chat import prompt_completion_ids
 
 STAGE = Stage("pretrain", version="1")
@@ -142,7 +142,7 @@ def pretrain(model_dir: Path, out: Path, cfg: StudyConfig) -> dict:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     write_parquet(pl.DataFrame(history, schema={"step": pl.Int32, "loss": pl.Float64, "learning_rate": pl.Float64}), out / LOG)
-    return {"final_loss": history[-1]["loss"], "weights_sha256": models.weights_hash(out)}
+    return {"final_loss": history[-1]["loss"], "weights_sha256": lm.weights_hash(out)}
 
 
 # ---------------------------------------------------------------------------- shipped base
@@ -155,7 +155,7 @@ def shipped_key(cfg: StudyConfig) -> dict:
     rebuild is bit for bit)."""
     return {
         "version": STAGE.version,
-        "model_version": models.STAGE.version,
+        "model_version": model.STAGE.version,
         "tiny": cfg.model.tiny.model_dump(),
         **key_config(cfg),
     }
@@ -175,7 +175,7 @@ def shipped_problem(root: Path = SHIPPED) -> str | None:
     for name, digest in record["files"].items():
         if not (folder / name).is_file() or sha256_file(folder / name) != digest:
             return f"{folder / name} does not match its recorded sha256"
-    if models.weights_hash(folder) != record["weights_sha256"]:
+    if lm.weights_hash(folder) != record["weights_sha256"]:
         return "weights hash does not match the record"
     return None
 
@@ -185,7 +185,7 @@ def ship(cfg: StudyConfig, root: Path = SHIPPED) -> dict:
     cfg = cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"use_shipped": False})})
     with tempfile.TemporaryDirectory(prefix="rlheal-ship-") as tmp:
         store = Store(tmp)
-        model_dir = models.run(store, cfg)
+        model_dir = model.run(store, cfg)
         t0 = time.time()
         built = run(store, cfg, model_dir)
         seconds = time.time() - t0
@@ -198,7 +198,7 @@ def ship(cfg: StudyConfig, root: Path = SHIPPED) -> dict:
         record = {
             "key": shipped_key(cfg),
             "start_weights_sha256": store.manifest(model_dir)["weights_sha256"],
-            "weights_sha256": models.weights_hash(folder),
+            "weights_sha256": lm.weights_hash(folder),
             "files": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "final_loss": store.manifest(built)["final_loss"],
             "command": REBUILD,
@@ -258,7 +258,7 @@ def make(art: Artifact, cfg: StudyConfig, model_dir: Path) -> Path:
             for f in sorted(shipped.iterdir()):
                 shutil.copy2(f, tmp / f.name)
             log.info("pretrain: copied the shipped base %s", shipped)
-            return {"source": "shipped", "weights_sha256": models.weights_hash(tmp), "final_loss": shipped_record()["final_loss"]}
+            return {"source": "shipped", "weights_sha256": lm.weights_hash(tmp), "final_loss": shipped_record()["final_loss"]}
         if cfg.pretrain.use_shipped:
             log.info("pretrain: the shipped base was trained with another config; training (%d steps)", cfg.pretrain.steps)
         return {"source": "trained", **pretrain(model_dir, tmp, cfg)}

@@ -78,7 +78,7 @@ def artifact(store: Store, cfg: StudyConfig, start_ckpt: dict, data_art: Artifac
 def _check_data(cfg: StudyConfig, data_path: Path) -> None:
     """The examples skipped are those the data stage stored for evaluation (checked, not assumed)."""
     bench = benchmark.of(cfg)
-    tables = [Path(data_path) / f"eval_{s}.parquet" for s in bench.splits]
+    tables = [Path(data_path) / f"eval_set_{s}.parquet" for s in bench.splits]
     stored = {pl.read_parquet(t, columns=["eval_set_hash"])["eval_set_hash"][0] for t in tables if t.is_file()}
     ours = benchmark.eval_set_hash(bench, benchmark.eval_examples(bench, cfg.data.eval_seed, cfg.data.eval_size))
     if stored and stored != {ours}:

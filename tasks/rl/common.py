@@ -14,7 +14,7 @@ import torch
 from rlheal.config import StudyConfig
 from rlheal.store import Artifact, Store
 from tasks import benchmark
-from tasks.models import weights_hash
+from tasks.lm import weights_hash
 
 VALUE_HEAD = "value_head.safetensors"
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)

@@ -73,12 +73,12 @@ def id_score(path: str | Path, cfg: StudyConfig, table: pl.DataFrame, ckpt_id: s
     """Held-out ID accuracy (Wilson 95 %) and first-attempt format-error rate of a checkpoint."""
     import torch
 
-    from tasks import evaluate, lm
+    from tasks import eval, lm
 
     quiet = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"ce_hands": 0})})  # accuracy only
     model = lm.load_model(path, torch.float32, "cpu", cfg.model.trust_remote_code)
     tok = lm.load_tokenizer(path, cfg.model.trust_remote_code)
-    _, summary = evaluate.evaluate_model(model, tok, table, quiet, {"ckpt_id": ckpt_id})
+    _, summary = eval.evaluate_model(model, tok, table, quiet, {"ckpt_id": ckpt_id})
     row = summary.row(0, named=True)
     return {
         "n": row["n"],
@@ -159,10 +159,10 @@ def generations(cfg: StudyConfig) -> int:
 def sft_start(store: Store, cfg: StudyConfig, step: int) -> tuple[dict, Path]:
     """The study's SFT checkpoint at `step` and its data directory, through the stages
     themselves (cached in the store; no evaluation is run)."""
-    from tasks import data, models, pretrain, sft
+    from tasks import data, model, pretrain, sft
 
     data_dir = data.run(store, cfg)
-    model_dir = models.run(store, cfg)
+    model_dir = model.run(store, cfg)
     if cfg.pretrain.enabled:
         model_dir = pretrain.run(store, cfg, model_dir)
     run_dir = sft.run(store, cfg, model_dir, data_dir)

@@ -300,8 +300,8 @@ def run(
     art: Artifact | None = None,
 ) -> Path:
     """Analyse the study's checkpoints, or find the sealed result (`art`, the task's artifact,
-    else derived here). `edit_columns` (role -> request, `tasks.editing.column_requests`)
-    lets the editing stage have the singular vectors of its donors and targets cached in
+    else derived here). `edit_columns` (role -> request, `tasks.edit.column_requests`)
+    lets the edit stage have the singular vectors of its donors and targets cached in
     the same single pass."""
     art = art or artifact(store, cfg, checkpoints, eval_summary)
 

@@ -14,7 +14,7 @@ that covers a request is used for it.
 
 Columns (§2 `svd.columns: needed`): every object keeps the top columns of the measurement
 k-grid; only the checkpoints the editing sweep reads (its donors and targets, by role) also
-keep the columns its edits need (the flow passes `tasks.editing.column_requests`), and under reference_compat every
+keep the columns its edits need (the flow passes `tasks.edit.column_requests`), and under reference_compat every
 other 2-D tensor of them, so that editing decomposes nothing itself (§4.5 rule 1).
 `columns_plan` states the same per object kind, for store-space estimates.
 """
@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from rlheal.caching import Stage
 from rlheal.config import StudyConfig
 from rlheal.store import Store, stable_hash
-from tasks import models
+from tasks import lm
 from tasks.svd.matrices import Matrix, every_matrix, model_order, read_tensor, select_matrices, storage_dtype
 from tasks.svd.metrics import NOISE_SEED, Factors, KSpec, noise_target, resolve_k
 
@@ -169,7 +169,7 @@ def columns_plan(
     `edit:<role>` for each role (base, B, S, R) whose checkpoint editing reads: that checkpoint
     stores `edit:<role>` instead of `checkpoint` (one with two roles stores the larger of
     each), with `shapes` then, where the request says so, `other_shapes` in that order.
-    `edit_columns`: role -> what editing reads (`tasks.editing.column_requests`); none given,
+    `edit_columns`: role -> what editing reads (`tasks.edit.column_requests`); none given,
     no checkpoint is an editing one."""
     measured = column_request(cfg)
     plan = {kind: [measured.columns(min(s)) for s in shapes] for kind in ("checkpoint", "delta", "noise")}
@@ -325,7 +325,7 @@ class SvdCache:
 
 def content_hash(row: dict) -> str:
     """A checkpoint's weights hash, from its row or (missing) from its files."""
-    return row.get("content_hash") or models.weights_hash(Path(row["path"]))
+    return row.get("content_hash") or lm.weights_hash(Path(row["path"]))
 
 
 def noise_id(ref_id: str, tgt_id: str) -> str:

@@ -110,7 +110,7 @@ def _no_space_left(kind: str):
     """A stage writer that writes half a file, then fails as a full disk makes it fail."""
     from safetensors import SafetensorError
 
-    def write(out, *args, **kwargs):  # (out, cfg) of models.build, (df, path) of write_parquet
+    def write(out, *args, **kwargs):  # (out, cfg) of model.build, (df, path) of write_parquet
         out = args[0] if kind == "oserror" else out
         half = out / "model.safetensors" if out.is_dir() else out
         half.write_bytes(b"\0" * 1000)
@@ -128,12 +128,12 @@ def test_disk_full_mid_run(kind, tmp_path, prefect_api, monkeypatch, capfd):
     message naming the store and the space the study still needs, the data stage (finished
     first) is kept and the failed stage's half-written folder is gone."""
     from flows import cli
-    from tasks import data, models
+    from tasks import data, model
 
     if kind == "oserror":
         monkeypatch.setattr(data, "write_parquet", _no_space_left(kind))
     else:
-        monkeypatch.setattr(models, "build", _no_space_left(kind))  # the stage's, not preflight's build_tiny
+        monkeypatch.setattr(model, "build", _no_space_left(kind))  # the stage's, not preflight's build_tiny
     store = tmp_path / "store"
     code = cli.main(["run", str(write_config(tmp_path))])
     out, err = capfd.readouterr()
@@ -156,12 +156,12 @@ def test_disk_full_mid_run(kind, tmp_path, prefect_api, monkeypatch, capfd):
 def test_a_failure_that_is_not_a_full_disk_still_exits_1(tmp_path, prefect_api, monkeypatch, capfd):
     """The full-disk message is not every failure's: a stage that fails otherwise ends as before."""
     from flows import cli
-    from tasks import models
+    from tasks import model
 
     def broken(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")  # torch's write failure, on a disk with room
 
-    monkeypatch.setattr(models, "build", broken)
+    monkeypatch.setattr(model, "build", broken)
     code = cli.main(["run", str(write_config(tmp_path))])
     out, err = capfd.readouterr()
     assert code == 1, out[-2000:] + err[-2000:]

@@ -18,7 +18,7 @@ def _checksum(path):
 
 DAMAGE = {
     "truncated-safetensors": ("sft/*-s4/model.safetensors", _truncate, "size of model.safetensors"),
-    "truncated-parquet": ("data/*/eval_ood.parquet", _truncate, "size of eval_ood.parquet"),
+    "truncated-parquet": ("data/*/eval_set_ood.parquet", _truncate, "size of eval_set_ood.parquet"),
     "manifest-checksum": ("model/*/model.safetensors", _checksum, "checksum of model.safetensors"),
     "missing-file": ("eval/*/eval_attempts.parquet", lambda p: p.unlink(), "missing file eval_attempts.parquet"),
 }

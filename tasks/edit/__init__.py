@@ -1,4 +1,4 @@
-"""Stage `editing`: rotation-editing experiments (analysis.md §4, §6).
+"""Stage `edit`: rotation-editing experiments (analysis.md §4, §6).
 
 Read in this order: `formulas` (index sets and E0/E1/E2/E4 as tensor functions, §4.1),
 `grid` (variants, E3 layer ranges, the §4.3 grids, the companion paper's claims), `apply`
@@ -8,19 +8,19 @@ Prefect task per variant, the study tables, §6).
 
 Wiring (flows/study.py), after the svd stage:
 
-    roles = editing.read_roles(svd_dir)                  # checkpoint_roles
+    roles = edit.read_roles(svd_dir)                  # checkpoint_roles
     ckpts = svd.read_checkpoints(checkpoint_parquets)    # sft (+ rl) checkpoints tables
-    for v in editing.plan(cfg, roles, ckpts):            # resolved grid incl. baselines
-        editing.stage(artifact=editing.artifact(st, cfg, v, ckpts, data_dir), cfg=cfg,
+    for v in edit.plan(cfg, roles, ckpts):            # resolved grid incl. baselines
+        edit.stage(artifact=edit.artifact(st, cfg, v, ckpts, data_dir), cfg=cfg,
                       variant=v, roles=svd_dir, checkpoints=checkpoint_parquets, data=data_dir)
-    editing.collect_stage(artifact=editing.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)
+    edit.collect_stage(artifact=edit.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)
 """
 
-from tasks.editing.apply import applied, edited, fingerprint, n_layers, resident
-from tasks.editing.formulas import METHODS, edit_matrix, index_set, resolve_edit_k
-from tasks.editing.grid import claim_variants, column_request, column_requests, resolve_layers, variant_id, variants
-from tasks.editing.recovery import damage_fraction, paired_bootstrap, recovery_fraction
-from tasks.editing.sweep import (
+from tasks.edit.apply import applied, edited, fingerprint, n_layers, resident
+from tasks.edit.formulas import METHODS, edit_matrix, index_set, resolve_edit_k
+from tasks.edit.grid import claim_variants, column_request, column_requests, resolve_layers, variant_id, variants
+from tasks.edit.recovery import damage_fraction, paired_bootstrap, recovery_fraction
+from tasks.edit.sweep import (
     SCHEMAS, STAGE, artifact, collect, collect_artifact, collect_stage, edit_and_evaluate, plan, read_roles, run,
     run_variant, stage, sweep_size,
 )  # fmt: skip

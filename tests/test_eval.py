@@ -12,11 +12,12 @@ import torch
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, evaluate, lm, models
+from tasks import data, eval, lm, model
+from tasks.model import build_tiny
 from tasks.chat import prompt_completion_ids
-from tasks.evaluate import play
+from tasks.eval import play
 from tasks.lm import Generation
-from tasks.evaluate import wilson_interval
+from tasks.eval import wilson_interval
 from tasks.generalpoints import OUTCOMES, deal, make_hand, render_prompt
 from tasks.generalpoints.prompt import answer_block
 from tests.conftest import GP
@@ -73,7 +74,7 @@ def episodes(hands, mode="exact"):
 
 def played_attempts(hands=(A, B, C, D), script=SCRIPT, batch_size=3, mode="exact"):
     played = play(episodes(hands, mode), Scripted(script), batch_size)
-    return played, evaluate.attempts_table(GP, played, "ckpt", "id", "reference" if mode == "exact" else "exact")
+    return played, eval.attempts_table(GP, played, "ckpt", "id", "reference" if mode == "exact" else "exact")
 
 
 # ---------------------------------------------------------------------------- the episode loop
@@ -97,7 +98,7 @@ def test_episode_rewards_attempts_and_success_per_hand():
     assert rows[3]["reward"] == [-2.0] * 5 and rows[3]["outcome"] == ["incorrect_number"] * 5
     assert attempts["attempt"].to_list() == [1, 1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
     assert attempts["generated_tokens"].to_list()[:4] == [7, 7, 14, 21]
-    assert attempts.schema == pl.Schema(evaluate.attempts_schema(GP))
+    assert attempts.schema == pl.Schema(eval.attempts_schema(GP))
 
 
 def test_attempt_two_sees_the_raw_output_and_the_failure_message():
@@ -124,7 +125,7 @@ def test_finished_episodes_drop_out_and_batches_are_chunked():
 
 def test_summary_by_hand():
     _, attempts = played_attempts()
-    s = evaluate.summarize(GP, attempts).row(0, named=True)
+    s = eval.summarize(GP, attempts).row(0, named=True)
     # n = 4 hands, k = 2 solved (A on attempt 1, B on attempt 3), A = 1 + 3 + 5 + 5 attempts
     assert (s["n"], s["k"], s["attempts"]) == (4, 2, 14)
     assert s["accuracy"] == 0.5 and s["first_attempt_accuracy"] == 0.25
@@ -164,7 +165,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_results(error):
     played = play(episodes([A, B, C, D]), Small(SCRIPT), batch_size=4)
     assert played.batch_size == 1
     _, reference = played_attempts(batch_size=4)
-    assert evaluate.attempts_table(GP, played, "ckpt", "id", "reference").equals(reference)
+    assert eval.attempts_table(GP, played, "ckpt", "id", "reference").equals(reference)
 
 
 def test_other_errors_are_not_swallowed():
@@ -179,7 +180,7 @@ def test_prefect_task_run_name_names_the_checkpoint_and_split():
     from prefect._internal.engine import resolve_custom_task_run_name
 
     def name(ckpt):
-        return resolve_custom_task_run_name(evaluate.stage, {"artifact": "x", "cfg": None, "ckpt": ckpt, "split": "ood", "data": "d"})
+        return resolve_custom_task_run_name(eval.stage, {"artifact": "x", "cfg": None, "ckpt": ckpt, "split": "ood", "data": "d"})
 
     assert name({"ckpt_id": "sft-10", "stage": "sft", "step": 10}) == "eval sft step=10 ood"
     assert name({"ckpt_id": "rl-80-20", "stage": "rl", "step": 20, "rl_start_step": 80}) == "eval rl from=80 upd=20 ood"
@@ -191,12 +192,12 @@ def test_batch_size_is_in_the_key_only_when_sampling():
     greedy_small = parse_config({**CFG, "eval": {**CFG["eval"], "batch_size": 3}})
     sampled = parse_config({**CFG, "eval": {**CFG["eval"], "decoding": {"preset": "authors_eval_qwen"}}})
     sampled_small = parse_config({**CFG, "eval": {**CFG["eval"], "batch_size": 3, "decoding": {"preset": "authors_eval_qwen"}}})
-    assert evaluate.decoding_key(greedy) == evaluate.decoding_key(greedy_small)
-    assert evaluate.decoding_key(sampled) != evaluate.decoding_key(sampled_small)
-    config = lm.generation_config(sampled.eval.decoding.resolved(), models.build_tokenizer(GP))
+    assert eval.decoding_key(greedy) == eval.decoding_key(greedy_small)
+    assert eval.decoding_key(sampled) != eval.decoding_key(sampled_small)
+    config = lm.generation_config(sampled.eval.decoding.resolved(), model.build_tokenizer(GP))
     assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty) == (True, 0.7, 0.8, 20, 1.05)
     rl = parse_config({**CFG, "eval": {"decoding": {"preset": "rl_default"}}}).eval.decoding.resolved()
-    assert lm.generation_config(rl, models.build_tokenizer(GP)).top_k == 0  # off, not transformers' 50
+    assert lm.generation_config(rl, model.build_tokenizer(GP)).top_k == 0  # off, not transformers' 50
 
 
 # ---------------------------------------------------------------------------- a real tiny checkpoint
@@ -211,9 +212,9 @@ def tiny(tmp_path_factory):
     data_dir = Path(data.run(Store(root / "data-store"), cfg))
     base = root / "base"
     base.mkdir()
-    models.build_tiny(base, cfg)
+    build_tiny(base, cfg)
     tok, model = lm.load_tokenizer(base), lm.load_model(base)
-    table = pl.read_parquet(data_dir / "eval_id.parquet").head(5)
+    table = pl.read_parquet(data_dir / "eval_set_id.parquet").head(5)
     seqs = [prompt_completion_ids(tok, [{"role": "user", "content": p}], [{"role": "assistant", "content": a}], cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id)
@@ -230,16 +231,16 @@ def tiny(tmp_path_factory):
     ckpt_dir = root / "memorised"
     model.save_pretrained(ckpt_dir, safe_serialization=True)
     tok.save_pretrained(ckpt_dir)
-    ckpt = {"ckpt_id": "sft-1", "stage": "sft", "step": 1, "parent": "base", "path": str(ckpt_dir), "content_hash": models.weights_hash(ckpt_dir)}
+    ckpt = {"ckpt_id": "sft-1", "stage": "sft", "step": 1, "parent": "base", "path": str(ckpt_dir), "content_hash": lm.weights_hash(ckpt_dir)}
     return cfg, data_dir, ckpt
 
 
 def test_end_to_end_tables_are_consistent(tiny, tmp_path):
     cfg, data_dir, ckpt = tiny
-    out = evaluate.run(Store(tmp_path), cfg, ckpt, "id", data_dir)
+    out = eval.run(Store(tmp_path), cfg, ckpt, "id", data_dir)
     attempts = pl.read_parquet(Path(out) / "eval_attempts.parquet")
     summary = pl.read_parquet(Path(out) / "eval_summary.parquet")
-    assert attempts.schema == pl.Schema(evaluate.attempts_schema(GP))
+    assert attempts.schema == pl.Schema(eval.attempts_schema(GP))
     s = summary.row(0, named=True)
     assert (s["ckpt_id"], s["stage"], s["step"], s["split"], s["n"]) == ("sft-1", "sft", 1, "id", 8)
     per_hand = attempts.group_by("hand_index").agg(solved=(pl.col("reward") == 5).any(), tries=pl.len(), last=pl.col("attempt").max())
@@ -253,18 +254,18 @@ def test_end_to_end_tables_are_consistent(tiny, tmp_path):
     assert (attempts["generated_tokens"] <= 40).all()
     assert (attempts.filter("hit_max_new_tokens")["generated_tokens"] == 40).all()
     assert s["attempts"] == attempts.height and s["generated_tokens"] == attempts["generated_tokens"].sum()
-    assert s["ce"] > 0 and s["eval_set_hash"] == pl.read_parquet(data_dir / "eval_id.parquet")["eval_set_hash"][0]
+    assert s["ce"] > 0 and s["eval_set_hash"] == pl.read_parquet(data_dir / "eval_set_id.parquet")["eval_set_hash"][0]
     assert (s["preset"], s["do_sample"], s["max_new_tokens"], s["verifier_mode"], s["batch_size"]) == ("greedy", False, 40, "exact", 64)
 
 
 def test_greedy_is_deterministic_and_independent_of_batch_size(tiny):
     cfg, data_dir, ckpt = tiny
-    table = pl.read_parquet(data_dir / "eval_id.parquet")
+    table = pl.read_parquet(data_dir / "eval_set_id.parquet")
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
-    first, _ = evaluate.evaluate_model(model, tok, table, cfg, ckpt)
-    again, _ = evaluate.evaluate_model(model, tok, table, cfg, ckpt)
+    first, _ = eval.evaluate_model(model, tok, table, cfg, ckpt)
+    again, _ = eval.evaluate_model(model, tok, table, cfg, ckpt)
     small = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 3})})
-    chunked, summary = evaluate.evaluate_model(model, tok, table, small, ckpt)
+    chunked, summary = eval.evaluate_model(model, tok, table, small, ckpt)
     assert first.equals(again) and first.equals(chunked)
     assert summary["batch_size_used"][0] == 3
     assert first["generated_tokens"].n_unique() > 1  # rows stop at different lengths, padded after their stop
@@ -272,7 +273,7 @@ def test_greedy_is_deterministic_and_independent_of_batch_size(tiny):
 
 def test_generator_stops_at_end_of_turn_or_the_token_limit(tiny):
     cfg, data_dir, ckpt = tiny
-    table = pl.read_parquet(data_dir / "eval_id.parquet")
+    table = pl.read_parquet(data_dir / "eval_set_id.parquet")
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
     conversations = [[{"role": "user", "content": p}] for p in table["prompt"][:2]]
     full = lm.ModelGenerator(model, tok, cfg.eval.decoding.resolved(), cfg.chat.date_string)(conversations)
@@ -289,16 +290,16 @@ def test_generator_stops_at_end_of_turn_or_the_token_limit(tiny):
 def test_sampling_is_seeded_per_call_and_leaves_the_global_rng_alone(tiny):
     cfg, data_dir, ckpt = tiny
     sampled = parse_config({**CFG, "eval": {**CFG["eval"], "ce_hands": 0, "decoding": {"preset": "authors_eval_qwen", "max_new_tokens": 16}}})
-    table = pl.read_parquet(data_dir / "eval_ood.parquet").head(4)
+    table = pl.read_parquet(data_dir / "eval_set_ood.parquet").head(4)
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"])
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    one, _ = evaluate.evaluate_model(model, tok, table, sampled, ckpt)
+    one, _ = eval.evaluate_model(model, tok, table, sampled, ckpt)
     assert torch.equal(torch.get_rng_state(), state)
-    two, _ = evaluate.evaluate_model(model, tok, table, sampled, ckpt)
+    two, _ = eval.evaluate_model(model, tok, table, sampled, ckpt)
     assert one.equals(two)
     reseeded = sampled.model_copy(update={"eval": sampled.eval.model_copy(update={"decoding": sampled.eval.decoding.model_copy(update={"seed": 7})})})
-    three, _ = evaluate.evaluate_model(model, tok, table, reseeded, ckpt)
+    three, _ = eval.evaluate_model(model, tok, table, reseeded, ckpt)
     assert not one["response"].equals(three["response"])
 
 
@@ -308,7 +309,7 @@ def test_the_checkpoint_generation_config_is_ignored(tiny, tmp_path):
     shutil.copytree(ckpt["path"], noisy)
     settings = {"do_sample": True, "temperature": 5.0, "top_k": 3, "min_new_tokens": 3, "no_repeat_ngram_size": 1, "repetition_penalty": 3.0, "max_new_tokens": 5}
     (noisy / "generation_config.json").write_text(json.dumps({**settings, "eos_token_id": 2, "pad_token_id": 1}))
-    table = pl.read_parquet(data_dir / "eval_id.parquet")
+    table = pl.read_parquet(data_dir / "eval_set_id.parquet")
     tok, model = lm.load_tokenizer(noisy), lm.load_model(noisy)
     assert model.generation_config.temperature == 5.0  # the file was read...
     # ...and would change the outputs if generate were left to use it
@@ -316,8 +317,8 @@ def test_the_checkpoint_generation_config_is_ignored(tiny, tmp_path):
     torch.manual_seed(0)
     own = model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
     assert own.shape[1] - len(prompt) == 5
-    clean = evaluate.run(Store(tmp_path / "a"), cfg, ckpt, "id", data_dir)
-    ignored = evaluate.run(Store(tmp_path / "b"), cfg, {**ckpt, "path": str(noisy)}, "id", data_dir)
+    clean = eval.run(Store(tmp_path / "a"), cfg, ckpt, "id", data_dir)
+    ignored = eval.run(Store(tmp_path / "b"), cfg, {**ckpt, "path": str(noisy)}, "id", data_dir)
     assert pl.read_parquet(Path(clean) / "eval_attempts.parquet").equals(pl.read_parquet(Path(ignored) / "eval_attempts.parquet"))
     assert model.generation_config.temperature == 5.0  # evaluation put the model's own config back
 
@@ -325,28 +326,28 @@ def test_the_checkpoint_generation_config_is_ignored(tiny, tmp_path):
 def test_a_second_run_finds_the_sealed_artifact(tiny, tmp_path, monkeypatch):
     cfg, data_dir, ckpt = tiny
     store = Store(tmp_path)
-    first = evaluate.run(store, cfg, ckpt, "ood", data_dir)
+    first = eval.run(store, cfg, ckpt, "ood", data_dir)
     stamp = (Path(first) / "manifest.json").stat().st_mtime_ns
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded again")
 
-    monkeypatch.setattr(evaluate, "load_model", no_loading)
-    assert evaluate.run(store, cfg, ckpt, "ood", data_dir) == first
+    monkeypatch.setattr(eval, "load_model", no_loading)
+    assert eval.run(store, cfg, ckpt, "ood", data_dir) == first
     assert (Path(first) / "manifest.json").stat().st_mtime_ns == stamp
-    assert first == evaluate.artifact(store, cfg, ckpt, "ood", data_dir).path
+    assert first == eval.artifact(store, cfg, ckpt, "ood", data_dir).path
     # a different batch size is the same greedy evaluation; another verifier mode is not
     smaller = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 2})})
-    assert evaluate.artifact(store, smaller, ckpt, "ood", data_dir).path == first
+    assert eval.artifact(store, smaller, ckpt, "ood", data_dir).path == first
     reference = cfg.model_copy(update={"verifier": cfg.verifier.model_copy(update={"mode": "reference"})})
-    assert evaluate.artifact(store, reference, ckpt, "ood", data_dir).path != first
+    assert eval.artifact(store, reference, ckpt, "ood", data_dir).path != first
 
 
 def test_collect_puts_ce_of_both_splits_side_by_side(tiny, tmp_path):
     cfg, data_dir, ckpt = tiny
     store = Store(tmp_path)
-    paths = [evaluate.run(store, cfg, ckpt, split, data_dir) for split in ("id", "ood")]
-    attempts, summary = evaluate.collect(paths)
+    paths = [eval.run(store, cfg, ckpt, split, data_dir) for split in ("id", "ood")]
+    attempts, summary = eval.collect(paths)
     assert sorted(attempts["split"].unique()) == ["id", "ood"]
     assert summary.height == 2 and summary["ckpt_id"].to_list() == ["sft-1", "sft-1"]
     ce = dict(zip(summary["split"], summary["ce"]))
@@ -378,7 +379,7 @@ NLL_TOL = 1e-5
 
 def test_reference_ce_equals_the_models_own_labels_loss_per_hand(tiny):
     cfg, data_dir, ckpt = tiny
-    table = pl.read_parquet(data_dir / "eval_id.parquet")
+    table = pl.read_parquet(data_dir / "eval_set_id.parquet")
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"], torch.float64)
     hf = [_labels_nll(model, tok, p, a, cfg.chat.date_string) for p, a in zip(table["prompt"], table["answer"])]
     ours = [lm.reference_ce(model, tok, table.slice(i, 1), 1, cfg.chat.date_string) for i in range(table.height)]
@@ -395,8 +396,8 @@ def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
     cfg, data_dir, ckpt = tiny
     first_cfg = parse_config({**CFG, "data": {**CFG["data"], "answer": "first"}})
     first_dir = Path(data.run(Store(tmp_path / "data"), first_cfg))
-    table = pl.read_parquet(first_dir / "eval_id.parquet")
-    assert table["cards"].to_list() == pl.read_parquet(data_dir / "eval_id.parquet")["cards"].to_list()  # the same hands
+    table = pl.read_parquet(first_dir / "eval_set_id.parquet")
+    assert table["cards"].to_list() == pl.read_parquet(data_dir / "eval_set_id.parquet")["cards"].to_list()  # the same hands
     tok, model = lm.load_tokenizer(ckpt["path"]), lm.load_model(ckpt["path"], torch.float64)
     hands = [deal("id", first_cfg.data.eval_seed, i) for i in range(table.height)]
     trained = [GP.sft_row(h, first_cfg)["completion"][0]["content"] for h in hands]  # what an SFT row of the hand holds
@@ -410,12 +411,12 @@ def test_with_answer_first_the_ce_scores_the_sft_target(tiny, tmp_path):
     assert len(differ) >= 3
     assert all(abs(ours[i] - hf_dealt[i]) > 0.3 for i in differ)
 
-    _, summary = evaluate.evaluate_model(lm.load_model(ckpt["path"]), tok, table, first_cfg, ckpt)
+    _, summary = eval.evaluate_model(lm.load_model(ckpt["path"]), tok, table, first_cfg, ckpt)
     assert summary["ce_target"].to_list() == ["first"]
     assert summary["ce"][0] == pytest.approx(sum(hf_first) / len(hf_first), rel=1e-5)
     # the evaluation set hash covers the cards only: the CE target keeps the cache apart
     store = Store(tmp_path / "store")
-    assert evaluate.artifact(store, first_cfg, ckpt, "id", first_dir).key != evaluate.artifact(store, cfg, ckpt, "id", data_dir).key
-    assert evaluate.config_hash(first_cfg) != evaluate.config_hash(cfg)
+    assert eval.artifact(store, first_cfg, ckpt, "id", first_dir).key != eval.artifact(store, cfg, ckpt, "id", data_dir).key
+    assert eval.config_hash(first_cfg) != eval.config_hash(cfg)
     with pytest.raises(ValueError, match="data.answer is 'reference'"):
-        evaluate.evaluate_model(model, tok, table, cfg, ckpt)
+        eval.evaluate_model(model, tok, table, cfg, ckpt)

@@ -118,16 +118,6 @@ def resolve_pretrained(section: ModelSection) -> Path:
     return path
 
 
-def weights_hash(path: Path) -> str:
-    """Content hash of a model directory's weights (all safetensors files)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f.name.encode() + sha256_file(f).encode())
-    return h.hexdigest()
-
-
 def key_config(cfg: StudyConfig) -> dict:
     m = cfg.model
     # the tiny model's vocabulary is the task's (`build_tokenizer`)
@@ -141,9 +131,9 @@ def artifact(store: Store, cfg: StudyConfig) -> Artifact:
 def build(out: Path, cfg: StudyConfig) -> dict:
     if cfg.model.builtin:
         extra = build_tiny(out, cfg)
-        return {**extra, "weights_sha256": weights_hash(out)}
+        return {**extra, "weights_sha256": lm.weights_hash(out)}
     src = resolve_pretrained(cfg.model)
-    digest = weights_hash(src)
+    digest = lm.weights_hash(src)
     if lm.model_type(src) == "mllama":
         return {**save_text_model(src, out, cfg.model.trust_remote_code), "source": {"path": str(src), "weights_sha256": digest}}
     (out / SOURCE).write_text(json.dumps({"path": str(src), "weights_sha256": digest}))
@@ -162,7 +152,7 @@ def save_text_model(src: Path, out: Path, trust_remote_code: bool = False) -> di
     model.save_pretrained(out, safe_serialization=True)
     lm.load_tokenizer(src, trust_remote_code).save_pretrained(out)
     log.info("saved the %s language model of %s (%s)", type(model).__name__, src, model.dtype)
-    return {"weights_sha256": weights_hash(out)}
+    return {"weights_sha256": lm.weights_hash(out)}
 
 
 def model_dir(art_path: str | Path) -> Path:

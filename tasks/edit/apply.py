@@ -27,12 +27,12 @@ from torch import Tensor
 from rlheal.config import StudyConfig, SvdSection
 from rlheal.store import Store, stable_hash
 from tasks import lm
-from tasks.editing.formulas import edit_matrix, index_set, resolve_edit_k
-from tasks.editing.grid import column_requests
+from tasks.edit.formulas import edit_matrix, index_set, resolve_edit_k
+from tasks.edit.grid import column_requests
 from tasks.svd.engine import ColumnRequest, SvdCache, compute_placement, content_hash
 from tasks.svd.matrices import Matrix, check_same_matrices, every_matrix, read_tensor, select_matrices, storage_dtype
 
-log = logging.getLogger("rlheal.editing")
+log = logging.getLogger("rlheal.edit")
 
 TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 # Quirk 4: the authors' layer pattern, and the model types whose embedding and lm_head names
@@ -145,7 +145,7 @@ def resident(row: dict, dtype: torch.dtype, device: torch.device | None = None, 
             tok = lm.load_tokenizer(row["path"], trust_remote_code)
             params = dict(model.named_parameters(remove_duplicate=False))
             _resident = Loaded(key, model, tok, params, fingerprint(model), dtype, device)
-            log.info("editing: loaded %s as %s on %s", row["ckpt_id"], dtype, device)
+            log.info("edit: loaded %s as %s on %s", row["ckpt_id"], dtype, device)
         try:
             yield _resident
         except BaseException:
@@ -182,7 +182,7 @@ def edited(loaded: Loaded, new_weights: Iterable[tuple[str, Tensor]]) -> Iterato
             for name, saved in backup.items():
                 loaded.params[name].copy_(saved)
         if fingerprint(loaded.model) != loaded.fingerprint:
-            raise RuntimeError("editing: the restored model is not bit-identical to the loaded checkpoint; refusing to evaluate another variant on it")
+            raise RuntimeError("edit: the restored model is not bit-identical to the loaded checkpoint; refusing to evaluate another variant on it")
 
 
 # ---------------------------------------------------------------------------- computing W'

@@ -1,6 +1,6 @@
 """Rotation-editing sweep cost: rlheal's cached SVDs and in-memory edits against the authors' way.
 
-    python benchmarks/bench_editing.py [--hidden 256] [--layers 4] [--hands 3] [--max-new-tokens 16]
+    python benchmarks/bench_edit.py [--hidden 256] [--layers 4] [--hands 3] [--max-new-tokens 16]
 
 A tiny Llama (GQA) with a donor (B) and a target (S) that differ in every weight, and the
 `small` grid: six variants (E2 top 0.2, E2 top 1.0, E1 top 0.2, E4 top 1.0, E3 first quarter
@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import data, editing, evaluate, lm, models, svd
-from tasks.editing.apply import base_matrices, in_scope
+from tasks import data, edit, eval, lm, model, svd
+from tasks.edit.apply import base_matrices, in_scope
 from tasks.svd.roles import ROLES_SCHEMA
 
 SPLITS = ("id", "ood")
@@ -42,10 +42,10 @@ def setup(root: Path, hidden: int, layers: int, hands: int, max_new_tokens: int)
     cfg = parse_config({
         "name": "bench", "model": {"builtin": "tiny", "tiny": tiny}, "data": {"train_size": 64, "eval_size": hands},
         "sft": {"save_steps": [0, 1], "batch_size": 8, "per_device_batch_size": 8},
-        "eval": {"ce_hands": hands, "decoding": {"max_new_tokens": max_new_tokens}}, "editing": {"grid": "small"},
+        "eval": {"ce_hands": hands, "decoding": {"max_new_tokens": max_new_tokens}}, "edit": {"grid": "small"},
     })  # fmt: skip
     base = root / "base"
-    models.build_tiny(base, cfg)
+    model.build_tiny(base, cfg)
     w0 = load_file(base / "model.safetensors")
     rows = []
     for ckpt, seed in (("sft-4", 4), ("sft-8", 8)):
@@ -53,19 +53,19 @@ def setup(root: Path, hidden: int, layers: int, hands: int, max_new_tokens: int)
         out = root / ckpt
         shutil.copytree(base, out)
         save_file({k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) for k, v in w0.items()}, out / "model.safetensors", metadata={"format": "pt"})
-        rows.append({"ckpt_id": ckpt, "stage": "sft", "step": int(ckpt[4:]), "parent": "base", "path": str(out), "content_hash": models.weights_hash(out)})
+        rows.append({"ckpt_id": ckpt, "stage": "sft", "step": int(ckpt[4:]), "parent": "base", "path": str(out), "content_hash": lm.weights_hash(out)})
     ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32})
     roles = pl.DataFrame([{"role": "B", "ckpt_id": "sft-4"}, {"role": "S", "ckpt_id": "sft-8"}], schema={"role": ROLES_SCHEMA["role"], "ckpt_id": ROLES_SCHEMA["ckpt_id"]})
     data_dir = Path(data.run(Store(root / "data"), cfg))
-    hands_tables = {s: pl.read_parquet(data_dir / f"eval_{s}.parquet") for s in SPLITS}
-    variants = [v for v in editing.variants(cfg, roles, layers) if v["method"] != "none"]
+    hands_tables = {s: pl.read_parquet(data_dir / f"eval_set_{s}.parquet") for s in SPLITS}
+    variants = [v for v in edit.variants(cfg, roles, layers) if v["method"] != "none"]
     return cfg, {r["ckpt_id"]: r for r in ckpts.to_dicts()}, variants, hands_tables
 
 
 def evaluate_both(model, tok, hands: dict, cfg) -> float:
     t0 = time.perf_counter()
     for s in SPLITS:
-        evaluate.evaluate_model(model, tok, hands[s], cfg, {"ckpt_id": "edit"})
+        eval.evaluate_model(model, tok, hands[s], cfg, {"ckpt_id": "edit"})
     return time.perf_counter() - t0
 
 
@@ -74,21 +74,21 @@ def rlheal(root: Path, cfg, rows: dict, variants: list[dict], hands: dict, dtype
     store = Store(root / "store")
     target, donor = rows["sft-8"], rows["sft-4"]
     t0 = time.perf_counter()
-    cache = svd.SvdCache(store, base_matrices(target["path"], cfg.svd, False), editing.column_request(cfg), dtype=dtype)
+    cache = svd.SvdCache(store, base_matrices(target["path"], cfg.svd, False), edit.column_request(cfg), dtype=dtype)
     cache.weights(donor), cache.weights(target)  # one SVD pass per checkpoint for the whole sweep
-    once, edit, ev = time.perf_counter() - t0, 0.0, 0.0
-    editing.apply.forget_resident()
+    once, edit_s, ev = time.perf_counter() - t0, 0.0, 0.0
+    edit.apply.forget_resident()
     for v in variants:
         t0 = time.perf_counter()
-        with editing.resident(target, torch.float32) as loaded:
-            cm = editing.applied(store, cfg, v, loaded, target, donor, dtype=dtype)
+        with edit.resident(target, torch.float32) as loaded:
+            cm = edit.applied(store, cfg, v, loaded, target, donor, dtype=dtype)
             cm.__enter__()
             t1 = time.perf_counter()
             ev += evaluate_both(loaded.model, loaded.tok, hands, cfg) if evaluation else 0.0
             t2 = time.perf_counter()
             cm.__exit__(None, None, None)  # restore + whole-model checksum
-        edit += (t1 - t0) + (time.perf_counter() - t2)
-    return once, edit, ev
+        edit_s += (t1 - t0) + (time.perf_counter() - t2)
+    return once, edit_s, ev
 
 
 def authors_edit(method: str, W_t, W_d, k_top: int, k_tail: int):
@@ -109,14 +109,14 @@ def authors_edit(method: str, W_t, W_d, k_top: int, k_tail: int):
 def baseline(root: Path, cfg, rows: dict, variants: list[dict], hands: dict) -> tuple[float, float]:
     target, donor = rows["sft-8"], rows["sft-4"]
     matrices = base_matrices(target["path"], cfg.svd, False)
-    edit = ev = 0.0
+    edit_s = ev = 0.0
     for i, v in enumerate(variants):
         t0 = time.perf_counter()
         wt = load_file(Path(target["path"]) / "model.safetensors")
         wd = load_file(Path(donor["path"]) / "model.safetensors")
         for mat in in_scope(v, matrices, "llama"):
             r = mat.r
-            k_top, k_tail = editing.index_set(editing.resolve_edit_k(v["k_top"], r), editing.resolve_edit_k(v["k_tail"], r), r)
+            k_top, k_tail = edit.index_set(edit.resolve_edit_k(v["k_top"], r), edit.resolve_edit_k(v["k_tail"], r), r)
             wt[mat.param] = authors_edit(v["method"], wt[mat.param].float(), wd[mat.param].float(), k_top, k_tail).contiguous()
         out = root / f"authors-{i}"
         out.mkdir()
@@ -127,9 +127,9 @@ def baseline(root: Path, cfg, rows: dict, variants: list[dict], hands: dict) -> 
         model, tok = lm.load_model(out), lm.load_tokenizer(out)
         t1 = time.perf_counter()
         ev += evaluate_both(model, tok, hands, cfg)
-        edit += t1 - t0
+        edit_s += t1 - t0
         shutil.rmtree(out)
-    return edit, ev
+    return edit_s, ev
 
 
 def main(hidden: int, layers: int, hands: int, max_new_tokens: int, repeat: int = 1) -> None:

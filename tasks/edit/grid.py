@@ -27,7 +27,7 @@ import polars as pl
 from rlheal.config import ConfigError, EditVariant, StudyConfig
 from tasks.svd.engine import ColumnRequest, column_request as svd_column_request
 
-log = logging.getLogger("rlheal.editing")
+log = logging.getLogger("rlheal.edit")
 
 EXPERIMENT = {"copy": "E0", "swap_triplets": "E1", "swap_directions": "E2", "sv_only": "E4"}
 
@@ -80,17 +80,17 @@ def small_grid() -> list[EditVariant]:
 
 
 def templates(cfg: StudyConfig, n_layers: int = 0) -> list[tuple[EditVariant, bool, str]]:
-    """(variant, reference_compat, where) of the configured grid then `editing.variants`. The
+    """(variant, reference_compat, where) of the configured grid then `edit.variants`. The
     authors' grid always runs with their quirks; the fractional grids cannot (quirk 2)."""
-    e = cfg.editing
+    e = cfg.edit
     if e.reference_compat and e.grid in ("default", "small"):
         raise ConfigError(
-            f"editing.grid: {e.grid!r} uses fractions of each matrix's rank, which reference_compat rejects "
-            "(analysis.md §4.2 quirk 2); use grid: authors, or grid: none with absolute editing.variants"
+            f"edit.grid: {e.grid!r} uses fractions of each matrix's rank, which reference_compat rejects "
+            "(analysis.md §4.2 quirk 2); use grid: authors, or grid: none with absolute edit.variants"
         )
     grid = {"default": default_grid, "small": small_grid, "authors": lambda: authors_grid(n_layers), "none": list}[e.grid]()
-    out = [(v, e.reference_compat or e.grid == "authors", f"editing.grid ({e.grid})") for v in grid]
-    return out + [(v, e.reference_compat, f"editing.variants[{i}]") for i, v in enumerate(e.variants)]
+    out = [(v, e.reference_compat or e.grid == "authors", f"edit.grid ({e.grid})") for v in grid]
+    return out + [(v, e.reference_compat, f"edit.variants[{i}]") for i, v in enumerate(e.variants)]
 
 
 # ---------------------------------------------------------------------------- layer ranges (E3)
@@ -164,7 +164,7 @@ def _finish(v: dict) -> dict:
 
 
 def baseline(role: str, ckpt_id: str, reference_compat: bool) -> dict:
-    """An unedited checkpoint evaluated by the editing stage (method `none`)."""
+    """An unedited checkpoint evaluated by the edit stage (method `none`)."""
     return _finish({
         "experiment": "baseline", "method": "none", "donor_role": None, "donor_id": None, "target_role": role, "target_id": ckpt_id,
         "k_top": 0, "k_tail": 0, "k_top_spec": "0", "k_tail_spec": "0", "layers_spec": None, "layers": None, "modules": None,
@@ -173,18 +173,18 @@ def baseline(role: str, ckpt_id: str, reference_compat: bool) -> dict:
 
 
 def variants(cfg: StudyConfig, roles: pl.DataFrame, n_layers: int) -> list[dict]:
-    """The resolved sweep: the grid and `editing.variants` with roles resolved to ckpt_ids, then a
+    """The resolved sweep: the grid and `edit.variants` with roles resolved to ckpt_ids, then a
     baseline per donor / target checkpoint. Variants naming R are dropped from the built-in
-    grids when no RL run gives R (E5) and are an error in `editing.variants`. Ordered by target,
+    grids when no RL run gives R (E5) and are an error in `edit.variants`. Ordered by target,
     so consecutive tasks reuse the model kept in memory."""
-    if not cfg.editing.enabled:
+    if not cfg.edit.enabled:
         return []
     ids = dict(roles.select("role", "ckpt_id").rows())
     out: dict[str, dict] = {}
     for v, compat, where in templates(cfg, n_layers):
         missing = [r for r in (v.donor, v.target) if r not in ids]
         if missing:
-            if where.startswith("editing.variants"):
+            if where.startswith("edit.variants"):
                 raise ConfigError(f"{where}: role {missing[0]} has no checkpoint in this study (roles: {sorted(ids)})")
             continue
         if compat:
@@ -215,7 +215,7 @@ def column_requests(cfg: StudyConfig) -> dict[str, ColumnRequest]:
     other checkpoint keeps only the measurement grid's columns; {} without editing: a
     full-rank edit asks for every column, which on every trajectory checkpoint, delta and
     noise control would cost about twice the model size in fp32 each."""
-    if not cfg.editing.enabled:
+    if not cfg.edit.enabled:
         return {}
     out: dict[str, ColumnRequest] = {}
     for v, compat, _ in templates(cfg, n_layers=0):

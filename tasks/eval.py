@@ -317,14 +317,14 @@ def key_config(cfg: StudyConfig, ckpt: dict, split: str, eval_set_hash: str) -> 
 
 
 def _hands(data_path: Path, split: str) -> pl.DataFrame:
-    path = Path(data_path) / f"eval_{split}.parquet"
+    path = Path(data_path) / f"eval_set_{split}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no evaluation table for split {split!r} (is {data_path} a data artifact?)")
     return pl.read_parquet(path)
 
 
 def artifact(store: Store, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Artifact:
-    set_hash = pl.read_parquet(Path(data_path) / f"eval_{split}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0]
+    set_hash = pl.read_parquet(Path(data_path) / f"eval_set_{split}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0]
     return STAGE.artifact(store, key_config(cfg, ckpt, split, set_hash))
 
 

@@ -1,6 +1,6 @@
-"""The `editing` stage: one cached task per variant, then the study tables (analysis.md §4, §6).
+"""The `edit` stage: one cached task per variant, then the study tables (analysis.md §4, §6).
 
-Per variant, `<store>/editing/<key>/` holds that variant's rows of
+Per variant, `<store>/edit/<key>/` holds that variant's rows of
 - `edit_variants` (one row), `edit_matrix_log` (one row per matrix in scope),
 - `edit_eval_results` (ID and OOD; recovery columns still null: they need the baselines),
 - `edit_eval_attempts` (eval_attempts rows with `variant_id`, split "ID" / "OOD": the per-hand
@@ -28,18 +28,18 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.space import has_r
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
-from tasks import benchmark, evaluate, models
-from tasks.editing.apply import applied, hf_config, model_dtype, n_layers, resident
-from tasks.editing.grid import variants
-from tasks.editing.recovery import damage_fraction, paired_bootstrap
+from tasks import benchmark, eval, lm
+from tasks.edit.apply import applied, hf_config, model_dtype, n_layers, resident
+from tasks.edit.grid import variants
+from tasks.edit.recovery import damage_fraction, paired_bootstrap
 from tasks.svd.analysis import read_checkpoints, run_meta
 from tasks.benchmark import Benchmark, solved
 from tasks.svd.engine import content_hash
 from tasks.svd.matrices import EMBEDDING, LM_HEAD, tied_embeddings, tensor_index
 
 # 2: compat quirk 4 also for mllama_text_model (Llama 3.2 Vision as the model stage saves it)
-STAGE = Stage("editing", version="2", tables=("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts"))
-log = logging.getLogger("rlheal.editing")
+STAGE = Stage("edit", version="2", tables=("edit_variants", "edit_matrix_log", "edit_eval_results", "edit_eval_attempts"))
+log = logging.getLogger("rlheal.edit")
 
 I32, F64, STR, BOOL = pl.Int32, pl.Float64, pl.String, pl.Boolean
 UTC = pl.Datetime("us", "UTC")
@@ -67,7 +67,7 @@ SCHEMAS = {"edit_variants": VARIANTS_SCHEMA, "edit_matrix_log": MATRIX_LOG_SCHEM
 
 def schemas(bench: Benchmark) -> dict[str, dict]:
     """Every table's schema; edit_eval_attempts has the task's attempt columns."""
-    return SCHEMAS | {"edit_eval_attempts": {**_RUN, "variant_id": STR, **evaluate.attempts_schema(bench)}}
+    return SCHEMAS | {"edit_eval_attempts": {**_RUN, "variant_id": STR, **eval.attempts_schema(bench)}}
 
 
 def split_label(split: str) -> str:
@@ -93,12 +93,12 @@ def _rows(checkpoints: pl.DataFrame) -> dict[str, dict]:
 
 def plan(cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.DataFrame) -> list[dict]:
     """The resolved sweep (`grid.variants`), the layer count read from S's config."""
-    if not cfg.editing.enabled:
+    if not cfg.edit.enabled:
         return []
     s = roles.filter(pl.col("role") == "S")["ckpt_id"].first()
     rows = _rows(checkpoints)
     if s not in rows:
-        raise ValueError(f"checkpoint_roles: no S checkpoint{f' ({s}) in the checkpoints table' if s else ''}; the editing stage needs the svd stage's roles and every SFT / RL checkpoints table")
+        raise ValueError(f"checkpoint_roles: no S checkpoint{f' ({s}) in the checkpoints table' if s else ''}; the edit stage needs the svd stage's roles and every SFT / RL checkpoints table")
     return variants(cfg, roles, n_layers(rows[s]["path"]))
 
 
@@ -109,10 +109,10 @@ def sweep_size(cfg: StudyConfig, model_path: Path) -> dict:
     n_sft = sum(1 for s in cfg.sft.save_steps if s > 0)
     ids = {"base": "base", "B": "sft-B" if n_sft > 1 else "sft-S", "S": "sft-S"} | ({"R": "rl-R"} if has_r(cfg) else {})
     roles = pl.DataFrame({"role": list(ids), "ckpt_id": list(ids.values())})
-    sweep = variants(cfg, roles, n_layers(model_path)) if cfg.editing.enabled and n_sft else []
+    sweep = variants(cfg, roles, n_layers(model_path)) if cfg.edit.enabled and n_sft else []
     kinds = {v["target_role"]: {"base": "base", "R": "rl"}.get(v["target_role"], "sft") for v in sweep if v["method"] != "none"}
     return {
-        "editing_roles": kinds,
+        "edit_roles": kinds,
         "n_variants": sum(v["method"] != "none" for v in sweep),
         "n_baselines": sum(v["method"] == "none" for v in sweep),
     }
@@ -130,17 +130,17 @@ def _check_roles(variant: dict, roles: pl.DataFrame) -> None:
 
 
 def _eval_set_hashes(data_path: Path, splits: tuple[str, ...]) -> dict[str, str]:
-    return {s: pl.read_parquet(Path(data_path) / f"eval_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in splits}
+    return {s: pl.read_parquet(Path(data_path) / f"eval_set_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in splits}
 
 
 def saves(cfg: StudyConfig, variant: dict) -> bool:
     """A full checkpoint per variant: with keep_checkpoints, and always under quirk 6."""
-    return variant["method"] != "none" and (cfg.editing.keep_checkpoints or variant["reference_compat"])
+    return variant["method"] != "none" and (cfg.edit.keep_checkpoints or variant["reference_compat"])
 
 
 def key_config(cfg: StudyConfig, variant: dict, target: dict, donor: dict | None, eval_set_hashes: dict[str, str]) -> dict:
     svd = cfg.svd.model_dump(include={"include", "exclude", "include_embeddings", "include_lm_head"})
-    protocol = {"decoding": evaluate.decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "date_string": cfg.chat.date_string}
+    protocol = {"decoding": eval.decoding_key(cfg), "verifier": cfg.verifier.model_dump(), "ce_hands": cfg.eval.ce_hands, "date_string": cfg.chat.date_string}
     return {
         "task": cfg.task, "variant": variant, "target": content_hash(target), "donor": content_hash(donor) if donor else None, "matrices": svd,
         "eval": protocol | {"eval_set_hash": eval_set_hashes}, "save": saves(cfg, variant),
@@ -169,7 +169,7 @@ def save_checkpoint(loaded, target: dict, out: Path) -> str:
     for f in Path(target["path"]).iterdir():
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") and f.name not in _NOT_COPIED and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
-    return models.weights_hash(out)
+    return lm.weights_hash(out)
 
 
 def edit_and_evaluate(store: Store, cfg: StudyConfig, variant: dict, target: dict, donor: dict | None, hands: dict[str, pl.DataFrame], save_to: Path | None = None) -> dict[str, pl.DataFrame]:
@@ -184,7 +184,7 @@ def edit_and_evaluate(store: Store, cfg: StudyConfig, variant: dict, target: dic
             if save_to is not None:
                 sha = save_checkpoint(loaded, target, save_to)
             ckpt = {"ckpt_id": variant["target_id"], "stage": "edit", "step": None, "content_hash": content_hash(target)}
-            evals = {s: evaluate.evaluate_model(loaded.model, loaded.tok, table, cfg, ckpt) for s, table in hands.items()}
+            evals = {s: eval.evaluate_model(loaded.model, loaded.tok, table, cfg, ckpt) for s, table in hands.items()}
     now = datetime.now(timezone.utc)
     vid = {"variant_id": variant["variant_id"]}
     results = [
@@ -241,7 +241,7 @@ def run_variant(
     _check_roles(variant, roles)
     rows = _rows(checkpoints)
     target, donor = rows[variant["target_id"]], rows.get(variant["donor_id"])
-    hands = {s: evaluate._hands(Path(data_path), s) for s in benchmark.of(cfg).splits}
+    hands = {s: eval._hands(Path(data_path), s) for s in benchmark.of(cfg).splits}
     art = art or artifact(store, cfg, variant, checkpoints, data_path)
 
     def build(tmp: Path) -> dict:
@@ -251,21 +251,21 @@ def run_variant(
             write_parquet(tables[name], tmp / f"{name}.parquet")
         acc = dict(tables["edit_eval_results"].select("split", "accuracy").rows())
         v = tables["edit_variants"].row(0, named=True)
-        log.info("editing %s: %d/%d matrices edited, accuracy %s", variant["variant_id"], v["n_matrices_edited"], v["n_matrices_selected"], acc)
+        log.info("edit %s: %d/%d matrices edited, accuracy %s", variant["variant_id"], v["n_matrices_edited"], v["n_matrices_selected"], acc)
         return {"variant_id": variant["variant_id"], "accuracy": acc}
 
     return STAGE.build(art, build)
 
 
 def _run_name(parameters: dict) -> str:
-    return f"editing {parameters['variant']['variant_id']}"
+    return f"edit {parameters['variant']['variant_id']}"
 
 
 @task(name=STAGE.name, task_run_name=_run_name)
 def stage(artifact: Artifact, cfg: StudyConfig, variant: dict, roles: str, checkpoints: str | list[str], data: str) -> str:
     """One variant. `roles`: the svd artifact (or its checkpoint_roles.parquet); `checkpoints`:
     the checkpoints Parquet file(s); `data`: the data artifact."""
-    maybe_fail("editing")
+    maybe_fail("edit")
     store = open_store(artifact.root)
     return str(run_variant(store, cfg, variant, read_roles(roles), read_checkpoints(checkpoints), Path(data), art=artifact))
 
@@ -320,17 +320,17 @@ def collect(paths: Sequence[str | Path], cfg: StudyConfig) -> dict[str, pl.DataF
     bench = benchmark.of(cfg)
     schema = schemas(bench)
     tables = {name: pl.concat([pl.read_parquet(Path(p) / f"{name}.parquet") for p in paths], how="vertical").cast(schema[name]) for name in STAGE.tables}
-    e = cfg.editing
+    e = cfg.edit
     tables["edit_eval_results"] = with_recovery(tables["edit_eval_results"], tables["edit_variants"], tables["edit_eval_attempts"], e.bootstrap_resamples, e.bootstrap_seed, bench)
     return tables
 
 
 def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path]) -> Artifact:
-    config = {"collect": sorted(Store.from_path(p).key for p in paths), "bootstrap": [cfg.editing.bootstrap_resamples, cfg.editing.bootstrap_seed]}
+    config = {"collect": sorted(Store.from_path(p).key for p in paths), "bootstrap": [cfg.edit.bootstrap_resamples, cfg.edit.bootstrap_seed]}
     return STAGE.artifact(store, config)
 
 
-@task(name=f"{STAGE.name}-tables", task_run_name="editing tables")
+@task(name=f"{STAGE.name}-tables", task_run_name="edit tables")
 def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str]) -> str:
     """The study tables, gathered from every variant (and ρ computed across them)."""
 
