@@ -132,7 +132,7 @@ def figure(views: dict[str, tuple[pl.DataFrame | None, pl.DataFrame | None]], ou
     if (ref := bench.paper_reference()) is not None:
         for stage, style in (("sft", "o-"), ("rl", "s--")):
             d = ref.curve.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
-            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=report.PAPER_SE_PP, fmt=style, capsize=2, label="OOD after SFT" if stage == "sft" else "OOD after RL from step")
+            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=ref.se_pp, fmt=style, capsize=2, label="OOD after SFT" if stage == "sft" else "OOD after RL from step")
         axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title=f"PAPER ({ref.label})")
         axp.legend(fontsize=7)
     else:

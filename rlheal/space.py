@@ -22,7 +22,7 @@ What each stage writes (the modules that write it):
 - svd: one cache artifact per decomposed object with all r singular values (float64) and
   the U / V columns `tasks.svd.engine.columns_plan` says that kind of object keeps, in the
   compute dtype (float64 on CPU, float32 on GPU; analysis.md §2), plus the tables;
-- editing: four tables per variant, then all of them in one; a full checkpoint per edited
+- edit: four tables per variant, then all of them in one; a full checkpoint per edited
   variant only with `edit.keep_checkpoints` or reference_compat (tasks/edit/sweep.py);
 - report: the figures and report pages (tasks/report.py).
 

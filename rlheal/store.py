@@ -96,6 +96,11 @@ def replace_dir(final: Path, fill: Callable[[Path], Any]) -> Any:
     return result
 
 
+# Config sections a claim may hold under an older name (issue 16 gave each stage one name):
+# compared under the new one, so a changed section is refused even across the rename.
+RENAMED_SECTIONS = {"editing": "edit"}
+
+
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -313,7 +318,8 @@ class Store:
         """`claim_study`'s refusal alone, writing nothing."""
         record = self.study_dir(study) / "config.json"
         if record.is_file() and not force:
-            before, now = _flatten(json.loads(record.read_text())), _flatten(json.loads(json.dumps(config, default=str)))
+            old = {RENAMED_SECTIONS.get(k, k): v for k, v in json.loads(record.read_text()).items()}
+            before, now = _flatten(old), _flatten(json.loads(json.dumps(config, default=str)))
             # Fields only one side has came or went with a new rlheal version (a new section, a
             # field moved into one): not a change of the study's config, which both sides share.
             changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(before) if k in now and before[k] != now[k]]

@@ -11,26 +11,41 @@ To add a task (for the next reader: V-IRL navigation):
    below, and add its import path to `TASKS`; add the name to `StudyConfig.task`'s
    `Literal` in rlheal/config.py.
 2. An *example* is one unit of evaluation, what GeneralPoints calls a hand and V-IRL a
-   route: a frozen dataclass with at least `split` (one of `splits`) and `index` (its
-   position in the stream `deal` made it from; None when it was built by hand). Dealing is a
-   pure function of (split, seed, index), never of a global RNG: the data stage, both RL
-   algorithms and a resume all re-deal the same example from its index.
-3. An *episode* is the conversation of one example (`episode`): it starts with the prompt
+   route: a frozen dataclass with at least `split` and `index` (its position in the stream
+   `deal` made it from; None when it was built by hand). Dealing is a pure function of
+   (split, seed, index), never of a global RNG: the data stage, both RL algorithms and a
+   resume get the same example for the same (split, seed, index).
+3. The splits are `("id", "ood")`: training deals only from `id`; the report, the SVD
+   roles and the verdicts compare the two by these names. The verifier modes are
+   `("exact", "reference")`, `verifier.mode`'s two choices: `exact` is the task's own
+   definition, `reference` reproduces the authors' code where it differs (GeneralPoints:
+   float arithmetic); eval_attempts records the reward under both.
+4. An *episode* is the conversation of one example (`episode`): it starts with the prompt
    as the user turn; each generated response is `record`-ed, graded into a `Score`, and
    the episode appends the task's feedback (a failure message, the next observation) as
    the next user turn until it is `done`. Evaluation drives it with `rl=False`; PPO's
-   rollouts drive the same object with `rl=True`, where the task may add an ungraded last
-   step (GeneralPoints' truncation step, GP §8). Every rule of how many attempts there are
-   and when an episode ends lives in the episode, not in the stages.
-4. A `Score` has at least `reward` (float), `outcome` (one of `outcomes`), `reason`
-   (text), `format_error` (bool) and `truncated` (bool). The graded attempt whose reward is
-   `success_reward` solves its example: accuracy is the share of examples solved within an
-   episode, and RL's success rate counts those attempts.
-5. The tables keep one row layout for every task: the stages write the common columns and
+   rollouts drive the same object with `rl=True`. The episode alone decides when it ends:
+   PPO treats an ended episode as terminal (d_t = 1) unless its last Score is `truncated`
+   (cut at a step limit: GeneralPoints' ungraded last step, GP §8), and counts
+   `Episode.success` in its success rate.
+5. A `Score` has at least `reward` (float), `outcome` (one of `outcomes`), `reason`
+   (text), `format_error` (bool) and `truncated` (bool). The tables judge an example by its
+   attempts' rewards: it is *solved* when one of its graded attempts has reward
+   `success_reward`, so give that reward only to the attempt that completes the example
+   (V-IRL: the correct `stop()` at the destination, not each correct step; per-step
+   accuracy then belongs in `summary_metrics`). `first_attempt_accuracy` and
+   `mean_attempts_to_success` count attempts of the whole episode.
+6. Two stages see only the first turn: GRPO trains single-turn, on `episode(...).messages()`
+   before any response, scored with `score(response, example, mode)`; and the eval
+   stage's teacher-forced CE scores `eval_row`'s `target` after its `prompt`. `score` grades
+   a response to that first turn (and re-grades a recorded attempt under the other mode):
+   a multi-step task scores a later step through its episode, where the state is.
+7. The tables keep one row layout for every task: the stages write the common columns and
    put the task's own columns where `sft_row`, `eval_row` and `score_columns` say (with
-   their polars types in `attempt_schema`).
-6. The tiny builtin model's word-level vocabulary is built from `phrases()`: every fixed
-   chunk of the task's text, so each prompt and each answer round-trips exactly.
+   their polars types in `attempt_schema` and `column_types`).
+8. The tiny builtin model's word-level vocabulary is built from `phrases()`: every fixed
+   chunk of the task's text, so each prompt and each answer round-trips exactly; its
+   pretraining corpus is `corpus(cfg)`.
 
 Nothing here is GeneralPoints-specific; `tasks/generalpoints/benchmark.py` is the worked
 example, and its tests (tests/test_benchmark.py) are the checklist a new task passes.
@@ -79,10 +94,10 @@ class Episode(Protocol):
 
 class Benchmark(Protocol):
     name: str
-    splits: tuple[str, ...]  # splits[0] is in distribution: the only split training deals from
+    splits: tuple[str, ...]  # ("id", "ood"); training deals only from "id" (point 3)
     outcomes: tuple[str, ...]  # outcome labels, in the order tables list their columns
-    modes: tuple[str, ...]  # verifier modes (`verifier.mode`); modes[0] is the default
-    success_reward: float
+    modes: tuple[str, ...]  # ("exact", "reference"), `verifier.mode`'s choices (point 3)
+    success_reward: float  # the reward of the attempt that solves an example (point 5)
     attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
     column_types: dict[str, pl.DataType]  # types of eval_set_<split> columns polars would infer otherwise
 
@@ -106,9 +121,12 @@ class Benchmark(Protocol):
     def from_row(self, row: dict) -> Any:
         """The example of an `eval_set_<split>` row."""
 
-    def episode(self, example: Any, mode: str, verify_iter: int, rl: bool = False) -> Episode: ...
+    def episode(self, example: Any, mode: str, verify_iter: int, rl: bool = False) -> Episode:
+        """A new episode of `example`: at most `verify_iter` graded attempts (`verifier.verify_iter`),
+        graded under `mode`; `rl=True` for PPO's rollouts (point 4)."""
 
-    def score(self, response: str, example: Any, mode: str) -> Score: ...
+    def score(self, response: str, example: Any, mode: str) -> Score:
+        """Grade a response to the example's first turn (point 6)."""
 
     def score_columns(self, score: Score) -> dict:
         """The task's eval_attempts columns of one graded attempt (`attempt_schema`)."""
@@ -128,7 +146,8 @@ class Benchmark(Protocol):
 
     def paper_reference(self) -> Any:
         """The paper's OOD curve for this task, or None: `.curve` (rows `stage`, `sft_step`,
-        `accuracy_pct`), `.window` (the SFT steps RL recovered from), `.label`."""
+        `accuracy_pct`), `.window` (the SFT steps RL recovered from), `.se_pp` (the sampling
+        error of one of its points, percentage points), `.label`."""
 
 
 @functools.cache

@@ -32,7 +32,6 @@ from tasks.benchmark import Benchmark, solved  # noqa: E402
 log = logging.getLogger("rlheal.report")
 # Rebuilt on every run (never cached); 2: verdict rules of docs/verdicts.md (issue 14 §6).
 STAGE = Stage("report", version="2")
-PAPER_SE_PP = 2.5  # sampling error of one 234-hand evaluation near 17.5 % (paper_results.md)
 
 
 def read_tables(tables_dir: Path) -> dict[str, pl.DataFrame]:
@@ -160,9 +159,9 @@ def fig_accuracy(acc: pl.DataFrame, rec: pl.DataFrame | None, out: Path, bench: 
     if (ref := bench.paper_reference()) is not None:
         for stage, style in (("sft", "o-"), ("rl", "s--")):
             d = ref.curve.filter(pl.col("stage").is_in([stage, "base"] if stage == "sft" else [stage])).sort("sft_step")
-            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=PAPER_SE_PP, fmt=style, capsize=2, label="paper: OOD after SFT" if stage == "sft" else "paper: OOD after RL from step")
+            axp.errorbar(d["sft_step"], d["accuracy_pct"], yerr=ref.se_pp, fmt=style, capsize=2, label="paper: OOD after SFT" if stage == "sft" else "paper: OOD after RL from step")
         axp.axvspan(*ref.window, color="tab:green", alpha=0.08, label="paper: recovery window")
-        axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title=f"PAPER ({ref.label}, ±2.5 pp SE)")
+        axp.set(xlabel="SFT step", ylabel="OOD accuracy (%)", title=f"PAPER ({ref.label}, ±{ref.se_pp:g} pp SE)")
         axp.legend(fontsize=8)
     else:
         axp.set_axis_off()
@@ -269,7 +268,7 @@ def fig_edit(res: pl.DataFrame, variants: pl.DataFrame, out: Path) -> Path | Non
     for ax, title in zip(axes, ("OOD accuracy (%)", "ID accuracy (%)", "recovery fraction")):
         ax.set(xlabel="k_top (fraction of r, or absolute)", title=title)
         ax.legend(fontsize=7)
-    return _save(fig, out, "fig6_editing")
+    return _save(fig, out, "fig6_edit")
 
 
 # ---------------------------------------------------------------------------- verdict rules

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 import polars as pl
@@ -16,9 +17,12 @@ import pytest
 
 from rlheal.config import parse_config
 from rlheal.store import Store
-from tasks import benchmark, data, eval
+from tasks import benchmark, data, eval, model, pretrain, report, rl
 from tasks.benchmark import Benchmark
-from tasks.rl.rollout import Envs
+from tasks.edit import sweep
+from tasks.model import build_tokenizer
+from tasks.rl import grpo
+from tasks.rl.rollout import Envs, rollout
 from tests.conftest import GP
 
 ROOT = Path(__file__).parents[1]
@@ -73,7 +77,7 @@ class Echo:
     name = "echo"
     splits = ("id", "ood")
     outcomes = ("right", "wrong", "silent")
-    modes = ("exact", "loose")
+    modes = ("exact", "reference")  # reference: surrounding spaces forgiven
     success_reward = 1.0
     attempt_schema = {"said": pl.String}
     column_types = {"value": pl.Int16}
@@ -103,7 +107,7 @@ class Echo:
         return EchoEpisode(e, verify_iter)
 
     def score(self, response, e, mode):
-        text = response.strip() if mode == "loose" else response
+        text = response.strip() if mode == "reference" else response
         if not text:
             return Said(-1.0, "silent", "nothing said", True)
         ok = text == str(e.value)
@@ -178,7 +182,7 @@ def test_a_benchmark_has_every_member_of_the_protocol(bench):
     members = [n for n in dir(Benchmark) if not n.startswith("_")] + list(Benchmark.__annotations__)
     missing = [n for n in members if not hasattr(bench, n)]
     assert not missing, missing
-    assert bench.splits[0] == "id" and len(bench.modes) == 2 and bench.modes[0] in ("exact",)
+    assert bench.splits == ("id", "ood") and bench.modes == ("exact", "reference")  # point 3 of the protocol
 
 
 def test_generalpoints_rows_round_trip_to_the_dealt_hand():
@@ -226,10 +230,10 @@ def test_evaluation_tables_use_the_tasks_scores_and_columns(echo):
         return out
 
     played = eval.play([echo.episode(e, "exact", 3) for e in examples], generate, batch_size=2)
-    attempts = eval.attempts_table(echo, played, "c", "id", "loose")
+    attempts = eval.attempts_table(echo, played, "c", "id", "reference")
     assert attempts.columns[5] == "said" and attempts.schema == pl.Schema(eval.attempts_schema(echo))
     assert attempts["reward"].to_list() == [1.0, 0.0, 0.0, 1.0, -1.0, 1.0, 0.0, 0.0, 0.0]
-    assert attempts["reward_other_mode"].to_list()[2] == 1.0  # " 1 " is right when stripped
+    assert attempts["reward_other_mode"].to_list()[2] == 1.0  # " 1 " is right in reference mode
     s = eval.summarize(echo, attempts).row(0, named=True)
     assert (s["n"], s["k"], s["attempts"], s["echo_misses"]) == (4, 3, 9, 1)
     assert (s["rate_right"], s["rate_wrong"], s["rate_silent"]) == pytest.approx((3 / 9, 5 / 9, 1 / 9))
@@ -244,3 +248,89 @@ def test_rl_environments_deal_and_restore_the_tasks_examples(echo):
     again.restore(state)
     assert [e.example for e in again.episodes] == [e.example for e in envs.episodes]
     assert again.episodes[0].messages() == envs.episodes[0].messages()
+
+
+class Scripted:
+    """A rollout generator double: a response per environment, by the example it shows."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def prompt_ids(self, messages):
+        return [hash(m["content"]) % 97 for m in messages]
+
+    def text(self, response):
+        return response[0]
+
+    def __call__(self, prompts):
+        return [[a] for a in self.current]
+
+
+def test_ppo_steps_end_where_the_episode_ends_not_at_a_reward_value(echo):
+    """Echo's success reward is 1, and a twice-wrong episode ends unsolved, untruncated: PPO's
+    terminal flag and success count follow the episode."""
+    stream = lambda i: benchmark.training_stream(echo, 5, set(), "ordered", i)  # noqa: E731
+    envs = Envs(echo, 2, stream, 5, "exact", 2)
+    gen = Scripted(None)
+    gen.current = [str(envs.episodes[0].example.value), "wrong"]
+    first, _ = rollout(envs, gen, 1)
+    gen.current = [str(envs.episodes[0].example.value), "still wrong"]
+    second, _ = rollout(envs, gen, 1)
+    a, b = first
+    assert (a.reward, a.done, a.finished, a.success) == (1.0, True, True, True)
+    assert (b.done, b.finished) == (False, False)
+    c, d = second
+    assert (d.reward, d.done, d.finished, d.success, d.truncated) == (0.0, True, True, False, False)
+
+
+def test_grpo_reward_scores_by_the_tasks_examples_and_success_reward(echo):
+    reward = grpo.Reward(echo, "exact", "binary")
+    reward.examples = {3: Number("id", 3, 4), 8: Number("id", 8, 9)}
+    assert reward(None, [[{"content": "4"}], "2", ""], index=[3, 8, 8]) == [1.0, 0.0, 0.0]
+    table = grpo.Reward(echo, "exact", "table")
+    table.examples = reward.examples
+    assert table(None, ["4", "2", ""], index=[3, 8, 8]) == [1.0, 0.0, -1.0]
+    assert reward.take()[0]["correct"] == [True, False, False]
+
+
+def test_the_report_counts_an_example_solved_by_the_tasks_success_reward(echo):
+    attempts = pl.DataFrame({"ckpt_id": ["a", "a", "b", "b"], "split": ["ood"] * 4, "hand_index": [0, 1, 0, 1], "attempt": [1] * 4, "reward": [1.0, 0.0, 0.0, 1.0]})
+    hands, ids, solved = report.solved_matrix(attempts, "ood", ["a", "b"], echo)
+    assert list(hands) == [0, 1] and solved.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_the_tiny_vocabulary_is_the_tasks():
+    tok = build_tokenizer(Echo())
+    ids = tok("Say seven.")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids)[:2] == ["Say ", "seven"] and tok.decode(ids) == "Say seven."
+    assert "Say " not in build_tokenizer(GP).get_vocab()
+
+
+def test_every_key_that_depends_on_the_task_names_it():
+    """A study of another task must not find this task's artifacts: each stage's key holds `task`."""
+    gp = cfg()
+    other = gp.model_copy(update={"task": "echo"})  # a second task, past the Literal
+    ckpt = {"ckpt_id": "sft-1", "stage": "sft", "step": 1, "content_hash": "h"}
+    for name, key in {
+        "data": lambda c: data.key_config(c),
+        "model": lambda c: model.key_config(c),
+        "pretrain": lambda c: pretrain.key_config(c),
+        "eval": lambda c: eval.key_config(c, ckpt, "id", "hash"),
+        "rl": lambda c: rl.key_config(c, ckpt),
+        "edit": lambda c: sweep.key_config(c, {"variant_id": "v", "method": "none", "reference_compat": False}, ckpt, None, {"id": "hash"}),
+    }.items():
+        assert key(gp) != key(other), name
+
+
+def test_replicates_of_different_tasks_are_refused(tmp_path):
+    from flows.replicates import ReplicateError, compare
+
+    dirs = {}
+    for name, task in (("a", "generalpoints"), ("b", "echo")):
+        (tmp_path / name / "tables").mkdir(parents=True)
+        pl.DataFrame({"x": [1]}).write_parquet(tmp_path / name / "tables" / "eval_summary.parquet")
+        (tmp_path / name / "config.json").write_text(json.dumps({"task": task}))
+        dirs[name] = tmp_path / name / "tables"
+    with pytest.raises(ReplicateError, match="different tasks .*a: generalpoints, b: echo"):
+        compare(dirs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

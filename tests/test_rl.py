@@ -270,7 +270,8 @@ def test_environments_take_hands_in_order_of_need_and_skip_evaluation_hands():
     assert [ep.hand.index for ep in envs.episodes] == [0, 2]  # index 1 is an evaluation hand
     right = reference_answer(envs.episodes[1].hand)
     assert envs.step(0, "no idea")[1] is False  # graded failure 1 of 2
-    assert envs.step(1, right)[0].reward == 5  # success: env 1 takes the next hand at once
+    score, finished, success = envs.step(1, right)
+    assert (score.reward, finished, success) == (5, True, True)  # success: env 1 takes the next hand at once
     assert [ep.hand.index for ep in envs.episodes] == [0, 3]
     envs.step(0, "still no idea")  # graded failure 2 of 2 -> the truncation step comes next
     assert envs.episodes[0].truncation_pending
@@ -278,8 +279,8 @@ def test_environments_take_hands_in_order_of_need_and_skip_evaluation_hands():
     again = Envs(GP, 2, lambda i: common.example_stream(cfg, skip, i), 3, "exact", 2)
     again.restore(saved)
     assert again.conversations() == envs.conversations() and again.next_index == envs.next_index == 4
-    score, finished = again.step(0, "anything")
-    assert (score.reward, score.truncated, finished) == (-1.0, True, True)
+    score, finished, _ = again.step(0, "anything")
+    assert (score.reward, score.truncated, finished, _) == (-1.0, True, True, False)
     assert again.episodes[0].hand.index == 4
 
 

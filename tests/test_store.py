@@ -151,6 +151,18 @@ def test_a_study_config_changes_only_where_both_versions_have_the_field(tmp_path
     s.check_claim("toy", {"sft": {"learning_rate": 1e-3}}, force=True)
 
 
+def test_a_claim_under_a_renamed_section_is_compared_under_its_new_name(tmp_path):
+    """issue 16 renamed `editing` to `edit`: a study claimed before, with another grid, is
+    still refused (were the names compared as they are, the section would be on one side only)."""
+    from rlheal.store import StoreError
+
+    s = Store(tmp_path)
+    s.claim_study("toy", {"editing": {"grid": "small", "enabled": True}})
+    s.check_claim("toy", {"edit": {"grid": "small", "enabled": True}})
+    with pytest.raises(StoreError, match=r"edit.grid: 'small' -> 'default'"):
+        s.check_claim("toy", {"edit": {"grid": "default", "enabled": True}})
+
+
 def test_a_stage_key_refuses_a_path_as_an_input(tmp_path):
     """Inputs are artifacts (by id) or content keys `kind:...`: a path would key an artifact by
     where the store lives, and two stores of one study would never share it."""

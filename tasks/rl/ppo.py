@@ -320,7 +320,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
             "update": update + 1,
             "reward_mean": float(r.mean()),
             "reward_std": float(r.std(ddof=1)),
-            "success_rate": sum(s.done for s in steps) / finished if finished else None,
+            "success_rate": sum(s.success for s in steps) / finished if finished else None,
             "episodes_finished": finished,
             **{f"count_{o}": sum(s.outcome == o for s in steps) for o in envs.bench.outcomes},
             "truncations": sum(s.truncated for s in steps),

@@ -47,13 +47,13 @@ class Envs:
         return [ep.messages() for ep in self.episodes]
 
     def step(self, e: int, response: str):
-        """Record environment e's response; returns (score, episode finished). A finished
-        episode is replaced by the next example at once."""
+        """Record environment e's response; returns (score, episode finished, episode solved).
+        A finished episode is replaced by the next example at once."""
         ep = self.episodes[e]
         score = ep.record(response)
         if ep.done:
             self.episodes[e] = self._new_episode()
-        return score, ep.done
+        return score, ep.done, ep.success
 
     def state(self) -> dict:
         responses = [[m["content"] for m in ep.messages() if m["role"] == "assistant"] for ep in self.episodes]
@@ -110,10 +110,11 @@ class Step:
     prompt: list[int]
     response: list[int]
     reward: float
-    done: bool  # solved (GeneralPoints: scored +5): the episode terminated (d_t = 1)
-    truncated: bool  # the ungraded generation after the last graded failure
+    done: bool  # the episode terminated here (d_t = 1): it ended and was not truncated
+    truncated: bool  # cut at the step limit (GeneralPoints: the ungraded step after the last failure)
     outcome: str
-    finished: bool  # the episode ended here (success or truncation)
+    finished: bool  # the episode ended here, terminated or truncated
+    success: bool = False  # ... and solved its example (`Episode.success`)
 
 
 def rollout(envs: Envs, generate: Generator, rounds: int) -> tuple[list[Step], list[list[int]]]:
@@ -123,7 +124,7 @@ def rollout(envs: Envs, generate: Generator, rounds: int) -> tuple[list[Step], l
     for _ in range(rounds):
         prompts = [generate.prompt_ids(m) for m in envs.conversations()]
         for e, (prompt, response) in enumerate(zip(prompts, generate(prompts))):
-            score, finished = envs.step(e, generate.text(response))
-            solved = score.reward == envs.bench.success_reward
-            steps.append(Step(prompt, response, score.reward, solved, score.truncated, score.outcome, finished))
+            score, finished, success = envs.step(e, generate.text(response))
+            # the episode decides when it ends (GeneralPoints: at success, or truncated at the step limit)
+            steps.append(Step(prompt, response, score.reward, finished and not score.truncated, score.truncated, score.outcome, finished, success))
     return steps, [generate.prompt_ids(m) for m in envs.conversations()]
