@@ -99,6 +99,9 @@ def replace_dir(final: Path, fill: Callable[[Path], Any]) -> Any:
 # Config sections a claim may hold under an older name (issue 16 gave each stage one name):
 # compared under the new one, so a changed section is refused even across the rename.
 RENAMED_SECTIONS = {"editing": "edit"}
+# Fields a claim written before they existed held implicitly: compared at that value, so an
+# old study is refused another task (every study before issue 16 played GeneralPoints).
+IMPLIED_FIELDS = {"task": "generalpoints"}
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -318,7 +321,7 @@ class Store:
         """`claim_study`'s refusal alone, writing nothing."""
         record = self.study_dir(study) / "config.json"
         if record.is_file() and not force:
-            old = {RENAMED_SECTIONS.get(k, k): v for k, v in json.loads(record.read_text()).items()}
+            old = IMPLIED_FIELDS | {RENAMED_SECTIONS.get(k, k): v for k, v in json.loads(record.read_text()).items()}
             before, now = _flatten(old), _flatten(json.loads(json.dumps(config, default=str)))
             # Fields only one side has came or went with a new rlheal version (a new section, a
             # field moved into one): not a change of the study's config, which both sides share.

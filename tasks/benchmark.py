@@ -15,11 +15,11 @@ To add a task (for the next reader: V-IRL navigation):
    `deal` made it from; None when it was built by hand). Dealing is a pure function of
    (split, seed, index), never of a global RNG: the data stage, both RL algorithms and a
    resume get the same example for the same (split, seed, index).
-3. The splits are `("id", "ood")`: training deals only from `id`; the report, the SVD
-   roles and the verdicts compare the two by these names. The verifier modes are
+3. The splits are `("id", "ood")`: training deals only from `id`; the report and its
+   verdicts compare the two by these names, and the SVD roles pick checkpoints by `ood`. The verifier modes are
    `("exact", "reference")`, `verifier.mode`'s two choices: `exact` is the task's own
    definition, `reference` reproduces the authors' code where it differs (GeneralPoints:
-   float arithmetic); eval_attempts records the reward under both.
+   float arithmetic); eval_attempts records the reward under both (`rescore`).
 4. An *episode* is the conversation of one example (`episode`): it starts with the prompt
    as the user turn; each generated response is `record`-ed, graded into a `Score`, and
    the episode appends the task's feedback (a failure message, the next observation) as
@@ -38,8 +38,8 @@ To add a task (for the next reader: V-IRL navigation):
 6. Two stages see only the first turn: GRPO trains single-turn, on `episode(...).messages()`
    before any response, scored with `score(response, example, mode)`; and the eval
    stage's teacher-forced CE scores `eval_row`'s `target` after its `prompt`. `score` grades
-   a response to that first turn (and re-grades a recorded attempt under the other mode):
-   a multi-step task scores a later step through its episode, where the state is.
+   a response to that first turn; a multi-step task scores a later step through its
+   episode, where the state is (and `rescore` through a replay).
 7. The tables keep one row layout for every task: the stages write the common columns and
    put the task's own columns where `sft_row`, `eval_row` and `score_columns` say (with
    their polars types in `attempt_schema` and `column_types`).
@@ -127,6 +127,10 @@ class Benchmark(Protocol):
 
     def score(self, response: str, example: Any, mode: str) -> Score:
         """Grade a response to the example's first turn (point 6)."""
+
+    def rescore(self, episode: Episode, mode: str) -> list[float]:
+        """The rewards of the episode's recorded attempts under another verifier mode, in
+        order (eval_attempts' `reward_other_mode`): each against the state it answered."""
 
     def score_columns(self, score: Score) -> dict:
         """The task's eval_attempts columns of one graded attempt (`attempt_schema`)."""

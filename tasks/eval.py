@@ -132,7 +132,8 @@ def attempts_table(bench: Benchmark, played: Played, ckpt_id: str, split: str, o
     schema = attempts_schema(bench)
     rows = {name: [] for name in schema}
     for ep, gens in zip(played.episodes, played.generations):
-        for attempt, (s, g) in enumerate(zip(ep.scores, gens), start=1):
+        others = bench.rescore(ep, other)
+        for attempt, (s, g, r_other) in enumerate(zip(ep.scores, gens, others), start=1):
             values = {
                 "ckpt_id": ckpt_id,
                 "split": split,
@@ -142,7 +143,7 @@ def attempts_table(bench: Benchmark, played: Played, ckpt_id: str, split: str, o
                 **bench.score_columns(s),
                 "format_error": s.format_error,
                 "reward": s.reward,
-                "reward_other_mode": bench.score(g.text, ep.example, other).reward,
+                "reward_other_mode": r_other,
                 "outcome": s.outcome,
                 "reason": s.reason,
                 "generated_tokens": g.tokens,

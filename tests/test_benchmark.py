@@ -22,7 +22,7 @@ from tasks.benchmark import Benchmark
 from tasks.edit import sweep
 from tasks.model import build_tokenizer
 from tasks.rl import grpo
-from tasks.rl.rollout import Envs, rollout
+from tasks.rl.rollout import Envs, rollout, success_rate
 from tests.conftest import GP
 
 ROOT = Path(__file__).parents[1]
@@ -112,6 +112,10 @@ class Echo:
             return Said(-1.0, "silent", "nothing said", True)
         ok = text == str(e.value)
         return Said(1.0 if ok else 0.0, "right" if ok else "wrong", "right" if ok else "wrong number", False, said=text)
+
+    def rescore(self, ep, mode):
+        responses = [m["content"] for m in ep.messages() if m["role"] == "assistant"]
+        return [self.score(r, ep.example, mode).reward for r in responses]
 
     def score_columns(self, s):
         return {"said": s.said}
@@ -281,6 +285,7 @@ def test_ppo_steps_end_where_the_episode_ends_not_at_a_reward_value(echo):
     assert (b.done, b.finished) == (False, False)
     c, d = second
     assert (d.reward, d.done, d.finished, d.success, d.truncated) == (0.0, True, True, False, False)
+    assert success_rate(first + second) == pytest.approx(2 / 3)  # a and c solved, d ended unsolved
 
 
 def test_grpo_reward_scores_by_the_tasks_examples_and_success_reward(echo):
@@ -290,11 +295,19 @@ def test_grpo_reward_scores_by_the_tasks_examples_and_success_reward(echo):
     table = grpo.Reward(echo, "exact", "table")
     table.examples = reward.examples
     assert table(None, ["4", "2", ""], index=[3, 8, 8]) == [1.0, 0.0, -1.0]
+    forgiving = grpo.Reward(echo, "reference", "binary")
+    forgiving.examples = reward.examples
+    assert forgiving(None, [" 4 "], index=[3]) == [1.0] and reward(None, [" 4 "], index=[3]) == [0.0]
     assert reward.take()[0]["correct"] == [True, False, False]
 
 
 def test_the_report_counts_an_example_solved_by_the_tasks_success_reward(echo):
-    attempts = pl.DataFrame({"ckpt_id": ["a", "a", "b", "b"], "split": ["ood"] * 4, "hand_index": [0, 1, 0, 1], "attempt": [1] * 4, "reward": [1.0, 0.0, 0.0, 1.0]})
+    """Solved = some attempt of the episode has the task's success reward (b solves hand 1 on
+    its second attempt); the other split's rows do not count."""
+    attempts = pl.DataFrame({
+        "ckpt_id": ["a", "a", "b", "b", "b", "a"], "split": ["ood"] * 5 + ["id"], "hand_index": [0, 1, 0, 1, 1, 1],
+        "attempt": [1, 1, 1, 1, 2, 1], "reward": [1.0, 0.0, 0.0, 0.0, 1.0, 1.0],
+    })  # fmt: skip
     hands, ids, solved = report.solved_matrix(attempts, "ood", ["a", "b"], echo)
     assert list(hands) == [0, 1] and solved.tolist() == [[1.0, 0.0], [0.0, 1.0]]
 

@@ -25,7 +25,7 @@ from tasks.chat import encode, prompt_completion_ids
 from tasks.generalpoints import OUTCOMES, deal, overlap_key, reference_answer, render_prompt, score
 from tasks.rl import common, grpo, ppo
 from tasks.benchmark import training_stream
-from tasks.rl.rollout import Envs, Generator, Step
+from tasks.rl.rollout import Envs, Generator, Step, rollout, success_rate
 from tests.conftest import GP, kill_when
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +282,35 @@ def test_environments_take_hands_in_order_of_need_and_skip_evaluation_hands():
     score, finished, _ = again.step(0, "anything")
     assert (score.reward, score.truncated, finished, _) == (-1.0, True, True, False)
     assert again.episodes[0].hand.index == 4
+
+
+class ScriptedGenerator:
+    """A rollout generator double: scripted texts, one per environment and round."""
+
+    def __init__(self, texts):
+        self.texts = iter(texts)
+
+    def prompt_ids(self, messages):
+        return [len(messages)]
+
+    def text(self, response):
+        return response[0]
+
+    def __call__(self, prompts):
+        return [[next(self.texts)] for _ in prompts]
+
+
+def test_rollout_steps_tell_a_truncation_from_a_termination():
+    """GP §8 in RL: two graded failures, the ungraded step (truncated, not terminal), then a
+    solved hand (terminal); the success rate counts solved over finished episodes."""
+    cfg = parse_config({"name": "t", "rl": {"seed": 3}})
+    envs = Envs(GP, 1, lambda i: common.example_stream(cfg, set(), i), 3, "exact", 2)
+    steps, _ = rollout(envs, ScriptedGenerator(["no idea", "no", "anything"]), 3)
+    right = reference_answer(envs.episodes[0].hand)
+    more, _ = rollout(envs, ScriptedGenerator([right]), 1)
+    flags = [(s.done, s.truncated, s.finished, s.success) for s in steps + more]
+    assert flags == [(False, False, False, False)] * 2 + [(False, True, True, False), (True, False, True, True)]
+    assert success_rate(steps + more) == 0.5 and success_rate(steps[:2]) is None
 
 
 # ---------------------------------------------------------------------------- real runs

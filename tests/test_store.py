@@ -161,6 +161,10 @@ def test_a_claim_under_a_renamed_section_is_compared_under_its_new_name(tmp_path
     s.check_claim("toy", {"edit": {"grid": "small", "enabled": True}})
     with pytest.raises(StoreError, match=r"edit.grid: 'small' -> 'default'"):
         s.check_claim("toy", {"edit": {"grid": "default", "enabled": True}})
+    # a claim from before `task` existed is a GeneralPoints study
+    s.check_claim("toy", {"task": "generalpoints", "edit": {"grid": "small", "enabled": True}})
+    with pytest.raises(StoreError, match=r"task: 'generalpoints' -> 'virl'"):
+        s.check_claim("toy", {"task": "virl", "edit": {"grid": "small", "enabled": True}})
 
 
 def test_a_stage_key_refuses_a_path_as_an_input(tmp_path):

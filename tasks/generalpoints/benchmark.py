@@ -107,6 +107,11 @@ class GeneralPoints:
 
     # ------------------------------------------------------------------ attempts and summaries
 
+    def rescore(self, ep: Episode, mode: str) -> list[float]:
+        """Every attempt answers the same hand: each response graded again under `mode`."""
+        responses = [m["content"] for m in ep.messages() if m["role"] == "assistant"]
+        return [score(r, ep.hand, mode).reward for r in responses[: len(ep.scores)]]
+
     def score_columns(self, s: Score) -> dict:
         return {"formula": s.formula, "extracted": s.extracted}
 

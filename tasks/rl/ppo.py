@@ -28,7 +28,7 @@ from rlheal.store import Artifact, Store
 from tasks import lm
 from tasks import benchmark
 from tasks.rl import common
-from tasks.rl.rollout import Envs, Generator, Step, rollout
+from tasks.rl.rollout import Envs, Generator, Step, rollout, success_rate
 
 log = logging.getLogger("rlheal.rl")
 KEY = '"formula":'
@@ -320,7 +320,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
             "update": update + 1,
             "reward_mean": float(r.mean()),
             "reward_std": float(r.std(ddof=1)),
-            "success_rate": sum(s.success for s in steps) / finished if finished else None,
+            "success_rate": success_rate(steps),
             "episodes_finished": finished,
             **{f"count_{o}": sum(s.outcome == o for s in steps) for o in envs.bench.outcomes},
             "truncations": sum(s.truncated for s in steps),

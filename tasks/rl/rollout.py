@@ -126,5 +126,11 @@ def rollout(envs: Envs, generate: Generator, rounds: int) -> tuple[list[Step], l
         for e, (prompt, response) in enumerate(zip(prompts, generate(prompts))):
             score, finished, success = envs.step(e, generate.text(response))
             # the episode decides when it ends (GeneralPoints: at success, or truncated at the step limit)
-            steps.append(Step(prompt, response, score.reward, finished and not score.truncated, score.truncated, score.outcome, finished, success))
+            steps.append(Step(prompt, response, score.reward, finished and not score.truncated, score.truncated, score.outcome, finished, finished and success))
     return steps, [generate.prompt_ids(m) for m in envs.conversations()]
+
+
+def success_rate(steps: list[Step]) -> float | None:
+    """Solved episodes over finished ones among `steps` (rl_log's `success_rate`), None if none finished."""
+    finished = sum(s.finished for s in steps)
+    return sum(s.success for s in steps) / finished if finished else None
