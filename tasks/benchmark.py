@@ -31,9 +31,11 @@ To add a task (for the next reader: V-IRL navigation):
 5. A `Score` has at least `reward` (float), `outcome` (one of `outcomes`), `reason`
    (text), `format_error` (bool) and `truncated` (bool). The tables judge an example by its
    attempts' rewards: it is *solved* when one of its graded attempts has reward
-   `success_reward`, so give that reward only to the attempt that completes the example
-   (V-IRL: the correct `stop()` at the destination, not each correct step; per-step
-   accuracy then belongs in `summary_metrics`). `first_attempt_accuracy` and
+   `success_reward`, so only the attempt that completes the example may earn it. A task
+   whose rewards do not single that attempt out (V-IRL gives +1 to every right action,
+   the final `stop()` included; its outcome label `arrived` marks the completing one)
+   changes `solved` and `solves` below, the one rule every stage uses, to read the outcome;
+   per-step accuracy then belongs in `summary_metrics`. `first_attempt_accuracy` and
    `mean_attempts_to_success` count attempts of the whole episode.
 6. Two stages see only the first turn: GRPO trains single-turn, on `episode(...).messages()`
    before any response, scored with `score(response, example, mode)`; and the eval
@@ -205,8 +207,13 @@ def other_mode(bench: Benchmark, mode: str) -> str:
 
 
 def solved(bench: Benchmark, reward: pl.Expr | str = "reward") -> pl.Expr:
-    """True where a graded attempt solved its example."""
+    """True where a graded attempt (a row of eval_attempts) solved its example."""
     return (pl.col(reward) if isinstance(reward, str) else reward) == bench.success_reward
+
+
+def solves(bench: Benchmark, score: Score) -> bool:
+    """`solved` for one Score."""
+    return score.reward == bench.success_reward
 
 
 def examples_of(bench: Benchmark, table: pl.DataFrame) -> Sequence:

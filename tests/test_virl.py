@@ -1,0 +1,235 @@
+"""V-IRL-L's routes, label rule, verifier and episode, with the authors' worked behaviour
+(SFTvsRL's gym_virl NavigationEnvironment and step_rewards_virl) as test vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from rlheal.config import ConfigError
+from tasks.virl import navigation as nv
+from tasks.virl import routes
+from tasks.virl.routes import Milestone, Route
+
+START = (40.75, -73.99)
+
+
+def route(*legs, init=0):
+    """A route from (heading, landmarks) legs of 100 m each."""
+    points, ms = [START], []
+    for heading, landmarks in legs:
+        ms.append(Milestone(heading, routes.compass(heading), landmarks, 100))
+        points.append(routes._walk(points[-1], heading, 100))
+    return Route("here", "there", tuple(points), tuple(ms), init, seed=1, index=0)
+
+
+def reply(action: str, observation: str = "No landmarks nearby; ") -> str:
+    return f'\n{{\n  "current observation": "{observation}",\n  "current instruction": "x",\n  "action": "{action}",\n}}\n'
+
+
+# ---------------------------------------------------------------------------- the label rule
+
+
+@pytest.mark.parametrize(
+    "previous, heading, exact, reference",
+    [
+        (0, 0, "slightly left", "slightly left"),  # a delta of exactly 0 is "slightly left"
+        (90, 45, "slightly left", "slightly left"),  # -45
+        (90, 44, "left", "left"),  # -46
+        (0, 45, "slightly right", "slightly right"),
+        (0, 46, "right", "right"),
+        (350, 10, "slightly right", "left"),  # the authors do not wrap: -340
+        (10, 350, "slightly left", "right"),  # +340
+        (270, 0, "right", "left"),  # -270 unwrapped, +90 wrapped
+        (0, 180, "right", "right"),
+    ],
+)
+def test_relative_labels_with_and_without_the_wrap(previous, heading, exact, reference):
+    assert nv.relative(previous, heading, "exact") == exact
+    assert nv.relative(previous, heading, "reference") == reference
+
+
+def test_compass_names_are_the_nearest_of_eight():
+    assert [routes.compass(h) for h in (0, 22, 23, 67, 68, 177, 202, 203, 337, 338, 359)] == ["north", "north", "northeast", "northeast", "east", "south", "south", "southwest", "northwest", "north", "north"]
+
+
+# ---------------------------------------------------------------------------- instruction, rail, prompt
+
+
+def test_instruction_names_both_the_relative_word_and_the_compass_direction():
+    r = route((40, "Cafe is on your left"), (130, routes.NO_LANDMARK), (200, "Bank is on your right"), init=0)
+    assert nv.instruction(r) == (
+        "1. First, turn slightly right to face northeast.\n"
+        "2. Move forward until you reach next intersection where Cafe is on your left.\n"
+        "3. Turn right to face southeast.\n"
+        "4. Move forward until you reach next intersection.\n"
+        "5. Turn right to face south.\n"
+        "6. Move forward until you reach destination where Bank is on your right.\n"
+    )
+
+
+def test_the_rail_turns_walks_and_stops_the_same_in_both_splits():
+    r = route((40, "Cafe is on your left"), (130, routes.NO_LANDMARK), (200, "Bank is on your right"))
+    points = nv.rail(r)
+    ids = [p.action["id"] for p in points]
+    oods = [p.action["ood"] for p in points]
+    assert ids[0] == "turn_direction(northeast)" and oods[0] == "turn_direction(slightly right)"
+    assert [a for a in ids if a.startswith("turn")] == ["turn_direction(northeast)", "turn_direction(southeast)", "turn_direction(south)"]
+    assert [a for a in oods if a.startswith("turn")] == ["turn_direction(slightly right)", "turn_direction(right)", "turn_direction(right)"]
+    assert ids[-1] == oods[-1] == "stop()" and ids.count("forward()") == oods.count("forward()")
+    assert [p.observation for p in points if p.intersection] == ["Cafe is on your left; You observe an intersection", "No landmark nearby; You observe an intersection"]
+    assert points[0].observation == "No landmarks nearby; " and points[-1].observation == "Bank is on your right; "
+    # each of 3 legs keeps about half of its 4 walking points, the same ones every time
+    assert 0 <= ids.count("forward()") <= 12 and nv.rail(r) == points
+
+
+def test_the_prompt_is_the_authors_text():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    points = nv.rail(r)
+    text = nv.prompt(r, "id", points[:1], points[1])
+    assert text.startswith("\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to follow. You\nare also")
+    assert "identify the next sentence to be executed. \nThen," in text  # the trailing space is theirs
+    assert "[Instruction]\n1. First, turn slightly right to face northeast.\n" in text and "right.\n\n\n[Action space]\n" in text
+    assert f"O_1: No landmarks nearby; \nA_1: turn_direction(northeast)\nO_2: {points[1].observation}\nA_2: \n\n\n[Output]\n{{\n" in text
+    assert text.endswith('  "action": the action to be taken chosen from the action space,\n}\n')
+    assert "x could be any following 8 directions ['north', 'northeast'" in text
+    assert "x could be any following ['left', 'right', 'slightly left', 'slightly right']" in nv.prompt(r, "ood", [], points[0])
+
+
+# ---------------------------------------------------------------------------- rewards
+
+
+def test_rewards_follow_step_rewards_virl():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    points = nv.rail(r)
+    start, corner = points[0], next(p for p in points if p.intersection)
+    assert nv.score(reply("turn_direction(northeast)"), start, "id").reward == 1.0
+    assert nv.score(reply("turn_direction(slightly right)"), start, "id").reward == -1.0  # the other split's word
+    wrong_claim = nv.score(reply("forward()", "Cafe; You observe an intersection"), start, "id")
+    assert (wrong_claim.reward, wrong_claim.reason) == (-1.5, nv.NOT_AT_INTERSECTION)
+    missed = nv.score(reply("forward()", "No landmarks nearby; "), corner, "id")
+    assert (missed.reward, missed.reason) == (-1.5, nv.AT_AN_INTERSECTION)
+    # a right claim with a wrong action: -1, but -1.5 in the authors' code (it checks the landmark part only)
+    right_claim = reply("forward()", corner.observation)
+    assert nv.score(right_claim, corner, "id", "exact").reward == -1.0
+    assert (nv.score(right_claim, corner, "id", "reference").reward, nv.score(right_claim, corner, "id", "reference").reason) == (-1.5, nv.NOT_AT_INTERSECTION)
+    garbled = nv.score("I would go north", start, "id")
+    assert (garbled.reward, garbled.outcome, garbled.format_error, garbled.action) == (-1.0, "no_action", True, "None")
+    assert nv.score(reply("stop()"), points[-1], "ood").outcome == "arrived"
+
+
+def test_the_correction_messages_are_the_authors_text():
+    assert nv.WRONG_ACTION.startswith("you make incorrect action. Please avoid this action and try again in the same format:\n[Output]\n{{\n")
+    assert nv.WRONG_ACTION.endswith('"action": the action to be taken chosen from the action space,\n}}.')
+    assert nv.NOT_AT_INTERSECTION.startswith("you are not at any intersection. Please avoid this observation and try again")
+
+
+# ---------------------------------------------------------------------------- episodes
+
+
+def walk(ep, answers):
+    for a in answers:
+        ep.record(a)
+    return ep
+
+
+def test_a_right_walk_advances_point_by_point_and_stop_solves_the_route():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = nv.Episode(r, "ood")
+    for k, point in enumerate(ep.rail):
+        assert ep.position == k and len(ep.messages()) == 1  # each point is a fresh prompt
+        ep.record(reply(point.action["ood"], point.observation))
+    assert ep.done and ep.success and not ep.truncated and ep.scores[-1].outcome == "arrived"
+    assert f"A_{len(ep.rail) - 1}: {ep.rail[-2].action['ood']}\n" in nv.prompt(r, "ood", ep.rail[:-1], ep.rail[-1])
+
+
+def test_two_graded_tries_per_point_then_the_route_fails():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = walk(nv.Episode(r, "id"), [reply("forward()")])
+    assert ep.messages()[-1] == {"role": "user", "content": f"You failed this trial because {nv.WRONG_ACTION}"}
+    assert ep.messages()[1]["content"] == reply("forward()") and ep.position == 0
+    ep.record(reply("stop()"))
+    assert ep.done and not ep.success and [s.reward for s in ep.scores] == [-1.0, -1.0]
+    with pytest.raises(RuntimeError):
+        ep.record("more")
+
+
+def test_in_rl_the_third_call_is_ungraded_and_truncates():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = walk(nv.Episode(r, "id", rl=True), [reply("forward()"), reply("forward()")])
+    assert not ep.done and ep.truncation_pending
+    s = ep.record(reply("turn_direction(northeast)"))  # right, but never graded
+    assert (s.reward, s.truncated, ep.done, ep.success, ep.truncated) == (-1.0, True, True, False, True)
+
+
+def test_a_right_try_after_a_wrong_one_moves_on(monkeypatch):
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = walk(nv.Episode(r, "id"), [reply("forward()"), reply("turn_direction(northeast)")])
+    assert ep.position == 1 and len(ep.messages()) == 1 and not ep.done
+
+
+def test_the_step_limit_counts_every_generation(monkeypatch):
+    monkeypatch.setattr(nv, "STEP_LIMIT", 3)
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = nv.Episode(r, "id")
+    for point in ep.rail[:3]:
+        ep.record(reply(point.action["id"], point.observation))
+    assert ep.done and ep.truncated and not ep.success
+
+
+# ---------------------------------------------------------------------------- generated routes and the authors' schema
+
+
+def test_generated_routes_are_pure_functions_of_seed_and_index():
+    a, b = routes.generate(3, 7), routes.generate(3, 7)
+    assert a == b and routes.generate(3, 8) != a and routes.generate(4, 7) != a
+    many = [routes.generate(0, i) for i in range(200)]
+    assert {len(r.milestones) - 1 for r in many} == set(range(2, 7))  # 2-6 turns
+    assert {m.direction for r in many for m in r.milestones} == set(routes.COMPASS)  # diagonals included
+    assert all(m.heading != n.heading for r in many for m, n in zip(r.milestones, r.milestones[1:]))
+    assert all(r.milestones[-1].landmarks != routes.NO_LANDMARK for r in many)
+
+
+def test_the_authors_schema_round_trips(tmp_path):
+    made = [routes.generate(5, i) for i in range(20)]
+    path = routes.write(made, tmp_path / "route_infos.json")
+    data = json.loads(path.read_text())
+    assert data[1] == 20 and set(data[0][0]) >= {"start_place", "dest_place", "route_results", "milestone_info"}
+    assert '"to_next_intersection_heading": "' in data[0][0]["milestone_info"]
+    loaded = routes.load(path)
+    assert [dataclasses.replace(r, seed=None, index=None) for r in made] == loaded
+
+
+@pytest.mark.parametrize(
+    "damage, field",
+    [
+        (lambda d: d[0][2].pop("milestone_info"), r"routes\[2\]: missing field 'milestone_info'"),
+        (lambda d: d[0][1]["route_results"].update(geocode_list=[[1.0]]), r"routes\[1\].route_results.geocode_list"),
+        (lambda d: d[0][3].update(init_heading=360), r"routes\[3\].init_heading: 360"),
+        (lambda d: d.pop(), r"expected \[routes, number_of_routes\]"),
+    ],
+)
+def test_a_file_that_is_not_the_schema_is_refused_with_the_field_named(tmp_path, damage, field):
+    path = routes.write([routes.generate(5, i) for i in range(4)], tmp_path / "route_infos.json")
+    data = json.loads(path.read_text())
+    damage(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=field) as err:
+        routes.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_heading_outside_0_359_and_a_one_point_route_are_refused():
+    r = routes.to_record(routes.generate(5, 0))
+    bad = re.sub(r'"to_next_intersection_heading": "\d+ \((\w+)\)"', r'"to_next_intersection_heading": "999 (\1)"', r["milestone_info"], count=1)
+    with pytest.raises(ConfigError, match=r"f: routes\[0\].milestone_info\[0\].to_next_intersection_heading: heading 999 is outside 0-359"):
+        routes.from_record(dict(r, milestone_info=bad), "f: routes[0]")
+    garbled = r["milestone_info"].replace("(", "", 1)
+    with pytest.raises(ConfigError, match="is not '<degrees> \\(<compass name>\\)'"):
+        routes.from_record(dict(r, milestone_info=garbled), "f: routes[0]")
+    one = dict(r, route_results={"geocode_list": [], "landmark_list": []}, milestone_info="")
+    with pytest.raises(ConfigError, match="at least two points"):
+        routes.from_record(dict(one, start_geocode=[1.0, 2.0]), "f: routes[0]")
