@@ -2,6 +2,8 @@
 ones (`check`). Each failure is bad input, exit status 2, with nothing written:
 
 - the store: it, or the nearest folder above it, must be a folder one can write in;
+- the task: its benchmark builds from the config (`virl.routes`: a routes file in the
+  authors' schema, refused with the file and field named);
 - the model: present on disk (`model.name_or_path`), with the shapes the svd section needs
   (a pattern that selects no matrix, a k no selected matrix admits);
 - the study name: not already run in this store with another config (unless --force);
@@ -20,12 +22,14 @@ from typing import TextIO
 from rlheal import space
 from rlheal.config import StudyConfig
 from rlheal.store import Store, StoreError
+from tasks import benchmark
 
 def check(cfg: StudyConfig, force: bool = False, space_check: bool = True, out: TextIO | None = None) -> space.Estimate:
     """Run every pre-run check; print the store-space estimate to `out` (stdout) and return it.
     `space_check=False` prints the estimate without refusing a store that looks too small."""
     store = Store(cfg.store)
     store.check_usable()
+    benchmark.of(cfg)
     model, columns, sweep = inspect_model(cfg)
     store.check_claim(cfg.name, cfg.claim(), force)
     import torch

@@ -104,6 +104,12 @@ class VerifierSection(Section):
     verify_iter: int = Field(5, ge=1, le=20, description="graded attempts per episode (GP §8)")
 
 
+class VirlSection(Section):
+    """The V-IRL navigation task (`task: virl`, tasks/virl/)."""
+
+    routes: str | None = Field(None, description="the authors' route_infos.json to deal routes from; none: procedurally generated routes")
+
+
 class DataSection(Section):
     """The data stage: SFT rows and the fixed evaluation hands (GP §2, §5)."""
 
@@ -436,12 +442,13 @@ class StudyConfig(Section):
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the study's name in the store (studies/<name>/); one name, one config")]
     store: str = Field("store", description="the artifact store's folder (created on the first run); --store overrides it")
-    task: Literal["generalpoints"] = Field("generalpoints", description="the benchmark every stage plays (tasks/benchmark.py): generalpoints, the make-24 card game")
+    task: Literal["generalpoints", "virl"] = Field("generalpoints", description="the benchmark every stage plays (tasks/benchmark.py): generalpoints, the make-24 card game; virl, V-IRL language navigation")
     model: ModelSection = ModelSection(builtin="tiny")
     pretrain: PretrainSection = PretrainSection()
     chat: ChatSection = ChatSection()
     verifier: VerifierSection = VerifierSection()
     data: DataSection = DataSection()
+    virl: VirlSection = VirlSection()
     sft: SftSection = SftSection()
     eval: EvalSection = EvalSection()
     rl: RlSection = RlSection()

@@ -9,7 +9,8 @@ To add a task (for the next reader: V-IRL navigation):
 
 1. Write `tasks/<name>/benchmark.py` with a class that has every member of `Benchmark`
    below, and add its import path to `TASKS`; add the name to `StudyConfig.task`'s
-   `Literal` in rlheal/config.py.
+   `Literal` in rlheal/config.py. A config section named as the task (`virl:`) is passed
+   to the class's constructor as keyword arguments.
 2. An *example* is one unit of evaluation, what GeneralPoints calls a hand and V-IRL a
    route: a frozen dataclass with at least `split` and `index` (its position in the stream
    `deal` made it from; None when it was built by hand). Dealing is a pure function of
@@ -29,21 +30,19 @@ To add a task (for the next reader: V-IRL navigation):
    (cut at a step limit: GeneralPoints' ungraded last step, GP §8), and counts
    `Episode.success` in its success rate.
 5. A `Score` has at least `reward` (float), `outcome` (one of `outcomes`), `reason`
-   (text), `format_error` (bool) and `truncated` (bool). The tables judge an example by its
-   attempts' rewards: it is *solved* when one of its graded attempts has reward
-   `success_reward`, so only the attempt that completes the example may earn it. A task
-   whose rewards do not single that attempt out (V-IRL gives +1 to every right action,
-   the final `stop()` included; its outcome label `arrived` marks the completing one)
-   changes `solved` and `solves` below, the one rule every stage uses, to read the outcome;
-   per-step accuracy then belongs in `summary_metrics`. `first_attempt_accuracy` and
-   `mean_attempts_to_success` count attempts of the whole episode.
+   (text), `format_error` (bool) and `truncated` (bool). An example is *solved* when one of
+   its graded attempts `solves` it (the same rule over eval_attempts rows: `solved_rows`):
+   GeneralPoints' +5; V-IRL's correct `stop()` at the destination (outcome `arrived`),
+   not each right step, whose share belongs in `summary_metrics`. Accuracy is the share
+   of examples solved; `first_attempt_accuracy` and `mean_attempts_to_success` count
+   attempts of the whole episode.
 6. Two stages see only the first turn: GRPO trains single-turn, on `episode(...).messages()`
    before any response, scored with `score(response, example, mode)`; and the eval
    stage's teacher-forced CE scores `eval_row`'s `target` after its `prompt`. `score` grades
    a response to that first turn; a multi-step task scores a later step through its
    episode, where the state is (and `rescore` through a replay).
 7. The tables keep one row layout for every task: the stages write the common columns and
-   put the task's own columns where `sft_row`, `eval_row` and `score_columns` say (with
+   put the task's own columns where `sft_rows`, `eval_row` and `score_columns` say (with
    their polars types in `attempt_schema` and `column_types`).
 8. The tiny builtin model's word-level vocabulary is built from `phrases()`: every fixed
    chunk of the task's text, so each prompt and each answer round-trips exactly; its
@@ -69,7 +68,7 @@ from rlheal.config import StudyConfig
 Messages = list[dict[str, str]]
 
 # task name -> "module:Class"; imported on first use, so only the chosen task is loaded.
-TASKS = {"generalpoints": "tasks.generalpoints.benchmark:GeneralPoints"}
+TASKS = {"generalpoints": "tasks.generalpoints.benchmark:GeneralPoints", "virl": "tasks.virl.benchmark:Virl"}
 
 
 class Score(Protocol):
@@ -99,7 +98,6 @@ class Benchmark(Protocol):
     splits: tuple[str, ...]  # ("id", "ood"); training deals only from "id" (point 3)
     outcomes: tuple[str, ...]  # outcome labels, in the order tables list their columns
     modes: tuple[str, ...]  # ("exact", "reference"), `verifier.mode`'s choices (point 3)
-    success_reward: float  # the reward of the attempt that solves an example (point 5)
     attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
     column_types: dict[str, pl.DataType]  # types of eval_set_<split> columns polars would infer otherwise
 
@@ -112,9 +110,10 @@ class Benchmark(Protocol):
     def identity(self, example: Any) -> Any:
         """JSON-able content of an example that the evaluation-set hash covers."""
 
-    def sft_row(self, example: Any, cfg: StudyConfig) -> dict:
-        """One `sft_train` row: `index`, the task's columns, `prompt` and `completion`
-        (TRL conversational message lists; the completion is the trained target)."""
+    def sft_rows(self, example: Any, cfg: StudyConfig) -> list[dict]:
+        """The `sft_train` rows of one example (GeneralPoints: one; V-IRL: one per step):
+        `index`, the task's columns, `prompt` and `completion` (TRL conversational message
+        lists; the completion is the trained target)."""
 
     def eval_row(self, example: Any, cfg: StudyConfig) -> dict:
         """One `eval_set_<split>` row: `split`, `index`, the task's columns, `prompt`, `answer`
@@ -129,6 +128,12 @@ class Benchmark(Protocol):
 
     def score(self, response: str, example: Any, mode: str) -> Score:
         """Grade a response to the example's first turn (point 6)."""
+
+    def solves(self, score: Score) -> bool:
+        """Whether a graded attempt solves its example (point 5)."""
+
+    def solved_rows(self) -> pl.Expr:
+        """`solves` over eval_attempts rows (columns `reward`, `outcome`)."""
 
     def rescore(self, episode: Episode, mode: str) -> list[float]:
         """The rewards of the episode's recorded attempts under another verifier mode, in
@@ -157,17 +162,20 @@ class Benchmark(Protocol):
 
 
 @functools.cache
-def get(name: str) -> Benchmark:
-    """The benchmark called `name` (one of TASKS)."""
+def get(name: str, options: str = "{}") -> Benchmark:
+    """The benchmark called `name` (one of TASKS), built with the task's config section
+    (`options`, its JSON; a task without one takes none)."""
     if name not in TASKS:
         raise ValueError(f"task: unknown task {name!r}; one of {sorted(TASKS)}")
     module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    kwargs = json.loads(options)
+    return getattr(importlib.import_module(module), cls)(**kwargs)
 
 
 def of(cfg: StudyConfig) -> Benchmark:
-    """The benchmark a study's config names (`task`)."""
-    return get(cfg.task)
+    """The benchmark a study's config names (`task`), with its section (`virl:` for virl)."""
+    section = getattr(cfg, cfg.task, None)
+    return get(cfg.task, json.dumps(section.model_dump(), sort_keys=True) if section is not None else "{}")
 
 
 # ---------------------------------------------------------------------------- what stages share
@@ -206,14 +214,9 @@ def other_mode(bench: Benchmark, mode: str) -> str:
     return next(m for m in bench.modes if m != mode)
 
 
-def solved(bench: Benchmark, reward: pl.Expr | str = "reward") -> pl.Expr:
+def solved(bench: Benchmark) -> pl.Expr:
     """True where a graded attempt (a row of eval_attempts) solved its example."""
-    return (pl.col(reward) if isinstance(reward, str) else reward) == bench.success_reward
-
-
-def solves(bench: Benchmark, score: Score) -> bool:
-    """`solved` for one Score."""
-    return score.reward == bench.success_reward
+    return bench.solved_rows()
 
 
 def examples_of(bench: Benchmark, table: pl.DataFrame) -> Sequence:

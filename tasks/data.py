@@ -35,14 +35,16 @@ class OverlapError(AssertionError):
 
 
 def sft_table(bench: Benchmark, cfg: StudyConfig, exclude: set) -> tuple[pl.DataFrame, int, list]:
-    """The first `train_size` training examples not in `exclude`; returns (table, skipped, examples)."""
-    examples = []
+    """The first `train_size` rows of the training examples not in `exclude` (an example may
+    give several rows: `Benchmark.sft_rows`); returns (table, skipped, examples)."""
+    examples, rows = [], []
     for example in training_stream(bench, cfg.data.train_seed, exclude, cfg.data.overlap):
         examples.append(example)
-        if len(examples) == cfg.data.train_size:
+        rows += bench.sft_rows(example, cfg)
+        if len(rows) >= cfg.data.train_size:
             break
     last = examples[-1].index if examples else -1
-    return pl.DataFrame([bench.sft_row(e, cfg) for e in examples]), last + 1 - len(examples), examples
+    return pl.DataFrame(rows[: cfg.data.train_size]), last + 1 - len(examples), examples
 
 
 def eval_table(bench: Benchmark, examples: list, set_hash: str, cfg: StudyConfig) -> pl.DataFrame:

@@ -120,7 +120,7 @@ def rl_outcomes(attempts: pl.DataFrame | None, rec: pl.DataFrame, bench: Benchma
 
 def solved_matrix(attempts: pl.DataFrame, split: str, ckpt_ids: list[str], bench: Benchmark) -> tuple[np.ndarray, list[str], np.ndarray] | None:
     """Per-hand outcomes of `ckpt_ids` on one split: (hand_index (H,), ckpt_ids, outcomes (C, H)),
-    1.0 where some attempt of the episode solved it (`Benchmark.success_reward`, the `k` of eval_summary).
+    1.0 where some attempt of the episode solved it (`Benchmark.solved_rows`, the `k` of eval_summary).
     None if a checkpoint has no outcomes or the checkpoints were not played on the same hands."""
     a = attempts.filter((pl.col("split") == split) & pl.col("ckpt_id").is_in(ckpt_ids))
     per = a.group_by("ckpt_id", "hand_index").agg(solved=solved(bench).any().cast(pl.Float64))

@@ -78,7 +78,6 @@ class Echo:
     splits = ("id", "ood")
     outcomes = ("right", "wrong", "silent")
     modes = ("exact", "reference")  # reference: surrounding spaces forgiven
-    success_reward = 1.0
     attempt_schema = {"said": pl.String}
     column_types = {"value": pl.Int16}
 
@@ -94,8 +93,8 @@ class Echo:
     def prompt(self, e):
         return f"Say {e.value if e.split == 'id' else WORDS[e.value]}."
 
-    def sft_row(self, e, cfg):
-        return {"index": e.index, "value": e.value, "prompt": [{"role": "user", "content": self.prompt(e)}], "completion": [{"role": "assistant", "content": str(e.value)}]}
+    def sft_rows(self, e, cfg):
+        return [{"index": e.index, "value": e.value, "prompt": [{"role": "user", "content": self.prompt(e)}], "completion": [{"role": "assistant", "content": str(e.value)}]}]
 
     def eval_row(self, e, cfg):
         return {"split": e.split, "index": e.index, "value": e.value, "prompt": self.prompt(e), "answer": str(e.value), "target": str(e.value)}
@@ -112,6 +111,12 @@ class Echo:
             return Said(-1.0, "silent", "nothing said", True)
         ok = text == str(e.value)
         return Said(1.0 if ok else 0.0, "right" if ok else "wrong", "right" if ok else "wrong number", False, said=text)
+
+    def solves(self, s):
+        return s.reward == 1.0
+
+    def solved_rows(self):
+        return pl.col("reward") == 1.0
 
     def rescore(self, ep, mode):
         responses = [m["content"] for m in ep.messages() if m["role"] == "assistant"]
@@ -162,14 +167,20 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+TASK_PACKAGES = sorted({target.split(":")[0].rsplit(".", 1)[0] for target in benchmark.TASKS.values()})
+
+
 def test_no_stage_imports_a_task_package():
     """Only the task packages themselves and the interface's registry name a task."""
+    assert TASK_PACKAGES == ["tasks.generalpoints", "tasks.virl"]
     offenders = []
     for path in sorted([*(ROOT / "tasks").rglob("*.py"), *(ROOT / "flows").rglob("*.py"), *(ROOT / "rlheal").rglob("*.py")]):
         rel = path.relative_to(ROOT)
-        if rel.parts[:2] == ("tasks", "generalpoints") or rel == Path("tasks/benchmark.py"):
+        own = next((pkg for pkg in TASK_PACKAGES if rel.parts[:2] == tuple(pkg.split("."))), None)
+        if rel == Path("tasks/benchmark.py"):
             continue
-        if hits := sorted(n for n in _imports(path) if n == "tasks.generalpoints" or n.startswith("tasks.generalpoints.")):
+        hits = sorted(n for n in _imports(path) for pkg in TASK_PACKAGES if pkg != own and (n == pkg or n.startswith(pkg + ".")))
+        if hits:
             offenders.append(f"{rel}: {hits}")
     assert not offenders, offenders
 
@@ -288,7 +299,7 @@ def test_ppo_steps_end_where_the_episode_ends_not_at_a_reward_value(echo):
     assert success_rate(first + second) == pytest.approx(2 / 3)  # a and c solved, d ended unsolved
 
 
-def test_grpo_reward_scores_by_the_tasks_examples_and_success_reward(echo):
+def test_grpo_reward_scores_by_the_tasks_examples_and_its_solved_rule(echo):
     reward = grpo.Reward(echo, "exact", "binary")
     reward.examples = {3: Number("id", 3, 4), 8: Number("id", 8, 9)}
     assert reward(None, [[{"content": "4"}], "2", ""], index=[3, 8, 8]) == [1.0, 0.0, 0.0]
@@ -301,7 +312,7 @@ def test_grpo_reward_scores_by_the_tasks_examples_and_success_reward(echo):
     assert reward.take()[0]["correct"] == [True, False, False]
 
 
-def test_the_report_counts_an_example_solved_by_the_tasks_success_reward(echo):
+def test_the_report_counts_an_example_solved_by_the_tasks_rule(echo):
     """Solved = some attempt of the episode has the task's success reward (b solves hand 1 on
     its second attempt); the other split's rows do not count."""
     attempts = pl.DataFrame({

@@ -233,3 +233,86 @@ def test_a_heading_outside_0_359_and_a_one_point_route_are_refused():
     one = dict(r, route_results={"geocode_list": [], "landmark_list": []}, milestone_info="")
     with pytest.raises(ConfigError, match="at least two points"):
         routes.from_record(dict(one, start_geocode=[1.0, 2.0]), "f: routes[0]")
+
+
+# ---------------------------------------------------------------------------- the whole study on task: virl
+
+
+def test_the_virl_smoke_study_runs_every_stage(prefect_api, tmp_path):
+    """configs/smoke-virl.yaml through `rlheal run`: the tables carry the task's columns and
+    metrics, both splits walk the same routes, no training route is an evaluation route."""
+    import os
+    import subprocess
+    import sys
+
+    import polars as pl
+    import yaml
+
+    from tasks.benchmark import get
+    from tests.conftest import CONFIGS, _home
+
+    cfg = yaml.safe_load((CONFIGS / "smoke-virl.yaml").read_text()) | {"store": str(tmp_path / "store")}
+    path = tmp_path / "smoke-virl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(_home)}
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(path)], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    t = {p.stem: pl.read_parquet(p) for p in (tmp_path / "store" / "studies" / "smoke-virl" / "tables").glob("*.parquet")}
+    assert {"sft_train", "eval_set_id", "eval_set_ood", "checkpoints", "rl_log", "eval_attempts", "eval_summary", "svd_pair_metrics", "edit_eval_results"} <= set(t)
+    assert t["sft_train"].height == 256 and "step" in t["sft_train"].columns
+    assert t["eval_set_id"]["route"].to_list() == t["eval_set_ood"]["route"].to_list()  # one set of routes, two action rules
+    virl = get("virl")
+    held = {virl.overlap_key(virl.from_row(row), "ordered") for row in t["eval_set_id"].iter_rows(named=True)}
+    trained = {virl.overlap_key(virl.deal("id", 0, i), "ordered") for i in set(t["sft_train"]["index"])}
+    assert not held & trained
+    s = t["eval_summary"]
+    assert {"step_accuracy", "accuracy", "accuracy_ci_low"} <= set(s.columns) and s.height == 2 * t["checkpoints"].height
+    a = t["eval_attempts"]
+    assert "action" in a.columns and set(a["outcome"]) <= set(virl.outcomes)
+    assert (t["rl_log"]["count_no_action"] >= 0).all() and "count_arrived" in t["rl_log"].columns
+    md = (tmp_path / "store" / "studies" / "smoke-virl" / "report" / "report.md").read_text()
+    assert "## Verdicts" in md and "number field" not in md
+
+
+def test_a_bad_routes_file_is_refused_before_anything_is_written(tmp_path):
+    """`virl.routes` pointing at a file that is not the authors' schema: exit 2, the file and
+    the field named, no store created."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import CONFIGS
+
+    good = routes.write([routes.generate(5, i) for i in range(3)], tmp_path / "route_infos.json")
+    data = json.loads(good.read_text())
+    data[0][1]["init_heading"] = 400
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    cfg = yaml.safe_load((CONFIGS / "smoke-virl.yaml").read_text()) | {"store": str(tmp_path / "store"), "virl": {"routes": str(bad)}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert f"{bad}: routes[1].init_heading: 400" in r.stderr and not (tmp_path / "store").exists()
+    cfg["virl"]["routes"] = str(good)
+    path.write_text(yaml.safe_dump(cfg))
+    assert subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300).returncode == 0
+
+
+def test_routes_from_a_file_are_dealt_in_a_seeded_order():
+    from tasks.virl.benchmark import Virl
+
+    bench = Virl()
+    made = [routes.generate(9, i) for i in range(6)]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        filed = Virl(str(routes.write(made, Path(d) / "r.json")))
+    loaded = {r.points for r in routes.load(routes.write(made, Path(tempfile.mkdtemp()) / "r.json"))}
+    dealt = [filed.deal("id", 1, i).route.points for i in range(12)]
+    assert set(dealt) == loaded and dealt[:6] == dealt[6:] and len(set(dealt[:6])) == 6  # a permutation, cycled
+    assert [filed.deal("ood", 1, i).route for i in range(6)] == [filed.deal("id", 1, i).route for i in range(6)]
+    assert [filed.deal("id", 2, i).route.points for i in range(6)] != dealt[:6]
+    assert bench.deal("id", 9, 3).route == made[3]

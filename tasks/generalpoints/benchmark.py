@@ -52,7 +52,6 @@ class GeneralPoints:
     splits = SPLITS
     outcomes = OUTCOMES
     modes = MODES
-    success_reward = 5.0
     attempt_schema = {"formula": pl.String, "extracted": pl.Boolean}
     column_types = {"n_solutions": pl.Int32}
 
@@ -67,6 +66,9 @@ class GeneralPoints:
         return Episode(hand, mode, verify_iter, rl)
 
     # ------------------------------------------------------------------ data tables
+
+    def sft_rows(self, hand: Hand, cfg: StudyConfig) -> list[dict]:
+        return [self.sft_row(hand, cfg)]
 
     def sft_row(self, hand: Hand, cfg: StudyConfig) -> dict:
         """GP §5: the prompt, optionally a wrong attempt and its failure message first
@@ -106,6 +108,12 @@ class GeneralPoints:
         return dataclasses.replace(make_hand(row["cards"], row["split"]), reference=row["formula"], index=row["index"])
 
     # ------------------------------------------------------------------ attempts and summaries
+
+    def solves(self, s: Score) -> bool:
+        return s.reward == 5
+
+    def solved_rows(self) -> pl.Expr:
+        return pl.col("reward") == 5
 
     def rescore(self, ep: Episode, mode: str) -> list[float]:
         """Every attempt answers the same hand: each response graded again under `mode`."""

@@ -26,7 +26,7 @@ from rlheal.store import Artifact, Store
 from tasks import lm
 from tasks.chat import encode, render, stop_token_ids
 from tasks import benchmark
-from tasks.benchmark import Benchmark, solves
+from tasks.benchmark import Benchmark
 from tasks.rl import common
 from tasks.sft import StepCheckpoints, last_complete
 
@@ -110,7 +110,7 @@ class Reward:
     def __call__(self, prompts, completions, index, completion_ids=None, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         scores = [self.bench.score(t, self.examples[i], self.mode) for t, i in zip(texts, index)]
-        correct = [solves(self.bench, s) for s in scores]
+        correct = [self.bench.solves(s) for s in scores]
         rewards = [s.reward if self.kind == "table" else float(c) for s, c in zip(scores, correct)]
         self.pending.append({"rewards": rewards, "correct": correct, "outcomes": [s.outcome for s in scores]})
         return rewards

@@ -200,20 +200,23 @@ class Episode:
     authors' discarded third call. A right `stop()` at the destination solves the route;
     STEP_LIMIT generations end it truncated."""
 
-    def __init__(self, route: Route, split: str, mode: str = "exact", verify_iter: int = 2, rl: bool = False):
+    def __init__(self, route: Route, split: str, mode: str = "exact", verify_iter: int = 2, rl: bool = False, example=None):
         if verify_iter < 1:
             raise ValueError(f"verify_iter must be >= 1; got {verify_iter}")
         self.route, self.split, self.mode, self.verify_iter, self.rl = route, split, mode, verify_iter, rl
+        self._example = route if example is None else example
         self.rail = rail(route, mode)
         self.position = 0  # index into the rail
         self.scores: list[Score] = []
         self.points: list[int] = []  # rail position each score was graded at
+        self.responses: list[str] = []  # every recorded response, in order
         self._turns: list[dict] = []  # the current point's tries and corrections
         self.success = self.truncated = False
 
     @property
-    def example(self) -> Route:
-        return self.route
+    def example(self):
+        """What the episode was dealt (a route, or the benchmark's example holding it)."""
+        return self._example
 
     def tries(self) -> int:
         """Graded tries at the current point."""
@@ -246,6 +249,7 @@ class Episode:
             result = score(response, here, self.split, self.mode)
         self.scores.append(result)
         self.points.append(self.position)
+        self.responses.append(response)
         if result.truncated:
             return result
         if result.reward == 1.0:
