@@ -316,3 +316,11 @@ def test_routes_from_a_file_are_dealt_in_a_seeded_order():
     assert [filed.deal("ood", 1, i).route for i in range(6)] == [filed.deal("id", 1, i).route for i in range(6)]
     assert [filed.deal("id", 2, i).route.points for i in range(6)] != dealt[:6]
     assert bench.deal("id", 9, 3).route == made[3]
+
+
+def test_pretraining_a_virl_base_is_refused_until_it_has_a_corpus():
+    from rlheal.config import parse_config
+
+    with pytest.raises(ConfigError, match="pretrain.enabled: the V-IRL tiny base has no pretraining corpus yet"):
+        parse_config({"name": "v", "task": "virl", "pretrain": {"enabled": True}})
+    assert parse_config({"name": "v", "task": "virl"}).task == "virl"
