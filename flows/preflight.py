@@ -29,7 +29,7 @@ def check(cfg: StudyConfig, force: bool = False, space_check: bool = True, out: 
     `space_check=False` prints the estimate without refusing a store that looks too small."""
     store = Store(cfg.store)
     store.check_usable()
-    benchmark.of(cfg)
+    benchmark.of(cfg).check(cfg)
     model, columns, sweep = inspect_model(cfg)
     store.check_claim(cfg.name, cfg.claim(), force)
     import torch

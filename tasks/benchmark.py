@@ -82,6 +82,7 @@ class Score(Protocol):
 class Episode(Protocol):
     example: Any
     scores: list  # the recorded Scores, in order
+    responses: list[str]  # the recorded responses, in order: a PPO resume replays them
     done: bool
     success: bool
     truncated: bool
@@ -100,6 +101,10 @@ class Benchmark(Protocol):
     modes: tuple[str, ...]  # ("exact", "reference"), `verifier.mode`'s choices (point 3)
     attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
     column_types: dict[str, pl.DataType]  # types of eval_set_<split> columns polars would infer otherwise
+
+    def check(self, cfg: StudyConfig) -> None:
+        """Refuse a config the task cannot run (ConfigError: the field named), before
+        anything is written (the pre-run checks call it)."""
 
     def deal(self, split: str, seed: int, index: int) -> Any:
         """Example `index` of stream `seed` under `split`."""

@@ -48,7 +48,7 @@ class Said:
 
 class EchoEpisode:
     def __init__(self, example: Number, verify_iter: int):
-        self.example, self.verify_iter, self.scores = example, verify_iter, []
+        self.example, self.verify_iter, self.scores, self.responses = example, verify_iter, [], []
         self._messages = [{"role": "user", "content": Echo().prompt(example)}]
 
     def messages(self):
@@ -66,6 +66,7 @@ class EchoEpisode:
 
     def record(self, response):
         self._messages.append({"role": "assistant", "content": response})
+        self.responses.append(response)
         s = Echo().score(response, self.example, "exact")
         if s.reward != 1.0:
             self._messages.append({"role": "user", "content": "No."})
@@ -80,6 +81,9 @@ class Echo:
     modes = ("exact", "reference")  # reference: surrounding spaces forgiven
     attempt_schema = {"said": pl.String}
     column_types = {"value": pl.Int16}
+
+    def check(self, cfg):
+        pass
 
     def deal(self, split, seed, index):
         return Number(split, index, (seed * 31 + index * 7) % 10)

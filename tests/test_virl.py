@@ -295,7 +295,11 @@ def test_a_bad_routes_file_is_refused_before_anything_is_written(tmp_path):
     r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stdout + r.stderr
     assert f"{bad}: routes[1].init_heading: 400" in r.stderr and not (tmp_path / "store").exists()
-    cfg["virl"]["routes"] = str(good)
+    cfg["virl"]["routes"] = str(good)  # 3 routes, 8 for evaluation: none left to train on
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "holds 3 routes and data.eval_size takes 8" in r.stderr
+    cfg["virl"]["routes"] = str(routes.write([routes.generate(5, i) for i in range(12)], tmp_path / "twelve.json"))
     path.write_text(yaml.safe_dump(cfg))
     assert subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300).returncode == 0
 
@@ -324,3 +328,153 @@ def test_pretraining_a_virl_base_is_refused_until_it_has_a_corpus():
     with pytest.raises(ConfigError, match="pretrain.enabled: the V-IRL tiny base has no pretraining corpus yet"):
         parse_config({"name": "v", "task": "virl", "pretrain": {"enabled": True}})
     assert parse_config({"name": "v", "task": "virl"}).task == "virl"
+
+
+# ---------------------------------------------------------------------------- review: the gaps a mutation went through
+
+
+def test_the_sft_target_names_the_point_the_observation_and_the_sentence():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    points = nv.rail(r)
+    sentences = nv.sentences(r)
+    corner = next(p for p in points if p.intersection)
+    assert nv.answer(r, "ood", corner) == (
+        '\n{\n  "current observation": "Cafe is on your left; You observe an intersection",\n'
+        '  "current instruction": "Turn right to face south.",\n  "action": "turn_direction(right)",\n}\n'
+    )
+    walking = [sentences[p.sentence] for p in points if p.action["id"] == "forward()"]
+    assert all(w.startswith("Move forward") for w in walking)
+    assert {p.sentence for p in points if p.intersection} == {2}
+    assert sentences[points[-1].sentence] == "Move forward until you reach destination where Bank is on your right."
+    assert sentences[points[0].sentence] == "First, turn slightly right to face northeast."
+
+
+def test_a_one_leg_route_opens_with_turn_as_the_authors_write_it():
+    assert nv.instruction(route((90, "Bank is on your right"))).startswith("1. Turn right to face east.\n")
+
+
+def test_the_correction_texts_in_full():
+    tail = ' Please avoid this {} and try again in the same format:\n[Output]\n{{{{\n  "current observation": latest observation from the streetview grid,\n  "current instruction": analyze the full instruction and identify the sentence to be executed,\n  "action": the action to be taken chosen from the action space,\n}}}}.'
+    assert nv.WRONG_ACTION == "you make incorrect action." + tail.format("action")
+    assert nv.AT_AN_INTERSECTION == "you are at an intersection." + tail.format("observation")
+    assert nv.NOT_AT_INTERSECTION == "you are not at any intersection." + tail.format("observation")
+
+
+def test_the_ood_history_shows_relative_actions_and_reference_labels_do_not_wrap():
+    r = route((350, "Cafe is on your left"), (10, "Bank is on your right"), init=340)
+    exact, reference = nv.rail(r, "exact"), nv.rail(r, "reference")
+    corner_e = next(p for p in exact if p.intersection)
+    corner_r = next(p for p in reference if p.intersection)
+    assert (corner_e.action["ood"], corner_r.action["ood"]) == ("turn_direction(slightly right)", "turn_direction(left)")
+    text = nv.prompt(r, "ood", exact[:1], exact[1])
+    assert "A_1: turn_direction(slightly right)\n" in text and "A_1: turn_direction(north" not in text
+
+
+def test_an_rl_route_can_fail_after_walking_part_of_the_way():
+    r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
+    ep = nv.Episode(r, "id", rl=True)
+    ep.record(reply(ep.rail[0].action["id"]))
+    ep.record(reply("stop()"))
+    assert ep.position == 1 and ep.tries() == 1 and not ep.truncation_pending
+    ep.record(reply("stop()"))
+    assert ep.truncation_pending and ep.record("x").truncated and ep.done and not ep.success
+    assert ep.responses[0] == reply(ep.rail[0].action["id"]) and ep.points == [0, 1, 1, 1]
+
+
+def test_the_step_limit_truncates_the_score_too_and_spares_a_finished_route(monkeypatch):
+    r = route((40, "Cafe is on your left"))
+    ep = nv.Episode(r, "id")
+    monkeypatch.setattr(nv, "STEP_LIMIT", len(ep.rail))
+    for point in ep.rail:
+        s = ep.record(reply(point.action["id"], point.observation))
+    assert ep.success and not ep.truncated and not s.truncated  # the last call arrived
+    ep = nv.Episode(r, "id")
+    monkeypatch.setattr(nv, "STEP_LIMIT", 1)
+    s = ep.record(reply(ep.rail[0].action["id"]))
+    assert s.truncated and ep.truncated and ep.done and not ep.success
+
+
+def test_compact_json_answers_are_read_as_the_authors_read_them():
+    point = nv.rail(route((40, "Cafe is on your left")))[0]
+    assert nv.score('{"current observation": "No landmarks nearby; ", "action": "turn_direction(northeast)"}', point, "id").reward == 1.0
+
+
+def test_rescore_grades_each_attempt_against_its_own_point():
+    from tasks.virl.benchmark import Virl, Walk
+
+    r = route((350, "Cafe is on your left"), (10, "Bank is on your right"), init=340)
+    bench = Virl()
+    ep = bench.episode(Walk("ood", 0, r), "exact", 2)
+    for point in ep.rail:
+        if point.intersection:
+            break
+        ep.record(reply(point.action["ood"], point.observation))
+    ep.record(reply("turn_direction(slightly right)", "Cafe is on your left; You observe an intersection"))  # right when wrapped
+    assert [s.reward for s in ep.scores][-1] == 1.0
+    others = bench.rescore(ep, "reference")
+    # reference: "left" at that corner, and the claim checked against the landmark text alone: -1.5
+    assert others[:-1] == [1.0] * (len(others) - 1) and others[-1] == -1.5
+
+
+def test_an_eval_row_gives_back_the_route_and_its_rail():
+    from rlheal.config import parse_config
+    from tasks.virl.benchmark import Virl
+
+    bench = Virl()
+    cfg = parse_config({"name": "v", "task": "virl"})
+    for split in ("id", "ood"):
+        walk = bench.deal(split, 42, 3)
+        back = bench.from_row(bench.eval_row(walk, cfg))
+        assert back == walk and nv.rail(back.route) == nv.rail(walk.route)
+
+
+def test_step_accuracy_counts_right_actions_over_graded_calls_with_an_interval():
+    import polars as pl
+
+    from tasks.virl.benchmark import Virl
+
+    counts = pl.DataFrame({"n": [4], "k": [1], "attempts": [20], "count_correct": [9], "count_arrived": [1]})
+    out = counts.select(**Virl().summary_metrics(pl.col("n"), pl.col("k"), pl.col("attempts"))).row(0, named=True)
+    from tasks.eval import wilson_interval
+
+    assert out["step_accuracy"] == 0.5
+    assert (out["step_accuracy_ci_low"], out["step_accuracy_ci_high"]) == pytest.approx(wilson_interval(10, 20), abs=1e-9)
+
+
+def test_a_route_without_an_initial_heading_gets_a_seeded_random_one(tmp_path):
+    rec = routes.to_record(routes.generate(5, 0))
+    rec.pop("init_heading")
+    a, b = routes.from_record(dict(rec), "f"), routes.from_record(dict(rec), "f")
+    assert a.init_heading == b.init_heading and 0 <= a.init_heading <= 359
+    assert routes.from_record(dict(rec, init_heading=0), "f").init_heading == a.init_heading  # 0 means none, as theirs
+    with pytest.raises(ConfigError, match="init_heading: True"):
+        routes.from_record(dict(rec, init_heading=True), "f")
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"start_geocode": 5}, "start_geocode: 5 is not a"),
+        ({"start_geocode": [1, 2, 3]}, "start_geocode"),
+        ("strings", "coordinates must be numbers"),
+    ],
+)
+def test_bad_fields_are_named_not_crashed_on(change, field):
+    rec = routes.to_record(routes.generate(5, 0))
+    if change == "strings":
+        change = {"route_results": {"geocode_list": [["a", "b"]] * len(rec["route_results"]["geocode_list"]), "landmark_list": []}}
+    rec |= change
+    with pytest.raises(ConfigError, match=field):
+        routes.from_record(rec, "f: routes[0]")
+
+
+def test_a_binary_or_miscounted_file_is_refused(tmp_path):
+    (tmp_path / "b.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not a readable JSON routes file"):
+        routes.load(tmp_path / "b.json")
+    path = routes.write([routes.generate(5, i) for i in range(2)], tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    data[1] = 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="number_of_routes is 7 but the file holds 2"):
+        routes.load(path)

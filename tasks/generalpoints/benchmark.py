@@ -59,6 +59,9 @@ class GeneralPoints:
     overlap_key = staticmethod(overlap_key)
     score = staticmethod(score)
 
+    def check(self, cfg: StudyConfig) -> None:
+        """Every GeneralPoints config the schema admits can run."""
+
     def identity(self, hand: Hand) -> list[str]:
         return list(hand.cards)
 

@@ -42,6 +42,11 @@ class Episode:
         return self.hand
 
     @property
+    def responses(self) -> list[str]:
+        """Every recorded response, in order (a resume replays them)."""
+        return [m["content"] for m in self._messages if m["role"] == "assistant"]
+
+    @property
     def attempts(self) -> int:
         """Graded attempts so far (the truncation step is not one)."""
         return len(self.scores) - self.truncated

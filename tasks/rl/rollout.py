@@ -56,8 +56,7 @@ class Envs:
         return score, ep.done, ep.success
 
     def state(self) -> dict:
-        responses = [[m["content"] for m in ep.messages() if m["role"] == "assistant"] for ep in self.episodes]
-        return {"next_index": self.next_index, "episodes": [{"index": ep.example.index, "responses": r} for ep, r in zip(self.episodes, responses)]}
+        return {"next_index": self.next_index, "episodes": [{"index": ep.example.index, "responses": list(ep.responses)} for ep in self.episodes]}
 
     def restore(self, state: dict) -> None:
         """Rebuild the episodes in flight by replaying their responses (scoring is deterministic)."""

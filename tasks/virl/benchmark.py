@@ -22,6 +22,8 @@ from tasks.virl import navigation as nv
 from tasks.virl import routes as rt
 from tasks.virl.routes import Route
 
+WILSON_Z = 1.959963984540054  # two-sided 95 %
+
 
 @dataclasses.dataclass(frozen=True)
 class Walk:
@@ -45,6 +47,14 @@ class Virl:
 
     def __init__(self, routes: str | None = None):
         self.file = rt.load(Path(routes)) if routes else None
+
+    def check(self, cfg: StudyConfig) -> None:
+        """A routes file must leave routes to train on after the evaluation routes."""
+        if self.file is not None and len(self.file) <= cfg.data.eval_size:
+            raise ConfigError(
+                f"virl.routes: {cfg.virl.routes} holds {len(self.file)} routes and data.eval_size takes {cfg.data.eval_size} "
+                "for evaluation: none would be left to train on; lower data.eval_size"
+            )
 
     def _route(self, seed: int, index: int) -> Route:
         if self.file is None:
@@ -128,9 +138,15 @@ class Virl:
         return {"action": s.action}
 
     def summary_metrics(self, n: pl.Expr, k: pl.Expr, attempts: pl.Expr) -> dict[str, pl.Expr]:
-        """Per-step action accuracy over every graded call, retries included (the authors'
-        CORRECT_ACTION rate); accuracy itself is the per-route success rate."""
-        return {"step_accuracy": (pl.col("count_correct") + pl.col("count_arrived")) / attempts}
+        """Per-step action accuracy over every graded call, retries included, with its Wilson
+        95 % interval (calls of one route are not independent: the interval is a lower bound
+        on the uncertainty). The authors' CORRECT_ACTION rate also counted their discarded
+        third call, which evaluation here does not make. Accuracy itself is route success."""
+        right = pl.col("count_correct") + pl.col("count_arrived")
+        p, n_, z2 = right / attempts, attempts.cast(pl.Float64), WILSON_Z**2
+        centre = (p + z2 / (2 * n_)) / (1 + z2 / n_)
+        half = WILSON_Z * ((p * (1 - p) / n_ + z2 / (4 * n_ * n_)).sqrt()) / (1 + z2 / n_)
+        return {"step_accuracy": p, "step_accuracy_ci_low": centre - half, "step_accuracy_ci_high": centre + half}
 
     # ------------------------------------------------------------------ the tiny base
 

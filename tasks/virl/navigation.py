@@ -17,10 +17,11 @@ Verifier modes, as GeneralPoints' two:
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import re
 
-from tasks.virl.routes import NO_LANDMARK, Route, route_rng
+from tasks.virl.routes import NO_LANDMARK, Route
 
 SPLITS = ("id", "ood")
 MODES = ("exact", "reference")
@@ -63,6 +64,18 @@ _ACTION = re.compile(r'"action": "(.*?)"')
 _OBSERVATION = re.compile(r'"current observation": "(.*?)"')
 
 
+def _field(response: str, key: str, pattern: re.Pattern) -> str | None:
+    """A field of the answer as the authors read it: JSON first, then their regex."""
+    try:
+        value = json.loads(response).get(key)
+        if isinstance(value, str):
+            return value
+    except (ValueError, AttributeError):
+        pass
+    m = pattern.search(response)
+    return m.group(1) if m else None
+
+
 def action_space(split: str) -> str:
     return (
         '"forward()": indicates moving forward one step\n'
@@ -98,7 +111,8 @@ def instruction(route: Route, mode: str = "exact") -> str:
     sentences = []
     last = len(route.milestones) - 1
     for i, (m, word) in enumerate(zip(route.milestones, turns(route, mode))):
-        sentences.append(f"{'First, turn' if i == 0 else 'Turn'} {word} to face {m.direction}.")
+        # the authors' "First, turn" opens every route but a one-leg one
+        sentences.append(f"{'First, turn' if i == 0 and i != last else 'Turn'} {word} to face {m.direction}.")
         if i == last:
             sentences.append(f"Move forward until you reach destination where {m.landmarks}.")
         elif m.landmarks == NO_LANDMARK:
@@ -123,13 +137,17 @@ class Point:
 
 
 def rail(route: Route, mode: str = "exact") -> list[Point]:
-    """The ground truth: the start (turn to the first heading), per leg FORWARD_POINTS walking
-    points each kept with probability 1 - DROP_RATE, each intersection (turn to the next
-    heading) and the destination (stop). The drops come from the route's own RNG, so both
+    """The ground truth: the start (turn to the first heading), per leg FORWARD_POINTS - 1
+    walking points each kept with probability 1 - DROP_RATE, each intersection (turn to the
+    next heading) and the destination (stop). DECISION: the authors interpolate 5 points per
+    leg, but their 5th is the next intersection itself and their relocation step (the
+    official config) always removes it, so 4 candidates remain. The drops come from a stream
+    of the route's own (its seed and index, or for a loaded route its content), so both
     splits walk the same rail."""
-    rng = route_rng(-1 if route.seed is None else route.seed, -1 if route.index is None else route.index)
-    if route.seed is None:  # a loaded route: the drops follow from its content
-        rng = random.Random(repr((route.points, route.init_heading)))
+    if route.seed is None:
+        rng = random.Random(repr(("virl-rail", route.points, route.init_heading)))
+    else:
+        rng = random.Random(f"virl-rail:{route.seed}:{route.index}")
     words = turns(route, mode)
     ms = route.milestones
     out = [Point(NOTHING, False, {"id": f"turn_direction({ms[0].direction})", "ood": f"turn_direction({words[0]})"}, 0)]
@@ -180,16 +198,15 @@ class Score:
 def score(response: str, point: Point, split: str, mode: str = "exact") -> Score:
     """+1 for the right action (`arrived` when it is the final stop()); otherwise -1.5 when
     the response's observation is wrong about an intersection, else -1."""
-    m = _ACTION.search(response)
-    action = m.group(1) if m else "None"
+    found = _field(response, "action", _ACTION)
+    action = "None" if found is None else found
     if action == point.action[split]:
         return Score(1.0, "arrived" if action == "stop()" else "correct", "Correct action.", action, False, mode)
-    claimed = _OBSERVATION.search(response)
-    said = "intersection" in (claimed.group(1) if claimed else "")
+    said = "intersection" in (_field(response, "current observation", _OBSERVATION) or "")
     truth = "intersection" in (point.landmarks if mode == "reference" else point.observation)
     if said != truth:
-        return Score(-1.5, "wrong_observation", AT_AN_INTERSECTION if truth else NOT_AT_INTERSECTION, action, m is None, mode)
-    return Score(-1.0, "no_action" if m is None else "wrong_action", WRONG_ACTION, action, m is None, mode)
+        return Score(-1.5, "wrong_observation", AT_AN_INTERSECTION if truth else NOT_AT_INTERSECTION, action, found is None, mode)
+    return Score(-1.0, "no_action" if found is None else "wrong_action", WRONG_ACTION, action, found is None, mode)
 
 
 class Episode:
@@ -261,5 +278,7 @@ class Episode:
         else:
             self._turns += [{"role": "assistant", "content": response}, {"role": "user", "content": f"You failed this trial because {result.reason}"}]
         if not self.success and len(self.scores) >= STEP_LIMIT:
+            # DECISION: cut at the limit, unsolved (the authors' TimeLimit left is_success True)
             self.truncated = True
+            result = self.scores[-1] = dataclasses.replace(result, truncated=True)
         return result

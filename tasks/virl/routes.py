@@ -101,7 +101,8 @@ def generate(seed: int, index: int) -> Route:
     points = [(round(40.70 + rng.uniform(0, 0.1), 7), round(-74.02 + rng.uniform(0, 0.1), 7))]
     for m in legs:
         points.append(_walk(points[-1], m.heading, m.distance))
-    return Route(f"start {seed}-{index}", legs[-1].landmarks.split(" is on ")[0], tuple(points), tuple(legs), rng.randint(0, 359), seed, index)
+    # 1-359: a heading of 0 reads as "none" in the authors' schema (`from_record`)
+    return Route(f"start {seed}-{index}", legs[-1].landmarks.split(" is on ")[0], tuple(points), tuple(legs), rng.randint(1, 359), seed, index)
 
 
 # ---------------------------------------------------------------------------- the authors' schema
@@ -186,19 +187,31 @@ def from_record(record: dict, where: str) -> Route:
     blocks = _blocks(str(record["milestone_info"]))
     if len(blocks) != len(geocodes):
         raise ConfigError(f"{where}.milestone_info: {len(blocks)} milestones for {len(geocodes)} points of route_results.geocode_list")
+    # The authors geocode the start from start_place (online); offline, a record without
+    # start_geocode starts at its first point (leg lengths come from `distance`).
     start = record.get("start_geocode", geocodes[0] if geocodes else None)
-    points = [tuple(start)] + [tuple(p) for p in geocodes] if start is not None else []
+    if start is not None and not (isinstance(start, (list, tuple)) and len(start) == 2):
+        raise ConfigError(f"{where}.start_geocode: {start!r} is not a [lat, lng] pair")
+    try:
+        points = [(float(a), float(b)) for a, b in ([start] + geocodes if start is not None else [])]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}.route_results.geocode_list: coordinates must be numbers") from None
     if len(points) < 2 or not blocks:
         raise ConfigError(f"{where}: a route needs at least two points (a start and a destination)")
     legs = []
     for i, b in enumerate(blocks):
         heading, direction = _heading(b.get("to_next_intersection_heading", ""), f"{where}.milestone_info[{i}]")
-        distance = b.get("distance", "0 meters").split()[0]
-        legs.append(Milestone(heading, direction, b.get("landmarks", NO_LANDMARK), int(float(distance))))
+        try:
+            distance = int(float(b.get("distance", "0 meters").split()[0]))
+        except (ValueError, IndexError):
+            raise ConfigError(f"{where}.milestone_info[{i}].distance: {b.get('distance')!r} is not '<metres> meters'") from None
+        legs.append(Milestone(heading, direction, b.get("landmarks", NO_LANDMARK), distance))
     init = record.get("init_heading", 0)
-    if not isinstance(init, int) or not 0 <= init <= 359:
+    if isinstance(init, bool) or not isinstance(init, int) or not 0 <= init <= 359:
         raise ConfigError(f"{where}.init_heading: {init!r} is not a heading in 0-359")
-    return Route(str(record["start_place"]), str(record["dest_place"]), tuple((float(a), float(b)) for a, b in points), tuple(legs), init)
+    if init == 0:  # the authors: none (or 0) means a random heading; ours is drawn from the route's content
+        init = random.Random(repr(("virl-heading", points, legs))).randint(0, 359)
+    return Route(str(record["start_place"]), str(record["dest_place"]), tuple(points), tuple(legs), init)
 
 
 def load(path: Path) -> list[Route]:
@@ -207,10 +220,12 @@ def load(path: Path) -> list[Route]:
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path}: not a readable JSON routes file ({err})") from None
     if not (isinstance(data, list) and len(data) == 2 and isinstance(data[0], list)):
         raise ConfigError(f"{path}: expected [routes, number_of_routes] (the authors' route_infos.json)")
+    if data[1] != len(data[0]):
+        raise ConfigError(f"{path}: number_of_routes is {data[1]!r} but the file holds {len(data[0])} routes")
     routes = [from_record(r, f"{path}: routes[{i}]") for i, r in enumerate(data[0])]
     if not routes:
         raise ConfigError(f"{path}: holds no route")
