@@ -478,3 +478,49 @@ def test_a_binary_or_miscounted_file_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="number_of_routes is 7 but the file holds 2"):
         routes.load(path)
+
+
+def test_the_whole_prompt_and_the_walking_points_match_the_authors_text():
+    """The research notes' repr of the authors' formatted Q_VIRL_L, filled in by hand."""
+    r = route((90, "Bank is on your right"), init=0)
+    points = nv.rail(r)
+    expected = (
+        "\n[Task Description]\nYou are an expert in navigation. You will receive a sequence of instructions to follow. You\n"
+        "are also provided with your observation and action history in text. Your goal is to first analyze the instruction and identify the next sentence to be executed. \n"
+        "Then, you need to provide the action to be taken based on the current observation and instruction.\n\n"
+        "[Instruction]\n1. Turn right to face east.\n2. Move forward until you reach destination where Bank is on your right.\n\n\n"
+        "[Action space]\n" + nv.action_space("id") + "\n\n"
+        "[Observations and actions sequence]\nO_1: No landmarks nearby; \nA_1: \n\n\n"
+        '[Output]\n{\n  "current observation": latest observation from the observation sequence,\n'
+        '  "current instruction": analyze the full instruction and identify the sentence to be executed,\n'
+        '  "action": the action to be taken chosen from the action space,\n}\n'
+    )
+    assert nv.prompt(r, "id", [], points[0]) == expected
+    assert nv.action_space("ood") == (
+        '"forward()": indicates moving forward one step\n"turn_direction(x)": indicates adjust the ego agent direction towards x direction. '
+        "x could be any following ['left', 'right', 'slightly left', 'slightly right']\n\"stop()\": indicates the navigation is finished."
+    )
+    walking = [p for p in nv.rail(route((40, "Cafe is on your left"), (200, "Bank is on your right"), (300, "X is on your left"))) if p.action["id"] == "forward()"]
+    assert walking and all(p.observation == "No landmarks nearby; " for p in walking)
+
+
+def test_a_heading_of_360_is_outside_the_range():
+    rec = routes.to_record(routes.generate(5, 0))
+    bad = re.sub(r'"to_next_intersection_heading": "\d+ \((\w+)\)"', r'"to_next_intersection_heading": "360 (\1)"', rec["milestone_info"], count=1)
+    with pytest.raises(ConfigError, match="heading 360 is outside 0-359"):
+        routes.from_record(dict(rec, milestone_info=bad), "f")
+
+
+def test_each_leg_keeps_at_most_four_walking_points_about_half_of_them():
+    legs = []
+    for i in range(200):
+        r = routes.generate(0, i)
+        run, per_leg = 0, []
+        for p in nv.rail(r)[1:]:
+            if p.action["id"] == "forward()":
+                run += 1
+            else:
+                per_leg.append(run)
+                run = 0
+        legs += per_leg
+    assert max(legs) == 4 and 1.8 < sum(legs) / len(legs) < 2.2  # 4 candidates kept with probability 0.5
