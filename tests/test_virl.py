@@ -165,7 +165,7 @@ def test_in_rl_the_third_call_is_ungraded_and_truncates():
     assert (s.reward, s.truncated, ep.done, ep.success, ep.truncated) == (-1.0, True, True, False, True)
 
 
-def test_a_right_try_after_a_wrong_one_moves_on(monkeypatch):
+def test_a_right_try_after_a_wrong_one_moves_on():
     r = route((40, "Cafe is on your left"), (200, "Bank is on your right"))
     ep = walk(nv.Episode(r, "id"), [reply("forward()"), reply("turn_direction(northeast)")])
     assert ep.position == 1 and len(ep.messages()) == 1 and not ep.done
@@ -304,22 +304,39 @@ def test_a_bad_routes_file_is_refused_before_anything_is_written(tmp_path):
     assert subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(path)], capture_output=True, text=True, timeout=300).returncode == 0
 
 
-def test_routes_from_a_file_are_dealt_in_a_seeded_order():
+def test_routes_from_a_file_are_dealt_in_a_seeded_order(tmp_path):
     from tasks.virl.benchmark import Virl
 
-    bench = Virl()
     made = [routes.generate(9, i) for i in range(6)]
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as d:
-        filed = Virl(str(routes.write(made, Path(d) / "r.json")))
-    loaded = {r.points for r in routes.load(routes.write(made, Path(tempfile.mkdtemp()) / "r.json"))}
+    filed = Virl(str(routes.write(made, tmp_path / "r.json")))
+    loaded = {r.points for r in routes.load(tmp_path / "r.json")}
     dealt = [filed.deal("id", 1, i).route.points for i in range(12)]
     assert set(dealt) == loaded and dealt[:6] == dealt[6:] and len(set(dealt[:6])) == 6  # a permutation, cycled
     assert [filed.deal("ood", 1, i).route for i in range(6)] == [filed.deal("id", 1, i).route for i in range(6)]
     assert [filed.deal("id", 2, i).route.points for i in range(6)] != dealt[:6]
-    assert bench.deal("id", 9, 3).route == made[3]
+    assert Virl().deal("id", 9, 3).route == made[3]
+
+
+def test_a_ppo_resume_brings_a_route_back_where_it_was():
+    """The resume point replays every recorded response: a V-IRL conversation holds only the
+    current point's turns, so replaying the conversation alone restarted the route."""
+    from rlheal.config import parse_config
+    from tasks.benchmark import training_stream
+    from tasks.rl.rollout import Envs
+    from tasks.virl.benchmark import Virl
+
+    bench, cfg = Virl(), parse_config({"name": "v", "task": "virl"})
+    stream = lambda i: training_stream(bench, cfg.rl.seed, set(), "ordered", i)  # noqa: E731
+    envs = Envs(bench, 1, stream, cfg.rl.seed, "exact", 2)
+    ep = envs.episodes[0]
+    for point in ep.rail[:2]:
+        envs.step(0, reply(point.action["id"], point.observation))
+    envs.step(0, reply("stop()"))  # a wrong try at the third point
+    again = Envs(bench, 1, stream, cfg.rl.seed, "exact", 2)
+    again.restore(json.loads(json.dumps(envs.state())))
+    back = again.episodes[0]
+    assert (back.position, back.points, back.responses) == (2, [0, 1, 2], ep.responses)
+    assert again.conversations() == envs.conversations()
 
 
 def test_pretraining_a_virl_base_is_refused_until_it_has_a_corpus():

@@ -100,7 +100,8 @@ class Virl:
         """The route (the authors' record, as JSON) and its first step's prompt and answer:
         the reference CE scores the first step (tasks/benchmark.py point 6)."""
         mode, route = cfg.verifier.mode, walk.route
-        first = nv.rail(route, mode)[0]
+        points = nv.rail(route, mode)
+        first = points[0]
         answer = nv.answer(route, walk.split, first, mode)
         return {
             "split": walk.split,
@@ -108,7 +109,7 @@ class Virl:
             "route": json.dumps(rt.to_record(route)),
             "route_seed": route.seed,
             "route_index": route.index,
-            "steps": len(nv.rail(route, mode)),
+            "steps": len(points),
             "prompt": nv.prompt(route, walk.split, [], first, mode),
             "answer": answer,
             "target": answer,
