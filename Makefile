@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-integration test-slow faults demo demo-seeds demo-long demo-long-seeds bench server deploy worker clean
+.PHONY: setup test test-integration test-slow faults demo demo-seeds demo-long demo-long-seeds demo-virl demo-virl-seeds bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -75,6 +75,13 @@ demo-long: setup
 
 demo-long-seeds: demo-long
 	$(call seeds,configs/toy-long.yaml,toy-long)
+
+# The second task (issue 17): the whole study on V-IRL navigation from the shipped V-IRL base.
+demo-virl: setup
+	$(VENV)/bin/rlheal run configs/toy-virl.yaml
+
+demo-virl-seeds: demo-virl
+	$(call seeds,configs/toy-virl.yaml,toy-virl)
 
 bench: setup
 	$(PY) benchmarks/bench_verifier.py

@@ -474,8 +474,6 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _relations(self) -> StudyConfig:
-        if self.pretrain.enabled and self.task == "virl":
-            raise ValueError("pretrain.enabled: the V-IRL tiny base has no pretraining corpus yet (issue 17); set pretrain.enabled: false")
         if self.pretrain.enabled and not self.model.builtin:
             raise ValueError("pretrain.enabled: pretraining is for builtin models only; a Hugging Face model comes pretrained")
         if self.rl.seed == self.data.eval_seed:

@@ -77,6 +77,7 @@ class EchoEpisode:
 class Echo:
     name = "echo"
     splits = ("id", "ood")
+    action_key = '"echo":'
     outcomes = ("right", "wrong", "silent")
     modes = ("exact", "reference")  # reference: surrounding spaces forgiven
     attempt_schema = {"said": pl.String}

@@ -118,7 +118,7 @@ def test_shipped_base_matches_its_hash_loads_and_is_what_the_toy_study_uses(tmp_
     cfg = load_config(ROOT / "configs/toy.yaml")
     assert cfg.pretrain.enabled and cfg.pretrain.use_shipped
     assert record["key"] == json.loads(json.dumps(pretrain.shipped_key(cfg)))
-    assert record["command"] == pretrain.REBUILD
+    assert record["command"] == pretrain.rebuild_command()
     tok, model = lm.load_tokenizer(folder), lm.load_model(folder)
     assert len(tok) == model.config.vocab_size
     # `run` copies it instead of training (seconds, not minutes)

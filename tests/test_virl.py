@@ -339,14 +339,6 @@ def test_a_ppo_resume_brings_a_route_back_where_it_was():
     assert again.conversations() == envs.conversations()
 
 
-def test_pretraining_a_virl_base_is_refused_until_it_has_a_corpus():
-    from rlheal.config import parse_config
-
-    with pytest.raises(ConfigError, match="pretrain.enabled: the V-IRL tiny base has no pretraining corpus yet"):
-        parse_config({"name": "v", "task": "virl", "pretrain": {"enabled": True}})
-    assert parse_config({"name": "v", "task": "virl"}).task == "virl"
-
-
 # ---------------------------------------------------------------------------- review: the gaps a mutation went through
 
 
@@ -541,3 +533,91 @@ def test_each_leg_keeps_at_most_four_walking_points_about_half_of_them():
                 run = 0
         legs += per_leg
     assert max(legs) == 4 and 1.8 < sum(legs) / len(legs) < 2.2  # 4 candidates kept with probability 0.5
+
+
+# ---------------------------------------------------------------------------- a Hugging Face model
+
+QWEN_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_shaped(out, texts):
+    """A Qwen2-architecture model with a byte-level BPE tokenizer trained here on V-IRL texts
+    and a ChatML template: the shape of the paper's Qwen preset, small and built locally."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+    tok.chat_template = QWEN_TEMPLATE
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    Qwen2ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_the_virl_stages_run_on_a_hugging_face_model_with_a_bpe_tokenizer(tmp_path):
+    """data -> model -> SFT -> eval on a local Qwen2-shaped model whose tokenizer is byte-level
+    BPE with a ChatML template (not the tiny word-level one): SFT moves the weights and the
+    episodes walk routes of both splits, retries included."""
+    import polars as pl
+
+    from rlheal.config import parse_config
+    from rlheal.store import Store
+    from tasks import data, eval as eval_stage, lm, model, sft
+    from tasks.benchmark import get
+
+    virl = get("virl")
+    texts = []
+    for i in range(30):
+        for row in virl.sft_rows(virl.deal("ood" if i % 2 else "id", 0, i), parse_config({"name": "t", "task": "virl"})):
+            texts += [row["prompt"][0]["content"], row["completion"][0]["content"]]
+    qwen = build_qwen_shaped(tmp_path / "qwen", texts)
+    cfg = parse_config({
+        "name": "hf-virl", "task": "virl", "model": {"name_or_path": str(qwen)},
+        "data": {"train_size": 32, "eval_size": 3},
+        "sft": {"save_steps": [0, 2], "batch_size": 8, "per_device_batch_size": 8, "learning_rate": 3e-3, "lr_schedule": "constant", "warmup_steps": 0, "ce_every": 2},
+        "eval": {"ce_hands": 3, "decoding": {"max_new_tokens": 16}}, "rl": {"from_steps": []}, "edit": {"enabled": False},
+    })  # fmt: skip
+    store = Store(tmp_path / "store")
+    data_dir, model_dir = data.run(store, cfg), model.run(store, cfg)
+    assert model.model_dir(model_dir) == qwen  # used in place
+    run_dir = sft.run(store, cfg, model_dir, data_dir)
+    ckpts = pl.read_parquet(f"{run_dir}/checkpoints.parquet")
+    before, after = lm.weights_hash(qwen), lm.weights_hash(ckpts.filter(pl.col("ckpt_id") == "sft-2")["path"][0])
+    assert before != after
+    tok = lm.load_tokenizer(qwen)
+    assert type(tok).__name__ != "LlamaTokenizerFast" and "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    for split in ("id", "ood"):
+        out = eval_stage.run(store, cfg, ckpts.filter(pl.col("ckpt_id") == "sft-2").to_dicts()[0], split, data_dir)
+        attempts = pl.read_parquet(f"{out}/eval_attempts.parquet")
+        summary = pl.read_parquet(f"{out}/eval_summary.parquet")
+        assert summary["n"][0] == 3 and summary["step_accuracy"][0] is not None and set(attempts["outcome"]) <= set(virl.outcomes)
+        # an untrained model fails a point twice (verify_iter 2), so each route ends after >= 2 calls
+        assert attempts.group_by("hand_index").len()["len"].min() >= 2
+
+
+def test_ppo_scores_the_text_from_the_action_key_on_as_the_action():
+    """The authors' V-IRL PPO splits the sequence score at `"action":` (their GeneralPoints
+    one at `"formula":`): the observation and instruction fields are the thought."""
+    from tasks import model
+    from tasks.benchmark import get
+    from tasks.rl import ppo
+
+    virl = get("virl")
+    tok = model.build_tokenizer(virl)
+    text = reply("turn_direction(left)", "Harbor Diner is on your left; You observe an intersection")
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    s = ppo.split_index(tok, ids, virl.action_key)
+    assert tok.decode(ids[:s]).endswith('"current instruction": "x",\n  ') or tok.decode(ids[s:]).startswith('"action": ')
+    assert '"action":' in tok.decode(ids[s:]) and '"action":' not in tok.decode(ids[:s])
+    assert s != ppo.split_index(tok, ids)  # GeneralPoints' key is absent: the n - 5 fallback

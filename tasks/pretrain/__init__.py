@@ -49,8 +49,11 @@ from tasks.chat import prompt_completion_ids
 STAGE = Stage("pretrain", version="1")
 LOG = "pretrain_log.parquet"
 SHIPPED = Path(__file__).parents[1] / "shipped"
-SHIPPED_NAME = "tiny-base"
-REBUILD = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -m tasks.pretrain configs/toy.yaml --ship"
+# One shipped base per task, each with the toy config that rebuilds it.
+SHIPPED_NAMES = {"generalpoints": "tiny-base", "virl": "tiny-base-virl"}
+TOY_CONFIGS = {"generalpoints": "configs/toy.yaml", "virl": "configs/toy-virl.yaml"}
+SHIPPED_NAME = SHIPPED_NAMES["generalpoints"]
+REBUILD = "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python -m tasks.pretrain {config} --ship"
 log = logging.getLogger("rlheal.pretrain")
 
 # ---------------------------------------------------------------------------- training
@@ -161,17 +164,21 @@ def shipped_key(cfg: StudyConfig) -> dict:
     }
 
 
-def shipped_record(root: Path = SHIPPED) -> dict | None:
-    record = root / f"{SHIPPED_NAME}.json"
+def rebuild_command(task: str = "generalpoints") -> str:
+    return REBUILD.format(config=TOY_CONFIGS[task])
+
+
+def shipped_record(root: Path = SHIPPED, task: str = "generalpoints") -> dict | None:
+    record = root / f"{SHIPPED_NAMES[task]}.json"
     return json.loads(record.read_text()) if record.is_file() else None
 
 
-def shipped_problem(root: Path = SHIPPED) -> str | None:
+def shipped_problem(root: Path = SHIPPED, task: str = "generalpoints") -> str | None:
     """Why the shipped checkpoint cannot be used (None = its files match its recorded hashes)."""
-    record = shipped_record(root)
+    record = shipped_record(root, task)
     if record is None:
         return "no shipped record"
-    folder = root / SHIPPED_NAME
+    folder = root / SHIPPED_NAMES[task]
     for name, digest in record["files"].items():
         if not (folder / name).is_file() or sha256_file(folder / name) != digest:
             return f"{folder / name} does not match its recorded sha256"
@@ -189,7 +196,7 @@ def ship(cfg: StudyConfig, root: Path = SHIPPED) -> dict:
         t0 = time.time()
         built = run(store, cfg, model_dir)
         seconds = time.time() - t0
-        folder = root / SHIPPED_NAME
+        folder = root / SHIPPED_NAMES[cfg.task]
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         for f in sorted(Path(built).iterdir()):
@@ -201,23 +208,23 @@ def ship(cfg: StudyConfig, root: Path = SHIPPED) -> dict:
             "weights_sha256": lm.weights_hash(folder),
             "files": {f.name: sha256_file(f) for f in sorted(folder.iterdir())},
             "final_loss": store.manifest(built)["final_loss"],
-            "command": REBUILD,
+            "command": rebuild_command(cfg.task),
             "built_seconds": round(seconds, 1),
             "torch": torch.__version__,
         }
-    (root / f"{SHIPPED_NAME}.json").write_text(json.dumps(record, indent=1) + "\n")
+    (root / f"{SHIPPED_NAMES[cfg.task]}.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
 def shipped_for(cfg: StudyConfig, start_hash: str) -> Path | None:
     """The shipped checkpoint directory if it was trained with this config from this start."""
-    record = shipped_record()
+    record = shipped_record(task=cfg.task)
     if record is None or record["key"] != json.loads(json.dumps(shipped_key(cfg))) or record["start_weights_sha256"] != start_hash:
         return None
-    if why := shipped_problem():
+    if why := shipped_problem(task=cfg.task):
         log.warning("shipped base not used: %s; training instead", why)
         return None
-    return SHIPPED / SHIPPED_NAME
+    return SHIPPED / SHIPPED_NAMES[cfg.task]
 
 
 # ---------------------------------------------------------------------------- store and Prefect
@@ -258,7 +265,7 @@ def make(art: Artifact, cfg: StudyConfig, model_dir: Path) -> Path:
             for f in sorted(shipped.iterdir()):
                 shutil.copy2(f, tmp / f.name)
             log.info("pretrain: copied the shipped base %s", shipped)
-            return {"source": "shipped", "weights_sha256": lm.weights_hash(tmp), "final_loss": shipped_record()["final_loss"]}
+            return {"source": "shipped", "weights_sha256": lm.weights_hash(tmp), "final_loss": shipped_record(task=cfg.task)["final_loss"]}
         if cfg.pretrain.use_shipped:
             log.info("pretrain: the shipped base was trained with another config; training (%d steps)", cfg.pretrain.steps)
         return {"source": "trained", **pretrain(model_dir, tmp, cfg)}
@@ -277,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         record = ship(cfg)
         print(json.dumps({k: record[k] for k in ("weights_sha256", "final_loss", "built_seconds")}))
         return 0
-    before = shipped_record()
+    before = shipped_record(task=cfg.task)
     with tempfile.TemporaryDirectory(prefix="rlheal-check-") as tmp:
         record = ship(cfg, Path(tmp))
     same = before is not None and before["weights_sha256"] == record["weights_sha256"]

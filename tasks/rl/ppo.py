@@ -31,7 +31,7 @@ from tasks.rl import common
 from tasks.rl.rollout import Envs, Generator, Step, rollout, success_rate
 
 log = logging.getLogger("rlheal.rl")
-KEY = '"formula":'
+KEY = '"formula":'  # GeneralPoints' answer key; each task names its own (Benchmark.action_key)
 RATIO_LOG_CAP = 20.0  # exp overflow guard; above rho = 10 the loss no longer depends on rho (§3.5)
 
 
@@ -56,8 +56,8 @@ def hidden_size(model) -> int:
 # ---------------------------------------------------------------------------- §3.4 sequence score
 
 
-def split_index(tok, response: list[int]) -> int:
-    """s = the response token holding the opening `"` of the LAST `"formula":` in the
+def split_index(tok, response: list[int], key: str = KEY) -> int:
+    """s = the response token holding the opening `"` of the LAST `key` (`"formula":`) in the
     decoded response, found from character offsets of decoded prefixes (never from token
     ids); no key: n - 5, or 1 when n < 7; clamped to s >= 1 (training.md §3.4)."""
     n = len(response)
@@ -65,7 +65,7 @@ def split_index(tok, response: list[int]) -> int:
     def decoded(k: int) -> str:
         return tok.decode(response[:k], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
-    at = decoded(n).rfind(KEY)
+    at = decoded(n).rfind(key)
     if at < 0:
         return max(1, 1 if n < 7 else n - 5)
     # the smallest k whose decoded prefix o_0..o_k reaches past character `at`
@@ -251,7 +251,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, start: dict, exclude: s
     for update in range(first, rl.num_updates):
         # 1. rollout: T rounds of one batched generate over the E environments (§3.2)
         steps, next_prompts = rollout(envs, generate, T)
-        splits = [split_index(tok, s.response) for s in steps]
+        splits = [split_index(tok, s.response, envs.bench.action_key) for s in steps]
 
         # 2. L_old, V_old from a separate teacher-forced pass; the bootstrap value V(s_T)
         L_old, V_old = torch.empty(N, device=device), torch.empty(N, device=device)

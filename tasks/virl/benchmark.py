@@ -18,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from rlheal.config import ConfigError, StudyConfig
+from tasks.virl import corpus as pretrain_corpus
 from tasks.virl import navigation as nv
 from tasks.virl import routes as rt
 from tasks.virl.routes import Route
@@ -40,6 +41,7 @@ class Virl:
 
     name = "virl"
     splits = nv.SPLITS
+    action_key = '"action":'  # the authors' V-IRL split (their Llama ids 330 1335 794)
     outcomes = nv.OUTCOMES
     modes = nv.MODES
     attempt_schema = {"action": pl.String}
@@ -163,11 +165,15 @@ class Virl:
                    "Move forward until you reach next intersection.", "Move forward until you reach destination where ", nv.NOTHING, rt.NO_LANDMARK,
                    "; " + nv.AT_INTERSECTION, " is on your ", "forward()", "stop()", "turn_direction(", "O_", "A_"}  # fmt: skip
         pieces |= {*rt.COMPASS, *nv.RELATIVE, *rt._FIRST, *rt._SECOND, *rt.SIDES}
+        # the pretraining corpus's other action-space wordings and plain answer format
+        pieces |= {"x is one of ", "choose x from: ", "x could be any of {", *pretrain_corpus.PLAIN_KEYS}
         words = set(re.findall(r"[A-Za-z]+", " ".join(pieces)))
         return sorted(p for p in pieces | words if p)
 
     def corpus(self, cfg: StudyConfig) -> pl.DataFrame:
-        raise ConfigError("pretrain.enabled: the V-IRL tiny base has no pretraining corpus yet (issue 17); set pretrain.enabled: false")
+        p = cfg.pretrain
+        exclude = pretrain_corpus.evaluation_routes(cfg, self)
+        return pretrain_corpus.corpus(p.seed, p.corpus_size, p.benchmark_format_fraction, exclude)
 
     # ------------------------------------------------------------------ the report
 

@@ -69,8 +69,8 @@ def compass(heading: float) -> str:
     return COMPASS[round((heading % 360) / 45) % 8]
 
 
-def route_rng(seed: int, index: int) -> random.Random:
-    digest = hashlib.sha256(f"virl:{seed}:{index}".encode()).digest()
+def route_rng(seed: int, index: int, stream: str = "virl") -> random.Random:
+    digest = hashlib.sha256(f"{stream}:{seed}:{index}".encode()).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
 
 
@@ -85,9 +85,10 @@ def _landmark(rng: random.Random) -> str:
     return f"{rng.choice(_FIRST)} {rng.choice(_SECOND)} is on your {rng.choice(SIDES)}"
 
 
-def generate(seed: int, index: int) -> Route:
-    """Route `index` of stream `seed`: a pure function of the two."""
-    rng = route_rng(seed, index)
+def generate(seed: int, index: int, stream: str = "virl") -> Route:
+    """Route `index` of stream `seed`: a pure function of the two (and of `stream`, the
+    namespace: the tiny base's pretraining corpus draws its routes from its own)."""
+    rng = route_rng(seed, index, stream)
     grid = rng.uniform(0, 45)  # the street grid's orientation
     turns = rng.randint(*TURNS)
     slots, legs = rng.randrange(8), []
