@@ -724,7 +724,9 @@ def build(tables_dir: Path, out: Path, title: str, bench: Benchmark) -> dict:
         figures.append(path)
         return f"![{path.stem}]({path.name})\n\n{text}"
 
-    cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate", "number_field"]
+    cols = ["ckpt_id", "step", "split", "n", "k", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "first_attempt_accuracy", "format_error_rate"]
+    if acc is not None:  # the task's own columns: the summary metrics it names, its report columns
+        cols += [c for c in acc.columns if c not in cols and (c in bench.report_metrics or c not in t["eval_summary"].columns)]
     section("Accuracy during SFT and after RL", acc is not None, lambda: with_fig(fig_accuracy(acc, rec, out, bench), _md_table(acc.select([c for c in cols if c in acc.columns])) + "\n"))
     section("RL recovery", rec is not None, lambda: _md_table(rec.select("start_step", "updates", "n", "k_before", "ood_before", "k_after", "ood_after", "gain", "gain_low", "gain_high", "status")) + "\n\nGain: OOD after RL minus before, paired over the same hands, with its 95 % interval; healed / hurt when the interval excludes 0.\n")
     starts = rl_starts(t, rec)

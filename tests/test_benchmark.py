@@ -77,6 +77,7 @@ class EchoEpisode:
 class Echo:
     name = "echo"
     splits = ("id", "ood")
+    report_metrics = ()
     action_key = '"echo":'
     outcomes = ("right", "wrong", "silent")
     modes = ("exact", "reference")  # reference: surrounding spaces forgiven

@@ -621,3 +621,20 @@ def test_ppo_scores_the_text_from_the_action_key_on_as_the_action():
     assert tok.decode(ids[:s]).endswith('"current instruction": "x",\n  ') or tok.decode(ids[s:]).startswith('"action": ')
     assert '"action":' in tok.decode(ids[s:]) and '"action":' not in tok.decode(ids[:s])
     assert s != ppo.split_index(tok, ids)  # GeneralPoints' key is absent: the n - 5 fallback
+
+
+def test_first_action_reads_the_start_turn_in_either_format_on_the_first_try_only():
+    import polars as pl
+
+    from tasks.benchmark import get
+
+    virl = get("virl")
+    ood = pl.DataFrame({"split": ["ood", "ood"], "index": [0, 1], "answer": [reply("turn_direction(left)"), reply("turn_direction(right)")]})
+    attempts = pl.DataFrame({
+        "ckpt_id": ["s"] * 4, "split": ["ood"] * 4, "hand_index": [0, 1, 1, 0], "attempt": [1, 1, 2, 2],
+        "response": ["observation: x\\ninstruction: y\\naction: turn_direction(left)\\n", reply("turn_direction(northeast)"), reply("turn_direction(right)"), "junk"],
+    })  # fmt: skip
+    out = virl.report_columns({"eval_set_ood": ood, "eval_attempts": attempts})
+    # route 0: right in the plain format; route 1: wrong on its first try (its right retry does not count)
+    assert out.to_dicts() == [{"ckpt_id": "s", "split": "ood", "first_action": 0.5}]
+    assert virl.report_columns({"eval_set_ood": ood}) is None

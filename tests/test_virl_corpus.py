@@ -121,3 +121,8 @@ def test_a_virl_pretraining_run_is_accepted_for_the_builtin_model_only():
     parse_config({"name": "v", "task": "virl", "pretrain": {"enabled": True}})
     with pytest.raises(Exception, match="pretrain.enabled"):
         parse_config({"name": "v", "task": "virl", "model": {"builtin": None, "name_or_path": "x/y"}, "pretrain": {"enabled": True}})
+
+
+@pytest.mark.slow
+def test_full_rebuild_of_the_shipped_virl_base_gives_its_hash():
+    assert pretrain.main([str(ROOT / "configs/toy-virl.yaml")]) == 0

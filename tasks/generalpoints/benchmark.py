@@ -50,6 +50,7 @@ class GeneralPoints:
 
     name = "generalpoints"
     splits = SPLITS
+    report_metrics = ()
     action_key = '"formula":'  # training.md §3.4
     outcomes = OUTCOMES
     modes = MODES

@@ -41,6 +41,7 @@ class Virl:
 
     name = "virl"
     splits = nv.SPLITS
+    report_metrics = ("step_accuracy",)
     action_key = '"action":'  # the authors' V-IRL split (their Llama ids 330 1335 794)
     outcomes = nv.OUTCOMES
     modes = nv.MODES
@@ -177,8 +178,20 @@ class Virl:
 
     # ------------------------------------------------------------------ the report
 
-    def report_columns(self, tables: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
-        return None  # step_accuracy is in eval_summary
+    def report_columns(self, t: dict[str, pl.DataFrame]) -> pl.DataFrame | None:
+        """`first_action` per checkpoint and split: the share of routes whose first try names
+        the start's right turn, read in the answer block or in the corpus's plain format
+        (`action: ...`). A route fails at the start when that turn is wrong, so step accuracy
+        on OOD can sit at 0 while this shows what the model writes there, format aside (as
+        GeneralPoints' number field shows the rule reading)."""
+        tables = [f"eval_set_{s}" for s in self.splits if f"eval_set_{s}" in t]
+        if "eval_attempts" not in t or not tables:
+            return None
+        right = pl.col("answer").str.extract(r'"action": "(.*?)"', 1)
+        starts = pl.concat([t[name].select("split", pl.col("index").alias("hand_index"), right.alias("right")) for name in tables])
+        first = t["eval_attempts"].filter(pl.col("attempt") == 1).join(starts, on=["split", "hand_index"])
+        written = pl.col("response").str.extract(r'action"?: "?([a-z_]+\([a-z ]*\))', 1)
+        return first.group_by("ckpt_id", "split").agg(first_action=(written == pl.col("right")).fill_null(False).mean())
 
     def paper_reference(self) -> None:
         return None  # the paper's V-IRL numbers are end points, not a curve (paper_results.md §2.6)
