@@ -76,7 +76,8 @@ class ModelSection(Section):
 
 class PretrainSection(Section):
     """Stage `pretrain` (builtin models only): give the tiny model general knowledge to lose,
-    from a synthetic corpus that never holds a GeneralPoints example under the ID or OOD rule."""
+    from the task's synthetic corpus, which never states either split's rule in the
+    benchmark's words (GeneralPoints: the face-card values; V-IRL: the action space)."""
 
     enabled: bool = Field(False, description="pretrain the builtin model before SFT")
     steps: int = Field(3000, ge=1, description="optimizer steps")
@@ -277,7 +278,7 @@ class PpoSection(Section):
     lr_min: float = Field(1e-9, ge=0, description="eta_min: the cosine's floor")
     lr_t_max: int | None = Field(None, ge=1, description="cosine period in updates; null = rl.num_updates")
     adam_epsilon: float = Field(1e-7, gt=0, description="Adam's epsilon; interacts with max_grad_norm (§3.5)")
-    thought_coef: float = Field(0.5, ge=0, description="weight of the text before the formula key in the sequence score (§3.4)")
+    thought_coef: float = Field(0.5, ge=0, description="weight of the text before the task's action key (GeneralPoints `\"formula\":`, V-IRL `\"action\":`) in the sequence score (§3.4)")
     cut_gae_at_truncation: bool = Field(False, description="end the return at a truncated episode (mask 0); false = the authors' bootstrap across it (§3.3)")
     compute_dtype: Literal["float32", "bf16"] = Field("float32", description="dtype of log-probabilities, value head and losses; bf16 = the authors' (deviation 14)")
 

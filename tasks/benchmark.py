@@ -101,6 +101,7 @@ class Benchmark(Protocol):
     modes: tuple[str, ...]  # ("exact", "reference"), `verifier.mode`'s choices (point 3)
     attempt_schema: dict[str, pl.DataType]  # the task's columns of eval_attempts, in order
     column_types: dict[str, pl.DataType]  # types of eval_set_<split> columns polars would infer otherwise
+    corpus_version: str  # version of the pretraining corpus code, in the pretrain key
     report_metrics: tuple[str, ...]  # summary_metrics columns the report's accuracy table shows
     action_key: str  # the answer's key that PPO's sequence score weights fully, the text before it by thought_coef
 

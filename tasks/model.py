@@ -12,6 +12,7 @@ Every later stage loads either through `tasks.lm.load_model` / `load_tokenizer`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -120,8 +121,12 @@ def resolve_pretrained(section: ModelSection) -> Path:
 
 def key_config(cfg: StudyConfig) -> dict:
     m = cfg.model
-    # the tiny model's vocabulary is the task's (`build_tokenizer`)
-    return {"builtin": m.tiny.model_dump(), "task": cfg.task} if m.builtin else {"name_or_path": m.name_or_path}
+    # the tiny model's vocabulary is the task's (`build_tokenizer`): its phrases are in the
+    # key, so a task whose phrases change gets a new model, not a stale tokenizer
+    if not m.builtin:
+        return {"name_or_path": m.name_or_path}
+    phrases = hashlib.sha256(json.dumps(benchmark.of(cfg).phrases()).encode()).hexdigest()
+    return {"builtin": m.tiny.model_dump(), "task": cfg.task, "phrases": phrases}
 
 
 def artifact(store: Store, cfg: StudyConfig) -> Artifact:

@@ -78,6 +78,7 @@ class Echo:
     name = "echo"
     splits = ("id", "ood")
     report_metrics = ()
+    corpus_version = "0"
     action_key = '"echo":'
     outcomes = ("right", "wrong", "silent")
     modes = ("exact", "reference")  # reference: surrounding spaces forgiven
@@ -336,8 +337,10 @@ def test_the_tiny_vocabulary_is_the_tasks():
     assert "Say " not in build_tokenizer(GP).get_vocab()
 
 
-def test_every_key_that_depends_on_the_task_names_it():
+def test_every_key_that_depends_on_the_task_names_it(monkeypatch):
     """A study of another task must not find this task's artifacts: each stage's key holds `task`."""
+    real = benchmark.of
+    monkeypatch.setattr(benchmark, "of", lambda c: Echo() if c.task == "echo" else real(c))
     gp = cfg()
     other = gp.model_copy(update={"task": "echo"})  # a second task, past the Literal
     ckpt = {"ckpt_id": "sft-1", "stage": "sft", "step": 1, "content_hash": "h"}

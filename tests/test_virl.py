@@ -272,6 +272,7 @@ def test_the_virl_smoke_study_runs_every_stage(prefect_api, tmp_path):
     assert (t["rl_log"]["count_no_action"] >= 0).all() and "count_arrived" in t["rl_log"].columns
     md = (tmp_path / "store" / "studies" / "smoke-virl" / "report" / "report.md").read_text()
     assert "## Verdicts" in md and "number field" not in md
+    assert "| ckpt_id | step | split | n | k | accuracy | accuracy_ci_low | accuracy_ci_high | first_attempt_accuracy | format_error_rate | step_accuracy | first_action |" in md
 
 
 def test_a_bad_routes_file_is_refused_before_anything_is_written(tmp_path):
@@ -615,11 +616,11 @@ def test_ppo_scores_the_text_from_the_action_key_on_as_the_action():
 
     virl = get("virl")
     tok = model.build_tokenizer(virl)
-    text = reply("turn_direction(left)", "Harbor Diner is on your left; You observe an intersection")
+    text = reply("turn_direction(left)", 'I read "action": twice; You observe an intersection')  # the LAST key counts
     ids = tok(text)["input_ids"] + [tok.eos_token_id]
     s = ppo.split_index(tok, ids, virl.action_key)
-    assert tok.decode(ids[:s]).endswith('"current instruction": "x",\n  ') or tok.decode(ids[s:]).startswith('"action": ')
-    assert '"action":' in tok.decode(ids[s:]) and '"action":' not in tok.decode(ids[:s])
+    tail = tok.decode(ids[s:])
+    assert tail.count('"action":') == 1 and '"action": "turn_direction(left)"' in tail and tok.decode(ids[:s]).count('"action":') == 1
     assert s != ppo.split_index(tok, ids)  # GeneralPoints' key is absent: the n - 5 fallback
 
 
@@ -631,10 +632,12 @@ def test_first_action_reads_the_start_turn_in_either_format_on_the_first_try_onl
     virl = get("virl")
     ood = pl.DataFrame({"split": ["ood", "ood"], "index": [0, 1], "answer": [reply("turn_direction(left)"), reply("turn_direction(right)")]})
     attempts = pl.DataFrame({
-        "ckpt_id": ["s"] * 4, "split": ["ood"] * 4, "hand_index": [0, 1, 1, 0], "attempt": [1, 1, 2, 2],
-        "response": ["observation: x\\ninstruction: y\\naction: turn_direction(left)\\n", reply("turn_direction(northeast)"), reply("turn_direction(right)"), "junk"],
+        "ckpt_id": ["s"] * 5, "split": ["ood"] * 5, "hand_index": [0, 1, 1, 0, 2], "attempt": [1, 1, 2, 2, 1],
+        "response": ["observation: x\ninstruction: y\naction: turn_direction(left)\n", reply("turn_direction(northeast)"), reply("turn_direction(right)"), "junk", "no action here"],
     })  # fmt: skip
+    ood = pl.concat([ood, pl.DataFrame({"split": ["ood"], "index": [2], "answer": [reply("forward()")]})])
     out = virl.report_columns({"eval_set_ood": ood, "eval_attempts": attempts})
-    # route 0: right in the plain format; route 1: wrong on its first try (its right retry does not count)
-    assert out.to_dicts() == [{"ckpt_id": "s", "split": "ood", "first_action": 0.5}]
+    # route 0: right in the plain format; route 1: wrong on its first try (its right retry does
+    # not count); route 2: no action written, counted as wrong
+    assert out.to_dicts() == [{"ckpt_id": "s", "split": "ood", "first_action": 1 / 3}]
     assert virl.report_columns({"eval_set_ood": ood}) is None

@@ -58,27 +58,51 @@ def test_no_example_is_the_benchmark_prompt_and_every_answer_follows_its_stated_
             assert past in vc.RULES[rule]
 
 
+def test_each_example_is_its_route_under_the_documented_draws(table):
+    """Rebuilt from the docs' recipe: the route of the corpus stream (d = 0: nothing excluded),
+    the exact-mode rail, the rule's history in order, the stated sentence, the answer."""
+    rows = [(0, r) for r in table.head(600).iter_rows(named=True)] + [(1, r) for r in vc.corpus(1, 50, 1 / 3).iter_rows(named=True)]
+    for seed, row in rows:
+        route = rt.generate(seed, 1000 * row["index"], vc.STREAM)
+        points = nv.rail(route, "exact")
+        split, here = vc.SPLIT_OF[row["rule"]], points[row["step"]]
+        _, values = vc.stated_values(row["prompt"])
+        assert row["prompt"] == nv.prompt(route, split, points[: row["step"]], here, "exact").replace(nv.action_space(split), vc.action_space(values, row["wording"]))
+        sentence = nv.sentences(route, "exact")[here.sentence]
+        assert row["answer"] == (nv.answer(route, split, here, "exact") if row["format"] == "block" else vc.plain_answer(here.observation, sentence, here.action[split]))
+        assert row["turning"] == here.action["id"].startswith("turn_direction(")
+
+
 def test_the_corpus_shares_are_the_documented_ones(table):
     def share(col, value):
         return table.filter(pl.col(col) == value).height / table.height
 
+    # the documented values (docs/pretrain.md), not the module's constants
     assert abs(share("rule", "relative") - 0.5) < 0.04
     assert abs(share("format", "block") - 1 / 3) < 0.04
-    assert abs(share("shuffled", True) - vc.SHUFFLED_ORDER_SHARE) < 0.04
-    assert share("turning", True) > vc.TURN_SHARE  # the turn draws plus the turns of the uniform draws
-    assert set(table["wording"]) == set(vc.WORDINGS)
+    assert abs(share("shuffled", True) - 1 / 3) < 0.04
+    # 1/2 drawn at a turning point, plus the turning points among the uniform draws (~1/3)
+    assert 0.6 < share("turning", True) < 0.72
+    for wording in ("one_of", "choose", "braces"):
+        assert abs(share("wording", wording) - 1 / 3) < 0.04
 
 
-def test_an_evaluation_route_is_never_walked():
+def test_an_evaluation_route_is_never_walked(tmp_path):
     first = vc.example(0, 3, 1 / 3)
     own = rt.generate(0, 3000, vc.STREAM)  # the route example 3 walks
     again = vc.example(0, 3, 1 / 3, exclude=frozenset({(own.points, own.init_heading)}))
     assert again["prompt"] != first["prompt"]
-    bench = benchmark.of(TOY)
-    held_out = vc.evaluation_routes(TOY, bench)
-    assert len(held_out) == TOY.data.eval_size  # both splits walk the same routes
-    keys = {(rt.generate(0, i * 1000, vc.STREAM).points, rt.generate(0, i * 1000, vc.STREAM).init_heading) for i in range(500)}
-    assert not keys & held_out
+    assert len(vc.evaluation_routes(TOY, benchmark.of(TOY))) == TOY.data.eval_size  # both splits walk the same routes
+    # a routes file made of the corpus's own routes: the study's corpus must walk around its evaluation routes
+    corpus_routes = [rt.generate(0, 1000 * i, vc.STREAM) for i in range(12)]
+    rt.write(corpus_routes, tmp_path / "route_infos.json")
+    cfg = parse_config(TOY.model_dump() | {"virl": {"routes": str(tmp_path / "route_infos.json")}, "data": TOY.data.model_dump() | {"eval_size": 8}})
+    bench = benchmark.get("virl", json.dumps({"routes": cfg.virl.routes}))
+    held_out = vc.evaluation_routes(cfg, bench)
+    assert len(held_out) == 8
+    instructions = {nv.instruction(r) for r in corpus_routes if (r.points, r.init_heading) in held_out}
+    walked = bench.corpus(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"corpus_size": 12})}))
+    assert not any(i in p for p in walked["prompt"] for i in instructions)
 
 
 def test_the_corpus_is_deterministic_and_a_prefix_of_any_longer_one(table):
@@ -126,3 +150,18 @@ def test_a_virl_pretraining_run_is_accepted_for_the_builtin_model_only():
 @pytest.mark.slow
 def test_full_rebuild_of_the_shipped_virl_base_gives_its_hash():
     assert pretrain.main([str(ROOT / "configs/toy-virl.yaml")]) == 0
+
+
+def test_a_changed_vocabulary_or_corpus_is_another_model_and_another_base(monkeypatch):
+    """Review of issue 17: new phrases kept the old model key (a stale tokenizer), and an edit
+    of the corpus code kept the old pretrain key (the old shipped base copied)."""
+    from tasks import model as model_stage
+    from tasks.virl.benchmark import Virl
+
+    before = model_stage.key_config(TOY), pretrain.key_config(TOY)
+    benchmark.get.cache_clear()
+    monkeypatch.setattr(Virl, "phrases", lambda self: ["a new chunk"])
+    assert model_stage.key_config(TOY) != before[0]
+    monkeypatch.setattr(Virl, "corpus_version", "2")
+    assert pretrain.key_config(TOY) != before[1]
+    benchmark.get.cache_clear()

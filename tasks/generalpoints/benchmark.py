@@ -51,6 +51,7 @@ class GeneralPoints:
     name = "generalpoints"
     splits = SPLITS
     report_metrics = ()
+    corpus_version = pretrain_corpus.VERSION
     action_key = '"formula":'  # training.md §3.4
     outcomes = OUTCOMES
     modes = MODES

@@ -15,6 +15,8 @@ from tasks.generalpoints.cards import DISPLAY, RANK_OF, SPLITS, Hand, card_value
 from tasks.generalpoints.prompt import FACE, TARGET, answer_block, card_list, render_prompt
 from tasks.generalpoints.solver import solve
 
+VERSION = "1"  # of the corpus code: part of the pretrain key (bump on any change to what it writes)
+
 FACES = ("J", "Q", "K")
 # The two rules no corpus example may use (GP §1): values of J, Q, K.
 RULES = {"id": (10, 10, 10), "ood": (11, 12, 13)}

@@ -169,6 +169,8 @@ def rebuild_command(task: str = "generalpoints") -> str:
 
 
 def shipped_record(root: Path = SHIPPED, task: str = "generalpoints") -> dict | None:
+    if task not in SHIPPED_NAMES:
+        return None  # a task without a shipped base trains its own
     record = root / f"{SHIPPED_NAMES[task]}.json"
     return json.loads(record.read_text()) if record.is_file() else None
 
@@ -234,6 +236,7 @@ def key_config(cfg: StudyConfig) -> dict:
     d = cfg.data
     return {
         "task": cfg.task,
+        "corpus": benchmark.of(cfg).corpus_version,  # the corpus code: an edit to it is another base
         "pretrain": cfg.pretrain.model_dump(exclude={"enabled", "use_shipped"}),
         "exclude": {"eval_seed": d.eval_seed, "eval_size": d.eval_size, "overlap": d.overlap},
     }

@@ -42,7 +42,11 @@ class Virl:
     name = "virl"
     splits = nv.SPLITS
     report_metrics = ("step_accuracy",)
-    action_key = '"action":'  # the authors' V-IRL split (their Llama ids 330 1335 794)
+    corpus_version = pretrain_corpus.VERSION
+    # DECISION: the split the authors' V-IRL PPO means (their Llama ids 330 1335 794, `"action":`);
+    # their code then asserts on that 3-element tensor, which raises, and its fallback weights
+    # only the last ~4 response tokens as the action (rl/trainer/model_tz_llama.py)
+    action_key = '"action":'
     outcomes = nv.OUTCOMES
     modes = nv.MODES
     attempt_schema = {"action": pl.String}
@@ -158,10 +162,14 @@ class Virl:
         """The fixed chunks of the prompt, answer block, action spaces, instruction sentences,
         observations and corrections, the compass and relative words, the landmark words."""
         empty = Route("", "", ((0.0, 0.0), (0.0, 0.0)), (rt.Milestone(0, "north", rt.NO_LANDMARK, 100),), 0)
-        here = nv.Point(rt.NO_LANDMARK, False, {"id": "\0", "ood": "\0"}, 0)
+        here = nv.Point("\0", False, {"id": "\0", "ood": "\0"}, 0)
         pieces = set(nv.prompt(empty, "id", [], here).replace(nv.instruction(empty), "\0").replace(nv.action_space("id"), "\0").split("\0"))
-        pieces |= {nv.action_space("id"), nv.action_space("ood"), nv.WRONG_ACTION, nv.NOT_AT_INTERSECTION, nv.AT_AN_INTERSECTION}
-        pieces |= set(nv.answer(empty, "id", here).replace("First, turn slightly left to face north.", "\0").split("\0"))
+        # The action space's frame is a chunk, its turn sentence is not: the sentence is all
+        # that tells the splits apart, and as one token each it was a token the corpus (which
+        # words it otherwise) never trained, so OOD read a random vector (issue 17 review).
+        pieces |= set(nv.action_space("id").replace(nv._ACTIONS["id"], "\0").split("\0"))
+        pieces |= {nv.WRONG_ACTION, nv.NOT_AT_INTERSECTION, nv.AT_AN_INTERSECTION}
+        pieces |= set(nv.answer(empty, "id", here).replace(here.observation, "\0").replace(nv.sentences(empty)[0], "\0").split("\0"))
         pieces |= {"You failed this trial because ", "First, turn ", "Turn ", " to face ", "Move forward until you reach next intersection where ",
                    "Move forward until you reach next intersection.", "Move forward until you reach destination where ", nv.NOTHING, rt.NO_LANDMARK,
                    "; " + nv.AT_INTERSECTION, " is on your ", "forward()", "stop()", "turn_direction(", "O_", "A_"}  # fmt: skip

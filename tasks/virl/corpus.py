@@ -17,6 +17,8 @@ from rlheal.config import StudyConfig
 from tasks.virl import navigation as nv
 from tasks.virl import routes as rt
 
+VERSION = "1"  # of the corpus code: part of the pretrain key (bump on any change to what it writes)
+
 STREAM = "virl-pretrain"  # the corpus routes' namespace (routes.generate): never a study's stream
 RULES = {"absolute": rt.COMPASS, "relative": nv.RELATIVE}  # the turn values each rule lists
 SPLIT_OF = {"absolute": "id", "relative": "ood"}  # whose right actions a rule's answers write
