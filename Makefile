@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-integration test-slow faults demo demo-seeds demo-long demo-long-seeds demo-virl demo-virl-seeds bench server deploy worker clean
+.PHONY: setup test test-integration test-browser test-slow faults demo demo-seeds demo-long demo-long-seeds demo-virl demo-virl-seeds bench server deploy worker clean
 
 setup: $(STAMP)
 
@@ -38,12 +38,20 @@ XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS))
 # The fast suite: unit and module tests, and the end-to-end tests that start from a copy of
 # the session's one finished smoke study.
 test: setup
-	$(PY) -m pytest -m "not slow and not faults and not integration" $(XDIST) -q --durations=15 $(NONE_IS_OK)
+	$(PY) -m pytest -m "not slow and not faults and not integration and not browser" $(XDIST) -q --durations=15 $(NONE_IS_OK)
 
 # The long end-to-end tests: whole studies from an empty store (fault at every stage, Dask,
 # replicate, kill -9, two runs at once, deployment, token scan). CI runs it after `make test`.
 test-integration: setup
-	$(PY) -m pytest -m "integration and not slow and not faults" $(XDIST) -q --durations=15 $(NONE_IS_OK)
+	$(PY) -m pytest -m "integration and not slow and not faults and not browser" $(XDIST) -q --durations=15 $(NONE_IS_OK)
+
+# The dashboard in a real browser (issue 18): Chromium from the OS packages, installed here
+# when missing (CI's fresh machine has network to the package registries).
+test-browser: setup
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$(command -v sudo >/dev/null && [ "$$(id -u)" != 0 ] && echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m pytest -m browser tests/browser -q -p no:xdist
 
 faults: setup
 	$(PY) -m pytest tests/faults -q $(NONE_IS_OK)

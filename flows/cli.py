@@ -49,7 +49,8 @@ def _status(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.store, args.set)
     study_dir = open_store(cfg.store).study_dir(cfg.name)
-    print(format_status(cfg.name, Progress(study_dir, cfg.name).summary(), STAGES))
+    progress = Progress(study_dir, cfg.name)
+    print(format_status(cfg.name, progress.summary(), STAGES, progress.running_now()))
     return 0
 
 
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in (v, r):
         cmd.add_argument("--force", action="store_true", help="run even if the study was started with another config")
         cmd.add_argument("--no-space-check", action="store_true", help="print the store-space estimate but do not refuse a disk that looks too small")
+    r.add_argument("-v", "--verbose", action="store_true", help="also print the stages' and libraries' log lines and loading bars (the Prefect UI has them either way)")
     st = sub.add_parser("status", help="progress of a study, read from the store (no server needed)")
     c = sub.add_parser("compare", help="judge the paper's findings on replicate studies (e.g. seeds) side by side")
     c.add_argument("studies", nargs="+", metavar="STUDY", help="study names in the store")
@@ -150,11 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def console(verbose: bool) -> None:
+    """What the terminal shows. Loggers stay at INFO (the Prefect UI gets every line); without
+    -v only warnings and errors reach the console, and no loading bars, so the progress line
+    is what a user reads. Set before the libraries are imported: they read it once."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if verbose:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' loading bars too
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # TRL's dataset preparation
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # the flow's and Dask workers' Prefect console
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console(getattr(args, "verbose", True))
     try:
         if args.command == "validate":
             _validate(args)

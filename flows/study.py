@@ -2,7 +2,12 @@
 
 Every stage is a cached task whose result is the path of a sealed store artifact, so
 running a study again (from the CLI, or by retrying the flow run) recomputes only what
-is missing. `study` loads the config and picks the task runner; `stages` is the DAG.
+is missing. The flow streams (issue 18): each task is submitted as soon as what it reads is
+sealed. SFT seals a checkpoint at each saved step, and its evaluations and the RL runs
+that start from it are submitted then, while SFT trains on; an RL run's checkpoints are
+evaluated as the run ends. SVD reads every evaluation (it picks the checkpoints' roles
+from them), edit reads SVD, the report reads everything. `study` loads the config and
+picks the task runner; `stages` is the DAG.
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ from pathlib import Path
 
 import polars as pl
 from prefect import flow, tags
-from prefect.futures import as_completed
 
+from flows.streaming import Stream, sealed_or_run
 from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
-from rlheal.runners import gpu_slot, task_runner
+from rlheal.runners import gpu_limit, gpu_slot, task_runner
 from tasks import benchmark, data, edit, eval, model, pretrain, report, rl, sft, svd
 
 
@@ -32,43 +37,60 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     st = open_store(cfg.store)
     cached = cached_in(st)
     progress = Progress(st.study_dir(cfg.name), cfg.name)
+    gpu_limit(cfg.runner)  # thread runner on a GPU: GPU tasks take turns (rlheal-gpu)
 
     def stage(name: str):
         return tags(f"study:{cfg.name}", f"stage:{name}")
 
     with stage("data"):
         data_art = data.artifact(st, cfg)
-        data_dir = data.stage.with_options(**cached)(artifact=data_art, cfg=cfg)
+        data_dir = sealed_or_run(data.stage.with_options(**cached), data_art, cfg=cfg)
     st.publish_all(cfg.name, Path(data_dir), data.STAGE.tables)
     progress.done("data", "data")
 
     with stage("model"):
         model_art = model.artifact(st, cfg)
-        model_dir = model.stage.with_options(**cached)(artifact=model_art, cfg=cfg)
+        model_dir = sealed_or_run(model.stage.with_options(**cached), model_art, cfg=cfg)
     progress.done("model", "model")
 
     if cfg.pretrain.enabled:  # builtin models only: a base with knowledge to lose
         with stage("pretrain"):
             model_art = pretrain.artifact(st, cfg, model_art)
-            model_dir = pretrain.stage.with_options(**cached)(artifact=model_art, cfg=cfg, model=model_dir)
+            model_dir = sealed_or_run(pretrain.stage.with_options(**cached), model_art, cfg=cfg, model=model_dir)
         progress.done("pretrain", "pretrain")
 
+    # sft -> (each checkpoint as it is sealed) eval and rl -> (each run as it ends) eval
+    stream = Stream(progress, expected(cfg))
+    sft_art = sft.artifact(st, cfg, model_art, data_art)
     with stage("sft"), gpu_slot(cfg.runner):
-        checkpoints = [f"step {k}" for k in cfg.sft.save_steps if k > 0]
-        progress.expect("sft", checkpoints)  # the task marks each checkpoint as it is sealed
-        sft_art = sft.artifact(st, cfg, model_art, data_art)
-        sft_dir = sft.stage.with_options(**cached)(artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
+        stream.submit("sft", None, sft.stage.with_options(**cached), artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
+    sealed = sft.Sealed(st, sft_art, cfg, Path(model_dir))
+    starts = rl.start_steps(cfg)
+    while stream.busy or not sealed.complete:
+        for ckpt in sealed.new():  # base first, then each saved step as SFT seals it
+            if ckpt["step"] > 0:
+                progress.done("sft", f"step {ckpt['step']}")
+            evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+            if ckpt["step"] in starts:
+                with stage("rl"), gpu_slot(cfg.runner):
+                    stream.submit("rl", f"rl from={ckpt['step']}", rl.stage.with_options(**cached), artifact=rl.artifact(st, cfg, ckpt, data_art), cfg=cfg, ckpt=ckpt, start_step=ckpt["step"], data=str(data_art.path))
+        for stage_name, _, path in stream.ended():
+            if stage_name == "rl":
+                for ckpt in rl.run_checkpoints(path):
+                    evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+    sft_dir = stream.only("sft")
+    stream.close()
     st.publish_all(cfg.name, Path(sft_dir), sft.STAGE.tables)
-    for label in checkpoints:  # also when the whole stage came from the cache
-        progress.done("sft", label)
 
-    with stage("rl"), gpu_slot(cfg.runner):
-        ckpt_dir = rl_all(cfg, st, cached, progress, sft_dir, data_art)
+    with stage("rl"):
+        rl_paths = stream.results("rl")
+        ckpt_dir = sealed_or_run(rl.collect_stage.with_options(**cached), rl.collect_artifact(st, sft_dir, rl_paths), sft_dir=sft_dir, paths=rl_paths)
     st.publish_all(cfg.name, Path(ckpt_dir), [t for t in rl.STAGE.tables if (Path(ckpt_dir) / f"{t}.parquet").exists()])
     ckpt_tables = [str(Path(ckpt_dir) / "checkpoints.parquet")]
 
-    with stage("eval"), gpu_slot(cfg.runner):
-        eval_dir = evaluate_all(cfg, st, cached, progress, ckpt_tables, data_dir)
+    with stage("eval"):
+        paths = stream.results("eval")
+        eval_dir = sealed_or_run(eval.collect_stage.with_options(**cached), eval.collect_artifact(st, paths), paths=paths)
     st.publish_all(cfg.name, Path(eval_dir), eval.STAGE.tables)
     publish_summary(cfg, st.tables_dir(cfg.name))
 
@@ -76,7 +98,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         summary = str(Path(eval_dir) / "eval_summary.parquet")
         svd_art = svd.artifact(st, cfg, ckpt_tables, summary)
         edit_columns = edit.column_requests(cfg)  # decomposed in svd's one pass, for the edit stage
-        svd_dir = svd.stage.with_options(**cached)(artifact=svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
+        svd_dir = sealed_or_run(svd.stage.with_options(**cached), svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
     st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
     progress.done("svd", "svd")
 
@@ -92,6 +114,27 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "edit": edit_dir, "report": report_dir}
 
 
+def evaluate(cfg: StudyConfig, st, cached: dict, stream: Stream, stage, ckpt: dict, data_dir: str) -> None:
+    """One cached evaluation task per split of a sealed checkpoint."""
+    with stage("eval"), gpu_slot(cfg.runner):
+        for s in benchmark.of(cfg).splits:
+            stream.submit("eval", f"eval {eval.describe(ckpt)} {s}", eval.stage.with_options(**cached), artifact=eval.artifact(st, cfg, ckpt, s, Path(data_dir)), cfg=cfg, ckpt=ckpt, split=s, data=data_dir)
+
+
+def expected(cfg: StudyConfig) -> dict[str, list[str]]:
+    """The progress labels of the streamed stages, known from the config before any runs."""
+    splits = benchmark.of(cfg).splits
+    steps = [k for k in cfg.sft.save_steps if k > 0]
+    starts = rl.start_steps(cfg)
+    ckpts = [{"ckpt_id": "base", "stage": "base"}, *({"stage": "sft", "step": k} for k in steps)]
+    ckpts += [{"stage": "rl", "rl_start_step": s, "step": u} for s in starts for u in cfg.rl.save_steps if u > 0]
+    return {
+        "sft": [f"step {k}" for k in steps],
+        "rl": [f"rl from={s}" for s in starts],
+        "eval": [f"eval {eval.describe(c)} {s}" for c in ckpts for s in splits],
+    }
+
+
 def publish_summary(cfg: StudyConfig, tables: Path) -> None:
     """Table artifacts in the Prefect UI: accuracy per checkpoint, and OOD before/after RL."""
     from prefect.artifacts import create_table_artifact
@@ -105,49 +148,15 @@ def publish_summary(cfg: StudyConfig, tables: Path) -> None:
         create_table_artifact(recovery.with_columns(pl.selectors.float().round(4)).to_dicts(), key=artifact_key(study, "rl-recovery"), description=f"{study}: OOD accuracy before and after RL, per starting SFT step")
 
 
-def fan_out(task, calls: dict[str, dict], progress: Progress, stage: str) -> list[str]:
-    """Submit one task run per labelled call; progress advances as each one finishes."""
-    progress.expect(stage, list(calls))
-    futures = {task.submit(**kwargs): label for label, kwargs in calls.items()}
-    paths = []
-    for fut in as_completed(list(futures)):
-        paths.append(fut.result())
-        progress.done(stage, futures[fut])
-    return sorted(paths)
-
-
-def rl_all(cfg: StudyConfig, st, cached: dict, progress: Progress, sft_dir: str, data_art) -> str:
-    """An independent RL run from each chosen SFT checkpoint, in parallel where the runner
-    has room; returns the artifact with the study-wide `checkpoints` and `rl_log`."""
-    calls = {
-        f"rl from={c['step']}": dict(artifact=rl.artifact(st, cfg, c, data_art), cfg=cfg, ckpt=c, start_step=c["step"], data=str(data_art.path))
-        for c in rl.starts(cfg, pl.read_parquet(Path(sft_dir) / "checkpoints.parquet"))
-    }
-    paths = fan_out(rl.stage.with_options(**cached), calls, progress, "rl")
-    return rl.collect_stage.with_options(**cached)(artifact=rl.collect_artifact(st, sft_dir, paths), sft_dir=sft_dir, paths=paths)
-
-
-def evaluate_all(cfg: StudyConfig, st, cached: dict, progress: Progress, ckpt_tables: list[str], data_dir: str) -> str:
-    """One cached task per (checkpoint, split), run in parallel where the runner has room;
-    then one table of all of them."""
-    calls = {
-        f"eval {eval.describe(c)} {s}": dict(artifact=eval.artifact(st, cfg, c, s, Path(data_dir)), cfg=cfg, ckpt=c, split=s, data=data_dir)
-        for c in svd.read_checkpoints(ckpt_tables).to_dicts()
-        for s in benchmark.of(cfg).splits
-    }
-    paths = fan_out(eval.stage.with_options(**cached), calls, progress, "eval")
-    return eval.collect_stage.with_options(**cached)(artifact=eval.collect_artifact(st, paths), paths=paths)
-
-
 def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: str, ckpt_tables: list[str], data_dir: str) -> str | None:
     """One cached task per editing variant (baselines included), then their tables."""
     roles, checkpoints = edit.read_roles(svd_dir), svd.read_checkpoints(ckpt_tables)
     variants = edit.plan(cfg, roles, checkpoints)
     if not variants:
         return None
-    calls = {
-        v["variant_id"]: dict(artifact=edit.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
-        for v in variants
-    }
-    paths = fan_out(edit.stage.with_options(**cached), calls, progress, "edit")
-    return edit.collect_stage.with_options(**cached)(artifact=edit.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)
+    stream = Stream(progress, {"edit": [v["variant_id"] for v in variants]})
+    for v in variants:
+        stream.submit("edit", v["variant_id"], edit.stage.with_options(**cached), artifact=edit.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
+    paths = stream.results("edit")
+    stream.close()
+    return sealed_or_run(edit.collect_stage.with_options(**cached), edit.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)

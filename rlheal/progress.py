@@ -58,8 +58,26 @@ class Progress:
             entry = state.setdefault(stage, {"total": [label], "done": []})
             if label not in entry["done"]:
                 entry["done"].append(label)
+            entry["running"] = [r for r in entry.get("running", []) if r not in (label, f"{stage} {label}")]
             self._write(state)
         self._publish(stage, state[stage])
+
+    def running(self, now: dict[str, list[str]]) -> None:
+        """What runs now: task run names per stage (the stages not named run nothing). Only
+        names of a stage's own units are kept (`eval sft step=4 id`, not SFT's one task)."""
+        with _lock:
+            state = self._read()
+            units = {s: [n for n in now.get(s, []) if n in e.get("total", []) or n.removeprefix(f"{s} ") in e.get("total", [])] for s, e in state.items()}
+            changed = [s for s, e in state.items() if e.get("running", []) != units[s]]
+            for s in changed:
+                state[s]["running"] = units[s]
+            if changed:
+                self._write(state)
+        for s in changed:
+            self._publish(s, state[s])
+
+    def running_now(self) -> dict[str, list[str]]:
+        return {stage: e["running"] for stage, e in self._read().items() if e.get("running")}
 
     def summary(self) -> dict[str, tuple[int, int]]:
         return {stage: (len(e.get("done", [])), len(e.get("total", []))) for stage, e in self._read().items()}
@@ -74,15 +92,30 @@ class Progress:
                 return
             pct = 100.0 * len(entry["done"]) / max(1, len(entry["total"]))
             key = artifact_key(self.study, stage, "progress")
+            description = f"{self.study}: {stage} {len(entry['done'])}/{len(entry['total'])}{running_text(stage, entry.get('running', []))}"
             if stage not in self._artifacts:
-                self._artifacts[stage] = create_progress_artifact(pct, key=key, description=f"{self.study}: {stage} {len(entry['done'])}/{len(entry['total'])}")
+                self._artifacts[stage] = create_progress_artifact(pct, key=key, description=description)
             else:
-                update_progress_artifact(self._artifacts[stage], pct, description=f"{self.study}: {stage} {len(entry['done'])}/{len(entry['total'])}")
+                update_progress_artifact(self._artifacts[stage], pct, description=description)
         except Exception:  # the UI mirror must never fail a study
             pass
 
 
-def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[str]) -> str:
+SHOWN_RUNNING = 2  # task names shown per stage; the rest are counted
+NAME_WIDTH = 40  # characters of a task name shown (edit variants' names run to 60)
+
+
+def running_text(stage: str, names: list[str]) -> str:
+    """` (running: sft step=160 ood, ...)`: the task run names without their stage's word."""
+    short = [n.removeprefix(f"{stage} ") for n in names]
+    short = [n if len(n) <= NAME_WIDTH else n[: NAME_WIDTH - 1] + "…" for n in short]
+    if not short:
+        return ""
+    more = f" +{len(short) - SHOWN_RUNNING}" if len(short) > SHOWN_RUNNING else ""
+    return f" (running: {', '.join(short[:SHOWN_RUNNING])}{more})"
+
+
+def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[str], running: dict[str, list[str]] | None = None) -> str:
     if not summary:
         return f"study {study!r}: nothing run yet"
     lines = [f"study {study!r}"]
@@ -90,17 +123,18 @@ def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[s
         if stage in summary:
             done, total = summary[stage]
             bar = "#" * round(20 * done / max(1, total))
-            lines.append(f"  {stage:<8} {bar:<20} {done}/{total}")
+            lines.append(f"  {stage:<8} {bar:<20} {done}/{total}{running_text(stage, (running or {}).get(stage, []))}")
     return "\n".join(lines)
 
 
-def format_line(study: str, summary: dict[str, tuple[int, int]], order: list[str], elapsed: float) -> str:
-    """One line for a terminal: every stage of the pipeline, `-` until it has started."""
+def format_line(study: str, summary: dict[str, tuple[int, int]], order: list[str], elapsed: float, running: dict[str, list[str]] | None = None) -> str:
+    """One line for a terminal: every stage of the pipeline, `-` until it has started, and
+    what runs now."""
     parts = []
     for stage in order:
         if stage in summary:
             done, total = summary[stage]
-            parts.append(f"{stage} {done}/{total}")
+            parts.append(f"{stage} {done}/{total}{running_text(stage, (running or {}).get(stage, []))}")
         else:
             parts.append(f"{stage} -")
     m, sec = divmod(int(elapsed), 60)
@@ -120,12 +154,12 @@ class Watcher:
         self._thread = threading.Thread(target=self._loop, name="rlheal-progress", daemon=True)
 
     def poll(self) -> str | None:
-        """The line to print, or None when nothing advanced since the last one."""
-        summary = self.progress.summary()
-        if summary == self._last:
+        """The line to print, or None when nothing advanced or started since the last one."""
+        now = (self.progress.summary(), self.progress.running_now())
+        if now == self._last:
             return None
-        self._last = summary
-        return format_line(self.progress.study, summary, self.order, time.monotonic() - self.started)
+        self._last = now
+        return format_line(self.progress.study, *now[:1], self.order, time.monotonic() - self.started, now[1])
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every):
@@ -139,8 +173,8 @@ class Watcher:
         self.stream.flush()
 
     def __enter__(self) -> Watcher:
-        self._last = self.progress.summary()  # what an earlier run finished is not news
-        self._emit(format_line(self.progress.study, self._last, self.order, 0))
+        self._last = (self.progress.summary(), {})  # what an earlier run finished is not news
+        self._emit(format_line(self.progress.study, self._last[0], self.order, 0))
         self._thread.start()
         return self
 

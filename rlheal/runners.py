@@ -61,3 +61,46 @@ def gpu_slot(r: RunnerSection):
     import dask
 
     return dask.annotate(resources={"GPU": r.gpus_per_task})
+
+
+GPU_LIMIT = "rlheal-gpu"  # the Prefect global concurrency limit GPU tasks take on the thread runner
+
+
+def _local_gpu(r: RunnerSection, cuda: bool | None) -> bool:
+    if r.kind != "local":
+        return False  # Dask pins GPU work through worker resources (`gpu_slot`)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return cuda
+
+
+def gpu_limit(r: RunnerSection, cuda: bool | None = None) -> None:
+    """On the thread runner of a CUDA machine, create (or reset) the global concurrency limit
+    `rlheal-gpu` with one slot: the streaming flow submits SFT, RL and evaluations at once,
+    and on one device they take turns, each with the whole GPU (the thread runner places
+    every task on cuda:0; more GPUs: Dask with `gpus_per_task`). Called by the flow."""
+    if not _local_gpu(r, cuda):
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except Exception:  # not there yet
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
+
+
+@contextlib.contextmanager
+def gpu_lease(r: RunnerSection, cuda: bool | None = None):
+    """Hold the GPU slot for the body of a GPU task (thread runner on a CUDA machine; a no-op
+    elsewhere). Strict: a missing limit is an error, not an unlimited run."""
+    if not _local_gpu(r, cuda):
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        yield

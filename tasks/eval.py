@@ -30,6 +30,7 @@ from prefect import task
 from rlheal.caching import Stage
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks.chat import stop_token_ids
 from tasks.data import ce_target
@@ -228,6 +229,21 @@ def ce_by_split(summary: pl.DataFrame) -> pl.DataFrame:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def seeded(decoding: dict, device: torch.device):
+    """Sampled evaluation: one seed per evaluation call (training.md §6), holding the
+    process's RNG lock and giving the caller's random state back after. Greedy decoding
+    draws no random number, so it leaves the global stream alone: a fork and restore there
+    would rewind the stream of an RL run or SFT sampling in another thread (issue 18: they
+    now run at the same time in one process)."""
+    if not decoding["do_sample"]:
+        yield
+        return
+    with GLOBAL_RNG, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(decoding["seed"])
+        yield
+
+
 def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Evaluate an in-memory model on one split's examples; returns (eval_attempts, eval_summary)."""
     splits = hands_table["split"].unique().to_list()
@@ -242,10 +258,7 @@ def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt
     was_training = model.training
     model.eval()
     generator = ModelGenerator(model, tok, decoding, cfg.chat.date_string)
-    # One seed per evaluation call (training.md §6), without disturbing the caller's RNG;
-    # sampled evaluation holds the process's RNG lock (greedy does not need it).
-    with GLOBAL_RNG if decoding["do_sample"] else contextlib.nullcontext(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(decoding["seed"])
+    with seeded(decoding, device):
         episodes = [bench.episode(e, cfg.verifier.mode, cfg.verifier.verify_iter) for e in examples_of(bench, hands_table)]
         played = play(episodes, generator, cfg.eval.batch_size, generator.length)
     attempts = attempts_table(bench, played, ckpt["ckpt_id"], split, other_mode(bench, cfg.verifier.mode))
@@ -341,7 +354,8 @@ def _run_name(parameters: dict) -> str:
 @task(name=STAGE.name, task_run_name=_run_name)
 def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data: str) -> str:
     maybe_fail("eval")
-    return str(make(artifact, cfg, ckpt, split, Path(data)))
+    with gpu_lease(cfg.runner):
+        return str(make(artifact, cfg, ckpt, split, Path(data)))
 
 
 def make(art: Artifact, cfg: StudyConfig, ckpt: dict, split: str, data_path: Path) -> Path:

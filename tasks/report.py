@@ -9,9 +9,11 @@ says so when it does not. The paper's numbers (paper_reference.csv, through the 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from rlheal.caching import Stage  # noqa: E402
+from rlheal.store import sha256_file  # noqa: E402
 from tasks import benchmark  # noqa: E402
 from tasks.benchmark import Benchmark, solved  # noqa: E402
 
@@ -783,15 +786,56 @@ def to_html(md: str, out: Path) -> str:
 # ---------------------------------------------------------------------------- stage
 
 
+INPUTS = "inputs.json"  # what a report folder was built from: the same inputs, the same report
+
+
+def inputs(tables: Path, title: str, task: str) -> dict:
+    """Every table's content hash, the title, the task and the code that draws the report
+    (this module, the benchmark interface and the task's module), as a report depends on them."""
+    bench = benchmark.get(task)
+    code = [Path(__file__), Path(benchmark.__file__), Path(sys.modules[type(bench).__module__].__file__)]
+    return {
+        "version": STAGE.version,
+        "title": title,
+        "task": task,
+        "code": {p.name: sha256_file(p) for p in code},
+        "tables": {p.name: sha256_file(p) for p in sorted(Path(tables).glob("*.parquet"))},
+    }
+
+
 def run(tables: Path, out: Path, title: str, task: str) -> Path:
-    """Rebuild the report folder `out` from the study tables in `tables` (a study of `task`),
-    swapped in atomically."""
+    """Build the report folder `out` from the study tables in `tables` (a study of `task`),
+    swapped in atomically; kept as it is when it was built from the same inputs (a re-run of
+    a finished study redraws nothing)."""
     from rlheal.store import replace_dir
 
-    final = Path(out)
-    info = replace_dir(final, lambda tmp: build(Path(tables), tmp, title, benchmark.get(task)))
+    final, want = Path(out), inputs(Path(tables), title, task)
+    if (final / INPUTS).is_file() and json.loads((final / INPUTS).read_text()) == want:
+        log.info("report: up to date (%s)", final)
+        return final
+
+    def make(tmp: Path) -> dict:
+        info = build(Path(tables), tmp, title, benchmark.get(task))
+        (tmp / INPUTS).write_text(json.dumps(want, indent=1))
+        return info
+
+    info = replace_dir(final, make)
     log.info("report: %d figures, absent sections: %s", len(info["figures"]), ", ".join(info["absent"]) or "none")
     return final
+
+
+def inline_figures(markdown: str, folder: Path) -> str:
+    """The report with its figures as data URIs: the Prefect UI renders an artifact's
+    markdown in the browser, which cannot read the store's files (issue 18: a path relative
+    to the report folder showed as a broken image)."""
+
+    def data_uri(m: re.Match) -> str:
+        png = folder / m.group(2)
+        if not png.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)/]+\.png)\)", data_uri, markdown)
 
 
 @task(name=STAGE.name, task_run_name="report", cache_policy=NO_CACHE)  # cheap, and must see the latest tables
@@ -805,7 +849,7 @@ def stage(tables: str, out: str, title: str, task: str) -> str:
 
         from rlheal.progress import artifact_key
 
-        create_markdown_artifact((final / "report.md").read_text(), key=artifact_key(title, "report"), description=f"{title}: report ({final})")
+        create_markdown_artifact(inline_figures((final / "report.md").read_text(), final), key=artifact_key(title, "report"), description=f"{title}: report ({final})")
     except Exception as err:  # the UI copy must never fail the study
         log.warning("could not publish the report artifact: %s", err)
     return str(final)

@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from rlheal.caching import Stage, open_store
 from rlheal.config import SftSection, StudyConfig
 from rlheal.faults import maybe_fail
-from rlheal.progress import Progress
+from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, write_parquet
 from tasks import lm
 from tasks.model import model_dir
@@ -261,7 +261,7 @@ def trainer_args(cfg: StudyConfig, out: Path, device: str | torch.device):
         report_to="none",
         bf16=autocast == torch.bfloat16,  # autocast over the model's fp32 weights
         use_cpu=torch.device(device).type == "cpu",
-        gradient_checkpointing=s.gradient_checkpointing,
+        activation_checkpointing=s.gradient_checkpointing,  # transformers 5 name of the same switch
         train_sampling_strategy="sequential",
         completion_only_loss=True,
         max_length=None,
@@ -272,15 +272,18 @@ def trainer_args(cfg: StudyConfig, out: Path, device: str | torch.device):
 
 
 def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
-    """Train to the largest listed step, resuming from the last complete trainer state."""
+    """Train to the largest listed step, resuming from the last complete trainer state. The
+    trainer seeds, initialises adapters and shuffles through torch's global random stream,
+    which RL rollouts sample from: on the thread runner an RL run and SFT take turns
+    (lm.GLOBAL_RNG), while evaluations run beside either."""
+    with lm.GLOBAL_RNG:
+        _train(store, run, cfg, model_path, data_path)
+
+
+def _train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_path: Path) -> None:
     from peft import get_peft_model
     from transformers import PrinterCallback
     from trl import SFTTrainer
-
-    progress = Progress(store.study_dir(cfg.name), cfg.name)
-
-    def on_sealed(step: int) -> None:
-        progress.done("sft", f"step {step}")
 
     s = cfg.sft
     todo = [k for k in s.save_steps if k > 0 and not store.is_sealed(run.step(k))]
@@ -310,7 +313,7 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
         train_dataset=dataset,
         processing_class=tok,
         optimizers=(opt, sched),
-        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time(), on_sealed, save_dtype(s, model_path)), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
+        callbacks=[StepCheckpoints(store, run, s.save_steps, time.time(), dtype=save_dtype(s, model_path)), ReferenceLoss(tok, evals, s.ce_every, cfg.eval.ce_hands, cfg.chat.date_string), LogProgress()],
     )
     trainer.remove_callback(PrinterCallback)
     resume = last_complete(out)
@@ -322,14 +325,8 @@ def train(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, data_
 def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, model_hash: str, target: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """`checkpoints` (one row per listed step) and `sft_log` (one row per logged step;
     `target` names the answer its `ce_id` / `ce_ood` score, column `ce_target` as in eval_summary)."""
-    rows = [{"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(model_path), "content_hash": model_hash, "train_loss": None, "wall_seconds": 0.0}]
+    rows = [base_row(model_path, model_hash), *(checkpoint_row(store, run, step) for step in cfg.sft.save_steps if step > 0)]
     history: list[dict] = []
-    for step in cfg.sft.save_steps:
-        if step == 0:
-            continue
-        art = run.step(step)
-        m = store.manifest(art)
-        rows.append({"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": lm.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")})
     state_file = max(run.work_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]), default=None)
     if state_file is not None:
         history = json.loads(state_file.read_text())["log_history"]
@@ -341,6 +338,43 @@ def tables(store: Store, run: Artifact, cfg: StudyConfig, model_path: Path, mode
     logs = logs.group_by("step", maintain_order=True).agg(pl.all().drop_nulls().first()).sort("step").with_columns(ce_target=pl.lit(target, pl.String))
     ckpts = pl.DataFrame(rows, schema_overrides={"step": pl.Int32, "parent": pl.String, "train_loss": pl.Float64, "wall_seconds": pl.Float64})
     return ckpts, logs
+
+
+def base_row(model_path: Path, model_hash: str) -> dict:
+    """The `checkpoints` row of the starting model (step 0)."""
+    return {"ckpt_id": "base", "stage": "base", "step": 0, "parent": None, "path": str(model_path), "content_hash": model_hash, "train_loss": None, "wall_seconds": 0.0}
+
+
+def checkpoint_row(store: Store, run: Artifact, step: int) -> dict:
+    """The `checkpoints` row of a sealed saved step."""
+    art = run.step(step)
+    m = store.manifest(art)
+    return {"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": lm.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")}
+
+
+class Sealed:
+    """The run's `checkpoints` rows as its steps are sealed, while it trains (issue 18: the
+    flow evaluates a checkpoint, and starts RL from it, as soon as it exists): `new()` gives
+    the rows not given before, base first, then the saved steps in order."""
+
+    def __init__(self, store: Store, run: Artifact, cfg: StudyConfig, model: Path):
+        self.store, self.run = store, run
+        self.base = base_row(model_dir(model), store.manifest(model)["weights_sha256"])
+        self.steps = [k for k in cfg.sft.save_steps if k > 0]
+        self.given: set[int] = set()
+
+    def new(self) -> list[dict]:
+        rows = [] if 0 in self.given else [self.base]
+        self.given.add(0)
+        for k in self.steps:
+            if k not in self.given and self.store.is_sealed(self.run.step(k)):
+                rows.append(checkpoint_row(self.store, self.run, k))
+                self.given.add(k)
+        return rows
+
+    @property
+    def complete(self) -> bool:
+        return self.given >= {0, *self.steps}
 
 
 def key_config(cfg: StudyConfig) -> dict:
@@ -360,7 +394,8 @@ def run(store: Store, cfg: StudyConfig, model_art_path: Path, data_path: Path) -
 @task(name=STAGE.name, task_run_name="sft steps={cfg.sft.save_steps}")
 def stage(artifact: Artifact, cfg: StudyConfig, model: str, data: str) -> str:
     maybe_fail("sft")
-    return str(make(artifact, cfg, Path(model), Path(data)))
+    with gpu_lease(cfg.runner):
+        return str(make(artifact, cfg, Path(model), Path(data)))
 
 
 def make(run_art: Artifact, cfg: StudyConfig, model: Path, data_path: Path) -> Path:

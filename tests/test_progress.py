@@ -59,3 +59,37 @@ def test_each_progress_line_is_one_write(tmp_path):
     with Watcher(p, ORDER, stream=out, every=3600):
         p.done("data", "data")
     assert len(out.calls) == 2 and all(c.startswith("[toy ") and c.endswith(" -\n") for c in out.calls), out.calls
+
+
+def test_what_runs_now_is_shown_per_stage_and_cleared_when_it_ends(tmp_path):
+    p = Progress(tmp_path, "toy")
+    p.expect("eval", ["eval sft step=4 id", "eval sft step=4 ood", "eval base id"])
+    p.expect("sft", ["step 4"])
+    # Prefect's task run names; SFT's one task is not one of its units (steps), so not shown
+    p.running({"eval": ["eval sft step=4 id", "eval sft step=4 ood", "eval stray"], "sft": ["sft steps=[0, 4]"]})
+    assert p.running_now() == {"eval": ["eval sft step=4 id", "eval sft step=4 ood"]}
+    line = format_line("toy", p.summary(), ORDER, 3, p.running_now())
+    assert line == "[toy 0:03] data - | sft 0/1 | eval 0/3 (running: sft step=4 id, sft step=4 ood) | report -"
+    p.done("eval", "eval sft step=4 id")  # ended: no longer running, before the next look at the API
+    assert p.running_now() == {"eval": ["eval sft step=4 ood"]}
+    p.running({})
+    assert p.running_now() == {}
+
+
+def test_many_running_tasks_are_counted_and_long_names_cut():
+    from rlheal.progress import running_text
+
+    names = [f"edit E2_swap_directions_sft-{k}_to_sft-40_top0.2_tail0" for k in (4, 8, 12)]
+    text = running_text("edit", names)
+    assert text == " (running: E2_swap_directions_sft-4_to_sft-40_top0…, E2_swap_directions_sft-8_to_sft-40_top0… +1)"
+    assert running_text("eval", []) == ""
+
+
+def test_the_watcher_prints_when_a_task_starts(tmp_path):
+    p = Progress(tmp_path, "toy")
+    p.expect("eval", ["eval base id"])
+    w = Watcher(p, ORDER, stream=io.StringIO(), every=3600)
+    with w:
+        assert w.poll() is None
+        p.running({"eval": ["eval base id"]})
+        assert w.poll().endswith("eval 0/1 (running: base id) | report -")

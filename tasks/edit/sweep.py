@@ -26,6 +26,7 @@ from prefect import task
 from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.runners import gpu_lease
 from rlheal.space import has_r
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks import benchmark, eval, lm
@@ -267,7 +268,8 @@ def stage(artifact: Artifact, cfg: StudyConfig, variant: dict, roles: str, check
     the checkpoints Parquet file(s); `data`: the data artifact."""
     maybe_fail("edit")
     store = open_store(artifact.root)
-    return str(run_variant(store, cfg, variant, read_roles(roles), read_checkpoints(checkpoints), Path(data), art=artifact))
+    with gpu_lease(cfg.runner):
+        return str(run_variant(store, cfg, variant, read_roles(roles), read_checkpoints(checkpoints), Path(data), art=artifact))
 
 
 # ---------------------------------------------------------------------------- the study tables

@@ -29,6 +29,7 @@ from prefect import task
 from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, write_parquet
 from tasks import benchmark
 from tasks.lm import GLOBAL_RNG
@@ -44,6 +45,16 @@ def starts(cfg: StudyConfig, checkpoints: pl.DataFrame) -> list[dict]:
     """The rows of an SFT `checkpoints` table that RL starts from (`rl.from_steps`)."""
     rows = checkpoints.sort("step").to_dicts()
     return rows if cfg.rl.from_steps == "all" else [r for r in rows if r["step"] in cfg.rl.from_steps]
+
+
+def start_steps(cfg: StudyConfig) -> list[int]:
+    """The SFT steps RL starts from (step 0 = the base model)."""
+    return list(cfg.sft.save_steps) if cfg.rl.from_steps == "all" else list(cfg.rl.from_steps)
+
+
+def run_checkpoints(run_dir: str | Path) -> list[dict]:
+    """The checkpoints a sealed run saved (its step 0, the start, is the SFT checkpoint)."""
+    return pl.read_parquet(Path(run_dir) / "checkpoints.parquet").filter(pl.col("step") > 0).sort("step").to_dicts()
 
 
 def key_config(cfg: StudyConfig, start: dict) -> dict:
@@ -94,7 +105,8 @@ def run(store: Store, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Pa
 def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, start_step: int, data: str) -> str:
     """`start_step` names the task run."""
     maybe_fail("rl")
-    return str(make(artifact, cfg, ckpt, Path(data)))
+    with gpu_lease(cfg.runner):
+        return str(make(artifact, cfg, ckpt, Path(data)))
 
 
 def make(run_art: Artifact, cfg: StudyConfig, start_ckpt: dict, data_path: Path) -> Path:

@@ -32,6 +32,7 @@ from scipy import stats
 from rlheal.caching import Stage, open_store
 from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
+from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
 from tasks.svd.engine import CACHE, ColumnRequest, SvdCache, column_request, content_hash, noise_id
 from tasks.svd.matrices import Matrix, check_same_matrices, select_matrices
@@ -329,4 +330,5 @@ def stage(artifact: Artifact, cfg: StudyConfig, checkpoints: list[str], eval_sum
     pass so that no matrix is decomposed twice (§4.5 rule 1)."""
     maybe_fail("svd")
     store = open_store(artifact.root)
-    return str(run(store, cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), edit_columns=edit_columns, art=artifact))
+    with gpu_lease(cfg.runner):
+        return str(run(store, cfg, read_checkpoints(checkpoints), pl.read_parquet(eval_summary), edit_columns=edit_columns, art=artifact))

@@ -1,0 +1,42 @@
+"""The discrete-event model behind benchmarks/bench_streaming.py: hand-checkable schedules."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+spec = importlib.util.spec_from_file_location("bench_streaming", Path(__file__).resolve().parents[1] / "benchmarks/bench_streaming.py")
+bs = sys.modules["bench_streaming"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bs)
+Task = bs.Task
+
+
+def chain():
+    """SFT seals a checkpoint at 2 s and ends at 10 s; its evaluation takes 3 s; then svd."""
+    return [
+        Task("sft", "sft", 10, emits={"ckpt:a": 2, "ckpt:b": 10}),
+        Task("eval a", "eval", 3, needs=["ckpt:a"], emits={"eval:a": 3}),
+        Task("eval b", "eval", 3, needs=["ckpt:b"], emits={"eval:b": 3}),
+        Task("svd", "svd", 1, needs=["eval:a", "eval:b"], emits={"svd": 1}),
+    ]
+
+
+def test_streaming_evaluates_a_checkpoint_while_sft_still_runs():
+    makespan, util = bs.simulate(chain(), workers=2, barrier=False)
+    assert makespan == 14  # eval a at 2-5 beside SFT, eval b at 10-13, svd 13-14
+    assert abs(util - 17 / 28) < 1e-9
+
+
+def test_a_barrier_waits_for_the_whole_stage():
+    makespan, _ = bs.simulate(chain(), workers=2, barrier=True)
+    assert makespan == 14  # both evals at 10-13 on two workers, svd 13-14
+    makespan, _ = bs.simulate(chain(), workers=1, barrier=True)
+    assert makespan == 17  # one worker: everything in a row
+    makespan, _ = bs.simulate(chain(), workers=1, barrier=False)
+    assert makespan == 17  # streaming cannot beat one worker's total work
+
+
+def test_three_evaluations_on_two_workers_during_a_long_sft():
+    tasks = [Task("sft", "sft", 20, emits={"ckpt:a": 1, "ckpt:b": 2, "ckpt:c": 3})]
+    tasks += [Task(f"eval {c}", "eval", 4, needs=[f"ckpt:{c}"], emits={f"eval:{c}": 4}) for c in "abc"]
+    assert bs.simulate([Task(**vars(t)) for t in tasks], workers=2, barrier=False)[0] == 20  # 1-5, 5-9, 9-13 beside SFT
+    assert bs.simulate([Task(**vars(t)) for t in tasks], workers=2, barrier=True)[0] == 28  # 20-24 twice, 24-28
