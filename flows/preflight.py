@@ -63,8 +63,13 @@ def inspect_model(cfg: StudyConfig) -> tuple[space.ModelShapes, dict, dict]:
     from tasks.svd.engine import columns_plan
     from tasks.svd.matrices import check_k, model_shapes, select_matrices
 
+    from rlheal.store import Store
+
+    built = model.artifact(Store(cfg.store), cfg)  # a re-run reads the study's own model: nothing to build
     with tempfile.TemporaryDirectory(prefix="rlheal-preflight-") as tmp:
-        if cfg.model.builtin:
+        if cfg.model.builtin and Store(cfg.store).is_sealed(built):
+            path = model.model_dir(built.path)
+        elif cfg.model.builtin:
             path = Path(tmp)
             quiet = logging.getLogger("rlheal.model")
             quiet.disabled = True  # a throw-away copy for its shapes: not the study's model stage
