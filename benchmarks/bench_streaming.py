@@ -4,8 +4,11 @@
 
 The study's task graph (the config's SFT checkpoints, its RL starts and saves, two splits,
 svd, the edit variants, the report) is replayed as a discrete-event model on N identical
-workers, with per-task costs measured in a finished study's tables and scaled to the
-config's sizes:
+workers, with per-task costs measured in a finished study's tables (per SFT step, per RL
+update, per evaluation: scaled by the config's step and update counts, not by its model
+size). Assumptions, not measurements: svd costs 10 evaluations, an edit variant 2, and RL
+runs overlap SFT and each other, as Dask workers (processes) allow; the thread runner
+serialises RL with SFT, a GPU thread runner serialises every GPU task.
 - SFT: one task; checkpoint k is sealed after k x (seconds per SFT step);
 - RL from each start: one task of (updates x seconds per update); its checkpoints are
   sealed when it ends; it needs its starting checkpoint;
@@ -34,7 +37,8 @@ import polars as pl  # noqa: E402
 
 from rlheal.config import load_config  # noqa: E402
 
-EDIT_VARIANTS = 6  # the small grid
+EDIT_VARIANTS = 6  # the small grid (measured on the toy: 6 variants + 2 baselines)
+DEFAULT_GRID = 50  # about the default grid's variants (README: "~50")
 
 
 @dataclass
@@ -70,7 +74,7 @@ def graph(cfg, c: Costs) -> list[Task]:
     steps = [k for k in cfg.sft.save_steps if k > 0]
     tasks = [Task("sft", "sft", steps[-1] * c.sft_step, emits={f"ckpt:sft-{k}": k * c.sft_step for k in steps} | {"ckpt:base": 0.0})]
     ckpts = ["base", *(f"sft-{k}" for k in steps)]
-    starts = steps if cfg.rl.from_steps == "all" else [k for k in cfg.rl.from_steps]
+    starts = [0, *steps] if cfg.rl.from_steps == "all" else list(cfg.rl.from_steps)
     rl_saves = [u for u in cfg.rl.save_steps if u > 0]
     for s in starts:
         start = "base" if s == 0 else f"sft-{s}"
@@ -80,7 +84,8 @@ def graph(cfg, c: Costs) -> list[Task]:
     evals = [Task(f"eval {ck} {split}", "eval", c.eval, needs=[f"ckpt:{ck}"], emits={f"eval:{ck}:{split}": c.eval}) for ck in ckpts for split in ("id", "ood")]
     tasks += evals
     tasks.append(Task("svd", "svd", 10 * c.eval, needs=[n for t in evals for n in t.emits], emits={"svd": 10 * c.eval}))
-    edits = [Task(f"edit {i}", "edit", 2 * c.eval, needs=["svd"], emits={f"edit:{i}": 2 * c.eval}) for i in range(EDIT_VARIANTS)]
+    variants = EDIT_VARIANTS if cfg.edit.grid == "small" else DEFAULT_GRID
+    edits = [Task(f"edit {i}", "edit", 2 * c.eval, needs=["svd"], emits={f"edit:{i}": 2 * c.eval}) for i in range(variants)]
     tasks += edits
     tasks.append(Task("report", "report", c.eval, needs=[n for t in edits for n in t.emits], emits={"report": c.eval}))
     return tasks
@@ -104,19 +109,17 @@ def simulate(tasks: list[Task], workers: int, barrier: bool) -> tuple[float, flo
     waiting = list(tasks)
     busy = 0.0
     future: list[tuple[float, str]] = []  # (time, event) not yet happened
-    now = 0.0
     while waiting:
         ready = [t for t in waiting if all(n in happened for n in t.needs)]
         if not ready:  # advance to the next event
             when, event = heapq.heappop(future)
             happened[event] = when
-            now = max(now, when)
             continue
         t = ready[0]
         w = min(range(workers), key=lambda i: free[i])
         start = max(free[w], max((happened[n] for n in t.needs), default=0.0))
         # events due before this start may free other tasks first: take them in time order
-        if future and future[0][0] < start:
+        if future and future[0][0] <= start:  # ties too: a worker frees as its task's events fire
             when, event = heapq.heappop(future)
             happened[event] = when
             continue

@@ -156,6 +156,9 @@ def console(verbose: bool) -> None:
     """What the terminal shows. Loggers stay at INFO (the Prefect UI gets every line); without
     -v only warnings and errors reach the console, and no loading bars, so the progress line
     is what a user reads. Set before the libraries are imported: they read it once."""
+    # one torch thread per task unless the user says otherwise: n_workers tasks share the
+    # cores (on 2 cores, 2 threads under contention ran 10x slower); read by torch at import
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

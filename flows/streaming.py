@@ -7,11 +7,13 @@ which future is which unit of progress, and mirrors what runs now into the progr
 from __future__ import annotations
 
 import logging
+import queue
+import shutil
 import time
 from collections import defaultdict
 from typing import Any
 
-from prefect.futures import PrefectFuture, wait
+from prefect.futures import PrefectFuture
 
 from rlheal.caching import open_store
 from rlheal.progress import Progress
@@ -24,7 +26,8 @@ RUNNING_EVERY = 2.0  # seconds between two reads of the API for what runs now
 class Stream:
     def __init__(self, progress: Progress, expected: dict[str, list[str]]):
         self.progress = progress
-        self.pending: dict[PrefectFuture, tuple[str, str]] = {}
+        self.pending: dict[PrefectFuture, tuple[str, str | None]] = {}
+        self._done: queue.Queue = queue.Queue()  # futures as they end (one callback each, at submit)
         self._results: dict[str, list[Any]] = defaultdict(list)
         self._sealed: list[tuple[str, str | None, str]] = []  # found sealed, not yet handed out
         self._looked = 0.0
@@ -38,23 +41,34 @@ class Stream:
         result, handed out by the next `ended()` (the store is the cache; a finished study
         re-runs without a task run per artifact)."""
         art = kwargs.get("artifact")
-        if art is not None and open_store(art.root).is_sealed(art):
+        if art is not None and sealed(art):
             self._sealed.append((stage, label, str(art.path)))
             return
-        self.pending[task.submit(**kwargs)] = (stage, label)
+        future = task.submit(**kwargs)
+        self.pending[future] = (stage, label)
+        future.add_done_callback(self._done.put)
+
+    def count(self, stage: str) -> int:
+        """Tasks of `stage` submitted and not yet handed out by `ended()`."""
+        return sum(s == stage for s, _ in self.pending.values()) + sum(s == stage for s, _, _ in self._sealed)
 
     @property
     def busy(self) -> bool:
         return bool(self.pending or self._sealed)
 
-    def ended(self, timeout: float = POLL_SECONDS) -> list[tuple[str, str, Any]]:
+    def ended(self, timeout: float = POLL_SECONDS) -> list[tuple[str, str | None, Any]]:
         """(stage, label, result) of the tasks that ended since the last call, after waiting
         at most `timeout` for one; a failed task raises here, as it would in `result()`."""
         ended = [(stage, label, lambda p=path: p) for stage, label, path in self._sealed]
         self._sealed = []
-        if self.pending:
-            done, _ = wait(list(self.pending), timeout=0 if ended else timeout)
-            ended += [(*self.pending.pop(f), f.result) for f in done]
+        futures = []
+        try:
+            futures.append(self._done.get(timeout=0 if ended or not self.pending else timeout))
+        except queue.Empty:
+            pass
+        while not self._done.empty():
+            futures.append(self._done.get_nowait())
+        ended += [(*self.pending.pop(f), f.result) for f in futures if f in self.pending]
         out = []
         for stage, label, result in ended:
             path = result()  # a failed task raises here
@@ -67,17 +81,13 @@ class Stream:
 
     def results(self, stage: str) -> list[Any]:
         """Every result of `stage`, sorted, once all of its tasks have ended."""
-        while any(s == stage for s, _ in self.pending.values()) or any(s == stage for s, _, _ in self._sealed):
+        while self.count(stage):
             self.ended()
         return sorted(self._results[stage])
 
     def only(self, stage: str) -> Any:
         (result,) = self.results(stage)
         return result
-
-    def close(self) -> None:
-        """Every task has ended: nothing runs now."""
-        self.progress.running({})
 
     def _mirror_running(self) -> None:
         """Which of this flow run's tasks run now, per stage, into the progress file (every
@@ -91,10 +101,19 @@ class Stream:
             log.debug("running tasks not read: %s", e)
 
 
+def sealed(art) -> bool:
+    """Whether `art` is sealed; a sealed artifact's leftover work folder (a kill between the
+    seal and the task's own clean-up) is removed, as the task would have."""
+    if not open_store(art.root).is_sealed(art):
+        return False
+    shutil.rmtree(art.work_dir, ignore_errors=True)
+    return True
+
+
 def sealed_or_run(task, artifact, **kwargs) -> str:
     """The artifact's path when it is sealed (no task run: the store is the cache), else what
     the task returns: the stages called one at a time (data, model, svd, the collections)."""
-    if open_store(artifact.root).is_sealed(artifact):
+    if sealed(artifact):
         return str(artifact.path)
     return task(artifact=artifact, **kwargs)
 

@@ -21,7 +21,7 @@ from flows.streaming import Stream, sealed_or_run
 from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
-from rlheal.runners import gpu_limit, gpu_slot, task_runner
+from rlheal.runners import gpu_slot, task_runner
 from tasks import benchmark, data, edit, eval, model, pretrain, report, rl, sft, svd
 
 
@@ -29,7 +29,10 @@ from tasks import benchmark, data, edit, eval, model, pretrain, report, rl, sft,
 def study(config_path: str, store: str | None = None, overrides: list[str] | None = None) -> dict[str, str]:
     cfg = load_config(config_path, store, overrides or ())
     open_store(cfg.store).claim_study(cfg.name, cfg.claim())
-    return stages.with_options(task_runner=task_runner(cfg.runner), flow_run_name=f"{cfg.name}")(cfg)
+    try:
+        return stages.with_options(task_runner=task_runner(cfg.runner), flow_run_name=f"{cfg.name}")(cfg)
+    finally:  # failed or done, nothing of this run runs any more
+        Progress(open_store(cfg.store).study_dir(cfg.name), cfg.name).running({})
 
 
 @flow(name="rlheal-stages")
@@ -37,7 +40,6 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     st = open_store(cfg.store)
     cached = cached_in(st)
     progress = Progress(st.study_dir(cfg.name), cfg.name)
-    gpu_limit(cfg.runner)  # thread runner on a GPU: GPU tasks take turns (rlheal-gpu)
 
     def stage(name: str):
         return tags(f"study:{cfg.name}", f"stage:{name}")
@@ -65,21 +67,30 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     with stage("sft"), gpu_slot(cfg.runner):
         stream.submit("sft", None, sft.stage.with_options(**cached), artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
     sealed = sft.Sealed(st, sft_art, cfg, Path(model_dir))
-    starts = rl.start_steps(cfg)
-    while stream.busy or not sealed.complete:
+    starts, held, sft_ended = rl.start_steps(cfg), [], False
+    # On the thread runner RL runs take turns with SFT and with each other on torch's global
+    # random stream (tasks/lm.GLOBAL_RNG); submitted at once they would wait in the pool's
+    # threads and starve the evaluations, so there they go one at a time once SFT has ended.
+    one_at_a_time = cfg.runner.kind == "local"
+    while stream.busy or held or not sealed.complete:
         for ckpt in sealed.new():  # base first, then each saved step as SFT seals it
             if ckpt["step"] > 0:
                 progress.done("sft", f"step {ckpt['step']}")
             evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
             if ckpt["step"] in starts:
-                with stage("rl"), gpu_slot(cfg.runner):
-                    stream.submit("rl", f"rl from={ckpt['step']}", rl.stage.with_options(**cached), artifact=rl.artifact(st, cfg, ckpt, data_art), cfg=cfg, ckpt=ckpt, start_step=ckpt["step"], data=str(data_art.path))
+                held.append(ckpt)
+        if sft_ended and not sealed.complete:
+            raise RuntimeError(f"sft: the run {sft_art.path} is sealed but not its checkpoints {sealed.missing()}")
+        while held and not (one_at_a_time and (not sft_ended or stream.count("rl"))):
+            ckpt = held.pop(0)
+            with stage("rl"), gpu_slot(cfg.runner):
+                stream.submit("rl", f"rl from={ckpt['step']}", rl.stage.with_options(**cached), artifact=rl.artifact(st, cfg, ckpt, data_art), cfg=cfg, ckpt=ckpt, start_step=ckpt["step"], data=str(data_art.path))
         for stage_name, _, path in stream.ended():
+            sft_ended |= stage_name == "sft"
             if stage_name == "rl":
                 for ckpt in rl.run_checkpoints(path):
                     evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
     sft_dir = stream.only("sft")
-    stream.close()
     st.publish_all(cfg.name, Path(sft_dir), sft.STAGE.tables)
 
     with stage("rl"):
@@ -158,5 +169,4 @@ def edit_all(cfg: StudyConfig, st, cached: dict, progress: Progress, svd_dir: st
     for v in variants:
         stream.submit("edit", v["variant_id"], edit.stage.with_options(**cached), artifact=edit.artifact(st, cfg, v, checkpoints, Path(data_dir)), cfg=cfg, variant=v, roles=svd_dir, checkpoints=ckpt_tables, data=data_dir)
     paths = stream.results("edit")
-    stream.close()
     return sealed_or_run(edit.collect_stage.with_options(**cached), edit.collect_artifact(st, cfg, paths), cfg=cfg, paths=paths)

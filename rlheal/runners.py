@@ -8,6 +8,7 @@ be on a filesystem every worker sees.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -63,7 +64,12 @@ def gpu_slot(r: RunnerSection):
     return dask.annotate(resources={"GPU": r.gpus_per_task})
 
 
-GPU_LIMIT = "rlheal-gpu"  # the Prefect global concurrency limit GPU tasks take on the thread runner
+# The thread runner is one process: its GPU tasks take turns on this lock. DECISION: not a
+# Prefect global concurrency limit, whose slot count lives in the server's database while
+# its leases live in the server's memory: a run killed while holding the slot (a temporary
+# server dies with it) left the slot taken and every later GPU task waiting forever (review
+# of issue 18).
+_GPU = threading.Lock()
 
 
 def _local_gpu(r: RunnerSection, cuda: bool | None) -> bool:
@@ -76,31 +82,14 @@ def _local_gpu(r: RunnerSection, cuda: bool | None) -> bool:
     return cuda
 
 
-def gpu_limit(r: RunnerSection, cuda: bool | None = None) -> None:
-    """On the thread runner of a CUDA machine, create (or reset) the global concurrency limit
-    `rlheal-gpu` with one slot: the streaming flow submits SFT, RL and evaluations at once,
-    and on one device they take turns, each with the whole GPU (the thread runner places
-    every task on cuda:0; more GPUs: Dask with `gpus_per_task`). Called by the flow."""
-    if not _local_gpu(r, cuda):
-        return
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except Exception:  # not there yet
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=1))
-
-
 @contextlib.contextmanager
 def gpu_lease(r: RunnerSection, cuda: bool | None = None):
-    """Hold the GPU slot for the body of a GPU task (thread runner on a CUDA machine; a no-op
-    elsewhere). Strict: a missing limit is an error, not an unlimited run."""
+    """Hold the GPU for the body of a GPU task on the thread runner of a CUDA machine (every
+    task there runs on cuda:0; more GPUs: Dask with `gpus_per_task`); a no-op elsewhere. The
+    streaming flow submits SFT, RL and evaluations at once: on one device they take turns,
+    each with the whole GPU."""
     if not _local_gpu(r, cuda):
         yield
         return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+    with _GPU:
         yield

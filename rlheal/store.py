@@ -296,7 +296,7 @@ class Store:
         return self.study_dir(study) / "tables"
 
     def report_dir(self, study: str) -> Path:
-        """`studies/<study>/report/`: the report, rebuilt from the tables on every run."""
+        """`studies/<study>/report/`: the report, redrawn whenever the tables or the code that draws it change."""
         return self.study_dir(study) / "report"
 
     def replicates_dir(self, studies: Iterable[str]) -> Path:

@@ -228,7 +228,6 @@ def ce_by_split(summary: pl.DataFrame) -> pl.DataFrame:
 # ---------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def seeded(decoding: dict, device: torch.device):
     """Sampled evaluation: one seed per evaluation call (training.md §6), holding the
@@ -244,6 +243,7 @@ def seeded(decoding: dict, device: torch.device):
         yield
 
 
+@torch.no_grad()
 def evaluate_model(model, tok, hands_table: pl.DataFrame, cfg: StudyConfig, ckpt: dict) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Evaluate an in-memory model on one split's examples; returns (eval_attempts, eval_summary)."""
     splits = hands_table["split"].unique().to_list()

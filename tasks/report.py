@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from tasks import benchmark  # noqa: E402
 from tasks.benchmark import Benchmark, solved  # noqa: E402
 
 log = logging.getLogger("rlheal.report")
-# Rebuilt on every run (never cached); 2: verdict rules of docs/verdicts.md (issue 14 §6).
+# Redrawn whenever its inputs change (`inputs`); 2: verdict rules of docs/verdicts.md (issue 14 §6).
 STAGE = Stage("report", version="2")
 
 
@@ -790,15 +789,20 @@ INPUTS = "inputs.json"  # what a report folder was built from: the same inputs, 
 
 
 def inputs(tables: Path, title: str, task: str) -> dict:
-    """Every table's content hash, the title, the task and the code that draws the report
-    (this module, the benchmark interface and the task's module), as a report depends on them."""
-    bench = benchmark.get(task)
-    code = [Path(__file__), Path(benchmark.__file__), Path(sys.modules[type(bench).__module__].__file__)]
+    """Every table's content hash, the title, the task, and what draws the report: every
+    source file and data file of `tasks/` and `rlheal/` by its path (the report reads the
+    task's module, the paper's curve, the edit grid, the RL log's helpers, ...) and the
+    plotting and table libraries' versions. Conservative: any code change redraws it."""
+    import importlib.metadata as md
+
+    root = Path(__file__).resolve().parents[1]
+    code = sorted(p for d in ("tasks", "rlheal") for p in (root / d).rglob("*") if p.suffix in (".py", ".csv") and "shipped" not in p.parts)
     return {
         "version": STAGE.version,
         "title": title,
         "task": task,
-        "code": {p.name: sha256_file(p) for p in code},
+        "code": {p.relative_to(root).as_posix(): sha256_file(p) for p in code},
+        "libraries": {lib: md.version(lib) for lib in ("matplotlib", "polars", "numpy", "scipy")},
         "tables": {p.name: sha256_file(p) for p in sorted(Path(tables).glob("*.parquet"))},
     }
 

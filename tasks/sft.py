@@ -376,6 +376,9 @@ class Sealed:
     def complete(self) -> bool:
         return self.given >= {0, *self.steps}
 
+    def missing(self) -> list[int]:
+        return [k for k in self.steps if k not in self.given]
+
 
 def key_config(cfg: StudyConfig) -> dict:
     return {"sft": cfg.sft.model_dump(), "chat": cfg.chat.model_dump(), "ce_hands": cfg.eval.ce_hands, "seed": cfg.data.train_seed}

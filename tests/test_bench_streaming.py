@@ -40,3 +40,19 @@ def test_three_evaluations_on_two_workers_during_a_long_sft():
     tasks += [Task(f"eval {c}", "eval", 4, needs=[f"ckpt:{c}"], emits={f"eval:{c}": 4}) for c in "abc"]
     assert bs.simulate([Task(**vars(t)) for t in tasks], workers=2, barrier=False)[0] == 20  # 1-5, 5-9, 9-13 beside SFT
     assert bs.simulate([Task(**vars(t)) for t in tasks], workers=2, barrier=True)[0] == 28  # 20-24 twice, 24-28
+
+
+def test_a_task_freed_at_the_instant_a_worker_frees_starts_in_submission_order():
+    """The review's case: t1 becomes ready exactly when t0's worker frees; list scheduling
+    in submission order runs t1 there, before t3 (with `<` the model ran t3 first: 8.842)."""
+    tasks = [Task("t0", "eval", 2.835), Task("t1", "eval", 4.079, needs=["done:t0"]), Task("t2", "eval", 4.762), Task("t3", "eval", 4.175)]
+    makespan, _ = bs.simulate(tasks, workers=2, barrier=False)
+    assert abs(makespan - 8.937) < 1e-9
+
+
+def test_rl_from_all_includes_the_base_as_the_flow_does():
+    from rlheal.config import parse_config
+
+    cfg = parse_config({"name": "t", "sft": {"save_steps": [10, 20]}, "rl": {"from_steps": "all"}})
+    names = [t.name for t in bs.graph(cfg, bs.Costs(1, 1, 1)) if t.stage == "rl"]
+    assert names == ["rl from=0", "rl from=10", "rl from=20"]

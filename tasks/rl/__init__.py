@@ -49,7 +49,9 @@ def starts(cfg: StudyConfig, checkpoints: pl.DataFrame) -> list[dict]:
 
 def start_steps(cfg: StudyConfig) -> list[int]:
     """The SFT steps RL starts from (step 0 = the base model)."""
-    return list(cfg.sft.save_steps) if cfg.rl.from_steps == "all" else list(cfg.rl.from_steps)
+    if cfg.rl.from_steps == "all":  # every row of the checkpoints table, the base always among them
+        return [0, *(k for k in cfg.sft.save_steps if k > 0)]
+    return list(cfg.rl.from_steps)
 
 
 def run_checkpoints(run_dir: str | Path) -> list[dict]:
