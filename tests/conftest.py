@@ -149,8 +149,8 @@ def smoke_study(prefect_api, tmp_path_factory, request) -> Study:
 
 def _thin(store: Path, study: str) -> tuple[str, ...]:
     """Remove one task's artifact of every stage (with the checkpoints it owns): the data, the
-    tiny model, the SFT run, the RL run from the latest start, the evaluation of the base
-    model on the id split, the svd stage, the first editing variant that is not a baseline;
+    tiny model, the SFT run, the RL run from the latest start, the id evaluation of that
+    run's last checkpoint, the svd stage, the first editing variant that is not a baseline;
     and the study's folder. Only artifacts with a Prefect result record are task outputs (the
     others are parts built inside a task). Returns the removed task artifacts as
     "stage/key". Their keys do not change, so a re-run rebuilds exactly these (unless a
@@ -170,9 +170,13 @@ def _thin(store: Path, study: str) -> tuple[str, ...]:
     (sft_run, _), = task_artifacts("sft")
     (svd_stage, _), = task_artifacts("svd")
     rl_run = max((m["start"], p) for p, m in task_artifacts("rl") if "start" in m)[1]
-    base_id = next(p for p, m in task_artifacts("eval") if m["config"].get("split") == "id" and m["config"]["ckpt"].get("ckpt_id") == "base")
+    # an RL checkpoint's evaluation, of the removed run: the streaming flow evaluates SFT
+    # checkpoints while SFT and RL run, so only this one is still to do when eval's turn comes
+    latest = max(int(m["start"].split("-")[-1]) if m["start"] != "base" else 0 for p, m in task_artifacts("rl") if "start" in m)
+    rl_evals = [(m["config"]["ckpt"]["step"], p) for p, m in task_artifacts("eval") if m["config"].get("split") == "id" and str(m["config"]["ckpt"].get("ckpt_id")).startswith(f"rl-{latest}-")]
+    rl_eval = max(rl_evals)[1]
     variant = min((m["variant_id"], p) for p, m in task_artifacts("edit") if not m.get("variant_id", "baseline").startswith("baseline"))[1]
-    removed = [data, model, sft_run, rl_run, base_id, svd_stage, variant]
+    removed = [data, model, sft_run, rl_run, rl_eval, svd_stage, variant]
     for path in removed:
         for p in [path, *path.parent.glob(f"{path.name}-s*")]:  # with its checkpoints <key>-s<step>
             shutil.rmtree(p)

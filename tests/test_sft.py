@@ -191,7 +191,7 @@ def test_kill_9_mid_sft_then_resume(cli_env, tmp_path):
     cfg_dict = {**SMALL, "data": {"train_size": 640, "eval_size": 8}, "sft": {**SMALL["sft"], "save_steps": [0, 3, 40], "ce_every": 1000}}
     cfg_file = tmp_path / "resume.yaml"
     cfg_file.write_text(yaml.safe_dump({**cfg_dict, "store": str(tmp_path / "store")}))
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_file)]
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(cfg_file), "-v"]  # -v: the resume's log line
     proc = subprocess.Popen(cmd, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     # the resume point (the trainer state, marked complete) is written after the step's sealed
     # checkpoint: waiting for the checkpoint alone could kill before anything was resumable

@@ -76,10 +76,10 @@ def test_no_token_reaches_logs_tables_or_artifacts(tmp_path, cli_env, smoke_stud
     secret = "hf_SECRET_" + "x7" * 12
     env = {**cli_env, "HF_TOKEN": secret, "HUGGING_FACE_HUB_TOKEN": secret, "PREFECT_API_KEY": secret}
     cfg = copy_study(smoke_study, tmp_path, thin=True).config if begin == "thin" else write_config(tmp_path)
-    r = rlheal(["run", str(cfg)], env)
+    r = rlheal(["run", str(cfg), "-v"], env)  # -v: every log line is scanned too
     assert r.returncode == 0
     if begin == "thin":  # it did run a task of every stage
-        assert "built tiny model" in r.stdout + r.stderr and "eval base id: accuracy" in r.stdout + r.stderr
+        assert "built tiny model" in r.stdout + r.stderr and "eval rl-4-2 id: accuracy" in r.stdout + r.stderr
     assert secret not in r.stdout + r.stderr
     for f in (tmp_path / "store").rglob("*"):
         if f.is_file():
