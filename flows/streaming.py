@@ -2,6 +2,11 @@
 what it reads is sealed and asks the Stream what has ended since it last looked. Prefect's
 futures and the task runner (threads, or Dask) do the scheduling: a Stream only remembers
 which future is which unit of progress, and mirrors what runs now into the progress file.
+
+A failed task does not stop the others: the flow goes on with everything that does not read
+what failed (as `make -k`), so a resumed run has only the failed tasks and what needs them
+left to do, and the failure is raised where the flow first asks for the failed stage's
+results (an evaluation that fails on one checkpoint leaves the RL runs training).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Stream:
         self._results: dict[str, list[Any]] = defaultdict(list)
         self._sealed: list[tuple[str, str | None, str]] = []  # found sealed, not yet handed out
         self._looked = 0.0
+        self.failed: list[tuple[str, str | None, BaseException]] = []
         for stage, labels in expected.items():
             progress.expect(stage, labels)
         progress.running({})  # a killed run's last view is not what runs now
@@ -57,8 +63,8 @@ class Stream:
         return bool(self.pending or self._sealed)
 
     def ended(self, timeout: float = POLL_SECONDS) -> list[tuple[str, str | None, Any]]:
-        """(stage, label, result) of the tasks that ended since the last call, after waiting
-        at most `timeout` for one; a failed task raises here, as it would in `result()`."""
+        """(stage, label, result) of the tasks that ended well since the last call, after
+        waiting at most `timeout` for one; a failed task is kept in `failed` (see `results`)."""
         ended = [(stage, label, lambda p=path: p) for stage, label, path in self._sealed]
         self._sealed = []
         futures = []
@@ -71,7 +77,12 @@ class Stream:
         ended += [(*self.pending.pop(f), f.result) for f in futures if f in self.pending]
         out = []
         for stage, label, result in ended:
-            path = result()  # a failed task raises here
+            try:
+                path = result()
+            except Exception as e:
+                log.error("%s failed (%s: %s); the study goes on with what does not need it", label or stage, type(e).__name__, e)
+                self.failed.append((stage, label, e))
+                continue
             self._results[stage].append(path)
             if label is not None:
                 self.progress.done(stage, label)
@@ -79,10 +90,16 @@ class Stream:
         self._mirror_running()
         return out
 
+    def failed_in(self, stage: str) -> bool:
+        return any(s == stage for s, _, _ in self.failed)
+
     def results(self, stage: str) -> list[Any]:
-        """Every result of `stage`, sorted, once all of its tasks have ended."""
+        """Every result of `stage`, sorted, once all of its tasks have ended; the first
+        failure of one of them is raised here (the others' results are sealed in the store)."""
         while self.count(stage):
             self.ended()
+        if failures := [e for s, _, e in self.failed if s == stage]:
+            raise failures[0]
         return sorted(self._results[stage])
 
     def only(self, stage: str) -> Any:

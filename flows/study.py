@@ -7,7 +7,8 @@ sealed. SFT seals a checkpoint at each saved step, and its evaluations and the R
 that start from it are submitted then, while SFT trains on; an RL run's checkpoints are
 evaluated as the run ends. SVD reads every evaluation (it picks the checkpoints' roles
 from them), edit reads SVD, the report reads everything. `study` loads the config and
-picks the task runner; `stages` is the DAG.
+picks the task runner; `stages` is the DAG. A failed task stops only what reads it: the rest
+of the study goes on, and the failure is raised where its stage's results are first read.
 """
 
 from __future__ import annotations
@@ -67,26 +68,26 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     with stage("sft"), gpu_slot(cfg.runner):
         stream.submit("sft", None, sft.stage.with_options(**cached), artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
     sealed = sft.Sealed(st, sft_art, cfg, Path(model_dir))
-    starts, held, sft_ended = rl.start_steps(cfg), [], False
+    starts, held = rl.start_steps(cfg), []
     # On the thread runner RL runs take turns with SFT and with each other on torch's global
     # random stream (tasks/lm.GLOBAL_RNG); submitted at once they would wait in the pool's
     # threads and starve the evaluations, so there they go one at a time once SFT has ended.
     one_at_a_time = cfg.runner.kind == "local"
-    while stream.busy or held or not sealed.complete:
+    while stream.busy or held or not (sealed.complete or stream.failed_in("sft")):
+        sft_ended = not stream.count("sft")  # read before the checkpoints: SFT sealed them first
         for ckpt in sealed.new():  # base first, then each saved step as SFT seals it
             if ckpt["step"] > 0:
                 progress.done("sft", f"step {ckpt['step']}")
             evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
             if ckpt["step"] in starts:
                 held.append(ckpt)
-        if sft_ended and not sealed.complete:
-            raise RuntimeError(f"sft: the run {sft_art.path} is sealed but not its checkpoints {sealed.missing()}")
+        if sft_ended and not sealed.complete and not stream.failed_in("sft"):
+            raise RuntimeError(f"sft: the run {sft_art.path} is sealed but not its checkpoints {sealed.missing()}: remove that folder to train it again")
         while held and not (one_at_a_time and (not sft_ended or stream.count("rl"))):
             ckpt = held.pop(0)
             with stage("rl"), gpu_slot(cfg.runner):
                 stream.submit("rl", f"rl from={ckpt['step']}", rl.stage.with_options(**cached), artifact=rl.artifact(st, cfg, ckpt, data_art), cfg=cfg, ckpt=ckpt, start_step=ckpt["step"], data=str(data_art.path))
         for stage_name, _, path in stream.ended():
-            sft_ended |= stage_name == "sft"
             if stage_name == "rl":
                 for ckpt in rl.run_checkpoints(path):
                     evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)

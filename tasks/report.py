@@ -788,14 +788,16 @@ def to_html(md: str, out: Path) -> str:
 INPUTS = "inputs.json"  # what a report folder was built from: the same inputs, the same report
 
 
-def inputs(tables: Path, title: str, task: str) -> dict:
+ROOT = Path(__file__).resolve().parents[1]  # the project: its tasks/ and rlheal/ draw the report
+
+
+def inputs(tables: Path, title: str, task: str, root: Path = ROOT) -> dict:
     """Every table's content hash, the title, the task, and what draws the report: every
     source file and data file of `tasks/` and `rlheal/` by its path (the report reads the
     task's module, the paper's curve, the edit grid, the RL log's helpers, ...) and the
     plotting and table libraries' versions. Conservative: any code change redraws it."""
     import importlib.metadata as md
 
-    root = Path(__file__).resolve().parents[1]
     code = sorted(p for d in ("tasks", "rlheal") for p in (root / d).rglob("*") if p.suffix in (".py", ".csv") and "shipped" not in p.parts)
     return {
         "version": STAGE.version,

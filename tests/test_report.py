@@ -172,3 +172,25 @@ def test_rl_starts_give_id_accuracy_reward_and_advantage_spread_per_start():
     assert (b["reward_first_fifth"], b["reward_last_fifth"]) == (-1.5, pytest.approx(-10.5))  # 11 updates: fifths of 2
     assert (a["adv_iqr"], b["adv_iqr"], a["adv_q05_q95"]) == (6.5, 4.0, 5.0)  # the mean over updates of q75 - q25 (u + 1)
     assert a["adv_entropy"] == pytest.approx(np.log(2) / np.log(6)) and b["adv_entropy"] == 0.0
+
+
+def test_the_reports_inputs_name_every_source_file_by_path(tmp_path):
+    """A report is kept when it was drawn from the same inputs; its code inputs are keyed by
+    path, so moving a file (same bytes, other module) or changing one redraws it, and a
+    shipped model's files (not code) do not count."""
+    root, tables = tmp_path / "project", tmp_path / "tables"
+    for rel, text in {"tasks/a.py": "A = 1\n", "rlheal/b.py": "B = 2\n", "tasks/paper.csv": "x\n1\n", "tasks/shipped/m/vocab.py": "big\n"}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    tables.mkdir()
+    pl.DataFrame({"x": [1]}).write_parquet(tables / "t.parquet")
+    first = report.inputs(tables, "s", "generalpoints", root=root)
+    assert set(first["code"]) == {"tasks/a.py", "rlheal/b.py", "tasks/paper.csv"}
+    assert report.inputs(tables, "s", "generalpoints", root=root) == first
+    (root / "tasks/a.py").rename(root / "tasks/c.py")
+    moved = report.inputs(tables, "s", "generalpoints", root=root)
+    assert moved != first and sorted(moved["code"].values()) == sorted(first["code"].values())
+    (root / "rlheal/b.py").write_text("B = 3\n")
+    assert report.inputs(tables, "s", "generalpoints", root=root)["code"] != moved["code"]
+    pl.DataFrame({"x": [2]}).write_parquet(tables / "t.parquet")
+    assert report.inputs(tables, "s", "generalpoints", root=root)["tables"] != moved["tables"]
