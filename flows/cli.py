@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from rlheal import space
@@ -56,17 +57,23 @@ def _status(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store, args.set)
+    # Stage modules log through the standard library; let Prefect forward them to the UI.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # the checks log before the run
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = _temporary_server()
     from flows import preflight
 
     # validate's checks (model, store, study name, free space): before anything is written
-    args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
+    try:
+        args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
+    finally:
+        if server is not None:  # up (or failed, and the flow run tries again) before it is used
+            server.join()
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()
     open_store(cfg.store).claim_study(cfg.name, cfg.claim(), args.force)
-    # Stage modules log through the standard library; let Prefect forward them to the UI.
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rlheal")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.study import study
     from rlheal.progress import Progress, Watcher
 
@@ -81,6 +88,30 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(f"study {cfg.name!r} complete: tables in {open_store(cfg.store).tables_dir(cfg.name)}")
     return 0
+
+
+def _temporary_server() -> threading.Thread | None:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server at the first flow run:
+    5-8 s on 2 cores, which a finished study's cached re-run spent waiting (issue 18). Started
+    here in a thread, it comes up while the config is checked and the stages are imported;
+    the flow run finds it (Prefect keeps one temporary server per process and stops it at
+    exit)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        try:
+            SubprocessASGIServer().start()
+        except Exception as err:  # the flow run starts it again and reports what fails
+            logging.getLogger("rlheal.cli").debug("temporary server not started early: %s", err)
+
+    thread = threading.Thread(target=start, name="prefect-temporary-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def _exception(state) -> BaseException | None:

@@ -5,8 +5,9 @@ running a study again (from the CLI, or by retrying the flow run) recomputes onl
 is missing. The flow streams (issue 18): each task is submitted as soon as what it reads is
 sealed. SFT seals a checkpoint at each saved step, and its evaluations and the RL runs
 that start from it are submitted then, while SFT trains on; an RL run's checkpoints are
-evaluated as the run ends. SVD reads every evaluation (it picks the checkpoints' roles
-from them), edit reads SVD, the report reads everything. `study` loads the config and
+evaluated as the run ends. Once every SFT checkpoint's OOD evaluation is in (B is picked
+from them), each checkpoint the SVD analysis reads is decomposed, beside RL; the analysis
+itself reads every evaluation, edit reads SVD, the report reads everything. `study` loads the config and
 picks the task runner; `stages` is the DAG. A failed task stops only what reads it: the rest
 of the study goes on, and the failure is raised where its stage's results are first read.
 """
@@ -68,6 +69,8 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     with stage("sft"), gpu_slot(cfg.runner):
         stream.submit("sft", None, sft.stage.with_options(**cached), artifact=sft_art, cfg=cfg, model=model_dir, data=data_dir)
     sealed = sft.Sealed(st, sft_art, cfg, Path(model_dir))
+    edit_columns = edit.column_requests(cfg)  # decomposed with svd's, for the edit stage
+    decompositions = svd.Decompositions(st, cfg, edit_columns)
     starts, held = rl.start_steps(cfg), []
     # On the thread runner RL runs take turns with SFT and with each other on torch's global
     # random stream (tasks/lm.GLOBAL_RNG); submitted at once they would wait in the pool's
@@ -79,6 +82,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
             if ckpt["step"] > 0:
                 progress.done("sft", f"step {ckpt['step']}")
             evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+            decompositions.seen(ckpt)
             if ckpt["step"] in starts:
                 held.append(ckpt)
         if sft_ended and not sealed.complete and not stream.failed_in("sft"):
@@ -91,6 +95,13 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
             if stage_name == "rl":
                 for ckpt in rl.run_checkpoints(path):
                     evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+                    decompositions.seen(ckpt)
+            elif stage_name == "eval":
+                decompositions.evaluated(path)
+        # each checkpoint's SVD once its columns are known (B: every SFT OOD evaluation in)
+        for label, ckpt, columns, art in decompositions.new():
+            with stage("svd"), gpu_slot(cfg.runner):
+                stream.submit("svd", label, svd.decompose_stage.with_options(**cached), artifact=art, cfg=cfg, ckpt=ckpt, columns=columns, name=label)
     sft_dir = stream.only("sft")
     st.publish_all(cfg.name, Path(sft_dir), sft.STAGE.tables)
 
@@ -107,9 +118,9 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     publish_summary(cfg, st.tables_dir(cfg.name))
 
     with stage("svd"), gpu_slot(cfg.runner):
+        stream.results("svd")  # the checkpoints' decompositions, which the analysis reads
         summary = str(Path(eval_dir) / "eval_summary.parquet")
         svd_art = svd.artifact(st, cfg, ckpt_tables, summary)
-        edit_columns = edit.column_requests(cfg)  # decomposed in svd's one pass, for the edit stage
         svd_dir = sealed_or_run(svd.stage.with_options(**cached), svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
     st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
     progress.done("svd", "svd")
@@ -140,10 +151,14 @@ def expected(cfg: StudyConfig) -> dict[str, list[str]]:
     starts = rl.start_steps(cfg)
     ckpts = [{"ckpt_id": "base", "stage": "base"}, *({"stage": "sft", "step": k} for k in steps)]
     ckpts += [{"stage": "rl", "rl_start_step": s, "step": u} for s in starts for u in cfg.rl.save_steps if u > 0]
+    r_start = cfg.roles.rl_start if cfg.roles.rl_start is not None else max(steps, default=0)
+    updates = [u for u in cfg.rl.save_steps if u > 0]
+    decomposed = ckpts[: 1 + len(steps)] + ([{"stage": "rl", "rl_start_step": r_start, "step": max(updates)}] if updates and r_start in starts else [])
     return {
         "sft": [f"step {k}" for k in steps],
         "rl": [f"rl from={s}" for s in starts],
         "eval": [f"eval {eval.describe(c)} {s}" for c in ckpts for s in splits],
+        "svd": [*(f"svd {eval.describe(c)}" for c in decomposed), "svd"],
     }
 
 

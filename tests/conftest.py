@@ -150,7 +150,7 @@ def smoke_study(prefect_api, tmp_path_factory, request) -> Study:
 def _thin(store: Path, study: str) -> tuple[str, ...]:
     """Remove one task's artifact of every stage (with the checkpoints it owns): the data, the
     tiny model, the SFT run, the RL run from the latest start, the id evaluation of that
-    run's last checkpoint, the svd stage, the first editing variant that is not a baseline;
+    run's last checkpoint, the svd analysis, the first editing variant that is not a baseline;
     and the study's folder. Only artifacts with a Prefect result record are task outputs (the
     others are parts built inside a task). Returns the removed task artifacts as
     "stage/key". Their keys do not change, so a re-run rebuilds exactly these (unless a
@@ -168,7 +168,8 @@ def _thin(store: Path, study: str) -> tuple[str, ...]:
     (data, _), = task_artifacts("data")
     (model, _), = task_artifacts("model")
     (sft_run, _), = task_artifacts("sft")
-    (svd_stage, _), = task_artifacts("svd")
+    # the svd analysis (its checkpoints' decompositions are the stage's other task artifacts)
+    (svd_stage, _), = [(p, m) for p, m in task_artifacts("svd") if "roles" in m]
     rl_run = max((m["start"], p) for p, m in task_artifacts("rl") if "start" in m)[1]
     # an RL checkpoint's evaluation, of the removed run: the streaming flow evaluates SFT
     # checkpoints while SFT and RL run, so only this one is still to do when eval's turn comes

@@ -230,3 +230,12 @@ def test_the_flow_streams_evaluations_start_while_sft_trains(smoke_study):
     # runs RL after SFT): the first ones ended before the first RL run started
     sft_evals = [v for (ckpt, _), v in evals.items() if not ckpt.startswith("rl-")]
     assert min(end for _, end in sft_evals) < min(rl_starts), (sorted(sft_evals), sorted(rl_starts))
+    # the checkpoints the svd analysis reads were decomposed before it (by their own tasks,
+    # once the SFT checkpoints' OOD accuracies were in), each once: one cache artifact per
+    # checkpoint, holding the columns the analysis and editing read (§4.5 rule 1)
+    cache = [m for m in manifests("svd") if m.get("config", {}).get("kind") == "svd_cache"]
+    weights = [m["config"]["object"]["content_hash"] for m in cache if m["config"]["object"]["kind"] == "weight"]
+    assert len(weights) == len(set(weights)) == 1 + 2 + 1  # base, 2 SFT checkpoints, R
+    (analysis,) = [m for m in manifests("svd") if "roles" in m]
+    decomposed = max(span(m)[1] for m in cache if m["config"]["object"]["kind"] == "weight")
+    assert decomposed < span(analysis)[0] + 1.0

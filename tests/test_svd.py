@@ -613,3 +613,50 @@ def test_a_compat_study_decomposes_each_checkpoint_matrix_once_across_svd_and_ed
     assert set(svd.SVD_CALLS.values()) == {1}
     assert len(svd.SVD_CALLS) == (5 + 2 + 4) * 14 + 2
     assert {c for c, p in svd.SVD_CALLS if p == "model.embed_tokens.weight"} == {"sft-4", "sft-6"}
+
+
+def test_the_flow_decomposes_each_checkpoint_once_b_is_known_and_the_analysis_only_reads_them(trajectory, tmp_path):
+    """Issue 18: the flow has each checkpoint the analysis reads decomposed while the study
+    runs, with the very columns the analysis will ask of it (B's and S's editing columns
+    included), so the analysis decomposes only deltas and noise controls: still one SVD per
+    (checkpoint, matrix) (§4.5 rule 1). Nothing is handed out before B can be chosen (every
+    SFT checkpoint's OOD accuracy), R once its run has ended, and each checkpoint once."""
+    from tasks import edit
+
+    _, _, ckpts, summary = trajectory
+    cfg = parse_config(TINY | {"svd": {"k": [0.25]}, "sft": {"save_steps": [0, 2, 4, 6]}, "rl": {"from_steps": [6]}, "edit": {"grid": "none", "variants": EDIT_GRID}})
+    store = Store(tmp_path / "store")
+    rows = {r["ckpt_id"]: r for r in ckpts.to_dicts()}
+    evals = {}
+    for (c, split), part in summary.group_by("ckpt_id", "split"):
+        (tmp_path / "evals" / f"{c}-{split}").mkdir(parents=True)
+        part.write_parquet(tmp_path / "evals" / f"{c}-{split}" / "eval_summary.parquet")
+        evals[c, split] = str(tmp_path / "evals" / f"{c}-{split}")
+    d = svd.Decompositions(store, cfg, edit.column_requests(cfg))
+    for c in ("base", "sft-2", "sft-4", "sft-6"):
+        d.seen(rows[c])
+    for c in ("base", "sft-2", "sft-4"):
+        d.evaluated(evals[c, "id"])
+        d.evaluated(evals[c, "ood"])
+    d.evaluated(evals["sft-6", "id"])
+    assert d.new() == []  # sft-6's OOD accuracy could still make it B
+    d.evaluated(evals["sft-6", "ood"])
+    first = d.new()
+    assert sorted(label for label, *_ in first) == ["svd base", "svd sft step=2", "svd sft step=4", "svd sft step=6"]
+    d.seen(rows["rl-5"] | {"rl_start_step": 6})
+    second = d.new()
+    assert [label for label, *_ in second] == ["svd rl from=6 upd=5"] and d.new() == []
+    svd.SVD_CALLS.clear()
+    for label, row, columns, art in first + second:
+        assert not store.is_sealed(art)
+        assert svd.decompose_stage.fn(artifact=art, cfg=cfg, ckpt=row, columns=columns, name=label) == str(art.path)
+    assert {c for c, _ in svd.SVD_CALLS} == {"base", "sft-2", "sft-4", "sft-6", "rl-5"} and len(svd.SVD_CALLS) == 5 * 14
+    _run_stage(store, cfg, ckpts, summary, tmp_path)
+    assert set(svd.SVD_CALLS.values()) == {1} and len(svd.SVD_CALLS) == (5 + 2 + 4) * 14
+    # a second look (a resumed run) finds every one sealed: the flow submits none of them
+    again = svd.Decompositions(store, cfg, edit.column_requests(cfg))
+    for c in rows:
+        again.seen(rows[c] | ({"rl_start_step": 6} if c == "rl-5" else {}))
+    for path in evals.values():
+        again.evaluated(path)
+    assert all(store.is_sealed(art) for *_, art in again.new())

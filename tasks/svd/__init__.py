@@ -9,10 +9,10 @@ from tasks.svd.engine import SVD_CALLS, ColumnRequest, SvdCache, column_request,
 from tasks.svd.matrices import Matrix, select_matrices
 from tasks.svd.metrics import Factors, principal_angles, resolve_k
 from tasks.svd.roles import plan_comparisons, select_roles
-from tasks.svd.analysis import STAGE, analyse, artifact, artifact_inputs, read_checkpoints, run, stage
+from tasks.svd.analysis import STAGE, Decompositions, analyse, artifact, artifact_inputs, decompose_stage, read_checkpoints, run, stage
 
 __all__ = [
-    "SVD_CALLS", "STAGE", "ColumnRequest", "Factors", "Matrix", "SvdCache", "analyse", "artifact",
-    "artifact_inputs", "column_request", "columns_plan", "load_svd", "plan_comparisons", "principal_angles", "read_checkpoints",
+    "SVD_CALLS", "STAGE", "ColumnRequest", "Decompositions", "Factors", "Matrix", "SvdCache", "analyse", "artifact",
+    "artifact_inputs", "column_request", "columns_plan", "decompose_stage", "load_svd", "plan_comparisons", "principal_angles", "read_checkpoints",
     "resolve_k", "run", "select_matrices", "select_roles", "stage",
 ]  # fmt: skip

@@ -34,10 +34,11 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, stable_hash, write_parquet
+from tasks.eval import describe
 from tasks.svd.engine import CACHE, ColumnRequest, SvdCache, column_request, content_hash, noise_id
 from tasks.svd.matrices import Matrix, check_same_matrices, select_matrices
 from tasks.svd.metrics import METRIC_COLUMNS, Measured, delta_metrics, noise_target, weight_metrics
-from tasks.svd.roles import Plan, delta_id, plan_comparisons, select_roles
+from tasks.svd.roles import SELECTION_SPLIT, Plan, delta_id, plan_comparisons, select_roles
 
 STAGE = Stage(CACHE.name, version="1", tables=("checkpoint_roles", "svd_spectra", "svd_pair_metrics", "svd_principal_angles", "svd_vs_accuracy", "svd_correlations"))
 log = logging.getLogger("rlheal.svd")
@@ -142,6 +143,13 @@ def measure_matrix(mat: Matrix, plan: Plan, cache: SvdCache, rows: dict[str, dic
     return spectra, metrics, angles
 
 
+def checkpoint_columns(cfg: StudyConfig, roles: pl.DataFrame, plan: Plan, edit_columns: Mapping[str, ColumnRequest] | None) -> dict[str, ColumnRequest]:
+    """ckpt_id -> the columns `analyse` decomposes it with, for every checkpoint of the plan."""
+    measured = column_request(cfg)
+    wider = checkpoint_requests(measured, roles, edit_columns)
+    return {c: wider.get(c, measured) for c in plan.checkpoints}
+
+
 def checkpoint_requests(measured: ColumnRequest, roles: pl.DataFrame, edit_columns: Mapping[str, ColumnRequest] | None) -> dict[str, ColumnRequest]:
     """ckpt_id -> its request where it is more than `measured`: a checkpoint that editing reads
     (role -> request in `edit_columns`) gets that on top; one with two roles gets both."""
@@ -173,11 +181,11 @@ def analyse(
     matrices = select_matrices(rows[plan.checkpoints[0]]["path"], cfg.svd)
     for c in plan.checkpoints:
         check_same_matrices(rows[c]["path"], matrices)
-    measured = column_request(cfg)
-    wider = checkpoint_requests(measured, roles, edit_columns)
-    cache = SvdCache(store, matrices, measured, device, dtype, batched, cfg.svd.batch_memory_gib)
-    # Decompose first (one streaming pass per object), then measure matrix by matrix.
-    objects: dict = {c: cache.weights(rows[c], wider.get(c)) for c in plan.checkpoints}
+    columns = checkpoint_columns(cfg, roles, plan, edit_columns)
+    cache = SvdCache(store, matrices, column_request(cfg), device, dtype, batched, cfg.svd.batch_memory_gib)
+    # Decompose first (one streaming pass per object; the flow has had most checkpoints
+    # decomposed already, see `Decompositions`), then measure matrix by matrix.
+    objects: dict = {c: cache.weights(rows[c], columns[c]) for c in plan.checkpoints}
     objects |= {d: cache.delta(rows[d[0]], rows[d[1]]) for d in plan.deltas}
     objects |= {("noise", a, b): cache.noise(rows[a], rows[b]) for a, b in plan.noise}
     spectra, metrics, angles = [], [], []
@@ -194,6 +202,78 @@ def analyse(
         "svd_principal_angles": angles_table(angles, meta),
         **accuracy_tables(pair, plan, checkpoints, eval_summary, meta),
     }
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+class Decompositions:
+    """The plan's checkpoint decompositions while the study runs (issue 18). B is chosen from
+    the SFT checkpoints' OOD evaluations (§1.2); once they are all in, the plan's checkpoints
+    (the base, every SFT checkpoint) are known with the columns `analyse` will ask of each, so
+    the flow has each decomposed then, beside RL, and `analyse` finds them in the cache: still
+    one SVD per (checkpoint, matrix) (§4.5 rule 1). R joins when the RL run it comes from
+    has ended. Deltas and noise controls stay in `analyse` (they are cheap next to the
+    checkpoints on a trajectory, and they need the roles)."""
+
+    def __init__(self, store: Store, cfg: StudyConfig, edit_columns: Mapping[str, ColumnRequest] | None):
+        self.store, self.cfg, self.edit_columns = store, cfg, edit_columns
+        self.rows: dict[str, dict] = {}
+        self.summaries: list[pl.DataFrame] = []
+        self.given: set[str] = set()
+        self.changed = False  # something seen since `new` last looked
+        self.sft_steps = {k for k in cfg.sft.save_steps if k > 0}
+        self._cache: SvdCache | None = None
+
+    def seen(self, ckpt: dict) -> None:
+        """A sealed checkpoint (its `checkpoints` row)."""
+        self.rows[ckpt["ckpt_id"]] = ckpt
+        self.changed = True
+
+    def evaluated(self, eval_dir: str) -> None:
+        """An evaluation artifact that has ended."""
+        self.summaries.append(pl.read_parquet(Path(eval_dir) / "eval_summary.parquet"))
+        self.changed = True
+
+    def new(self) -> list[tuple[str, dict, ColumnRequest, Artifact]]:
+        """(label, checkpoint row, columns, cache artifact) of the plan's checkpoints not handed out
+        before; none until every SFT checkpoint's OOD accuracy is known."""
+        if not self.changed or not self.summaries:
+            return []
+        self.changed = False
+        summary = pl.concat(self.summaries, how="diagonal_relaxed")
+        evaluated = set(summary.filter(pl.col("split") == SELECTION_SPLIT)["ckpt_id"])
+        sft = {c: r for c, r in self.rows.items() if r["stage"] == "sft"}
+        if {r["step"] for c, r in sft.items() if c in evaluated} != self.sft_steps:
+            return []
+        checkpoints = pl.from_dicts(list(self.rows.values()), infer_schema_length=None)
+        roles = select_roles(summary, checkpoints, self.cfg.roles)
+        plan = plan_comparisons(roles, checkpoints, self.cfg.svd.noise_control)
+        columns = checkpoint_columns(self.cfg, roles, plan, self.edit_columns)
+        out = []
+        for c in plan.checkpoints:
+            if c not in self.given:
+                self.given.add(c)
+                row = self.rows[c]
+                out.append((f"svd {describe(row)}", row, columns[c], self.cache().weights_artifact(row, columns[c])))
+        return out
+
+    def cache(self) -> SvdCache:
+        if self._cache is None:  # the matrices as `analyse` selects them: from the base
+            base = next(r for r in self.rows.values() if r["stage"] == "base")
+            self._cache = SvdCache(self.store, select_matrices(base["path"], self.cfg.svd), column_request(self.cfg), memory_gib=self.cfg.svd.batch_memory_gib)
+        return self._cache
+
+
+@task(name=STAGE.name, task_run_name="{name}")
+def decompose_stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, columns: ColumnRequest, name: str) -> str:
+    """One checkpoint's decomposition into the svd cache with the columns `analyse` will ask
+    of it (`artifact`: where `Decompositions` found it would go)."""
+    maybe_fail("svd")
+    store = open_store(artifact.root)
+    with gpu_lease(cfg.runner):
+        cache = SvdCache(store, select_matrices(ckpt["path"], cfg.svd), column_request(cfg), memory_gib=cfg.svd.batch_memory_gib)
+        return str(cache.weights(ckpt, columns).path)
 
 
 # ---------------------------------------------------------------------------- tables

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from rlheal.caching import Stage
 from rlheal.config import StudyConfig
-from rlheal.store import Store, stable_hash
+from rlheal.store import Artifact, Store, stable_hash
 from tasks import lm
 from tasks.svd.matrices import Matrix, every_matrix, model_order, read_tensor, select_matrices, storage_dtype
 from tasks.svd.metrics import NOISE_SEED, Factors, KSpec, noise_target, resolve_k
@@ -254,13 +254,24 @@ class SvdCache:
     # -- the three kinds of decomposed objects
     def weights(self, row: dict, request: ColumnRequest | None = None) -> Cached:
         request = request or self.request
+        obj, matrices = self._weights_object(row, request)
+        extra = {"ckpt_id": row["ckpt_id"], "path": str(row["path"]), "storage_dtype": storage_dtype(row["path"])}
+        return self._get(obj, row["ckpt_id"], lambda mat: self.weight(row, mat), extra, request, matrices)
+
+    def weights_artifact(self, row: dict, request: ColumnRequest | None = None) -> Artifact:
+        """Where `weights(row, request)` finds its factors: a sealed cache artifact that holds
+        them, else the one it would build (the flow's look-up before it submits the task)."""
+        request = request or self.request
+        obj, matrices = self._weights_object(row, request)
+        found = self._find(self._config(obj), request, matrices)
+        return Store.from_path(found.path) if found else self._artifact(self._config(obj), request, matrices)
+
+    def _weights_object(self, row: dict, request: ColumnRequest) -> tuple[dict, list[Matrix]]:
         matrices = self.matrices
         if request.all_matrices:
             have = {m.param for m in matrices}
             matrices = sorted(matrices + [m for m in every_matrix(row["path"]) if m.param not in have], key=model_order)
-        obj = {"kind": "weight", "content_hash": content_hash(row)}
-        extra = {"ckpt_id": row["ckpt_id"], "path": str(row["path"]), "storage_dtype": storage_dtype(row["path"])}
-        return self._get(obj, row["ckpt_id"], lambda mat: self.weight(row, mat), extra, request, matrices)
+        return {"kind": "weight", "content_hash": content_hash(row)}, matrices
 
     def delta(self, frm: dict, to: dict) -> Cached:
         obj = {"kind": "delta", "from": content_hash(frm), "to": content_hash(to)}
@@ -286,16 +297,9 @@ class SvdCache:
     ) -> Cached:  # fmt: skip
         request, matrices = request or self.request, matrices or self.matrices
         config = self._config(obj)
-        ident = stable_hash(config)
-        hit = self._found.get(ident)
-        if hit is not None and hit.covers(matrices, request):
+        if (hit := self._find(config, request, matrices)) is not None:
             return hit
-        for cand in self._candidates(config):
-            if cand.covers(matrices, request) and self.store.is_sealed(cand.path):
-                self._found[ident] = cand
-                return cand
-        key_config = config | {"params": stable_hash([m.param for m in matrices]), "columns": request.key()}
-        art = CACHE.artifact(self.store, key_config)
+        art = self._artifact(config, request, matrices)
 
         def build(tmp: Path) -> dict:
             t0 = time.perf_counter()
@@ -307,8 +311,24 @@ class SvdCache:
 
         path = self.store.build(art, build)
         found = Cached(path, self.store.manifest(path)["columns"], self.device, self.dtype)
-        self._found[ident] = found
+        self._found[stable_hash(config)] = found
         return found
+
+    def _find(self, config: dict, request: ColumnRequest, matrices: list[Matrix]) -> Cached | None:
+        """A sealed cache artifact of the object that holds the requested columns."""
+        ident = stable_hash(config)
+        hit = self._found.get(ident)
+        if hit is not None and hit.covers(matrices, request):
+            return hit
+        for cand in self._candidates(config):
+            if cand.covers(matrices, request) and self.store.is_sealed(cand.path):
+                self._found[ident] = cand
+                return cand
+        return None
+
+    def _artifact(self, config: dict, request: ColumnRequest, matrices: list[Matrix]) -> Artifact:
+        key_config = config | {"params": stable_hash([m.param for m in matrices]), "columns": request.key()}
+        return CACHE.artifact(self.store, key_config)
 
     def _candidates(self, config: dict) -> Iterator[Cached]:
         """Sealed cache artifacts of the same object, dtype and code version, widest first."""
