@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/toy.yaml
+# Exact versions of every package but torch (constraints.txt, `make lock`): a fresh install
+# computes the same numbers as the one the golden tables were saved under. CONSTRAINTS= drops it.
+CONSTRAINTS ?= constraints.txt
+PIP_C = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 # One torch thread per process: on 2 cores, 2 threads under contention ran 10x slower.
 export OMP_NUM_THREADS ?= 1
@@ -14,15 +18,15 @@ export TOKENIZERS_PARALLELISM := false
 PREFECT_PORT ?= 4200
 POOL ?= rlheal
 
-.PHONY: setup test test-integration test-browser test-slow faults demo demo-seeds demo-long demo-long-seeds demo-virl demo-virl-seeds bench server deploy worker clean
+.PHONY: setup test test-integration test-browser test-slow faults demo demo-seeds demo-long demo-long-seeds demo-virl demo-virl-seeds bench server deploy worker lock clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || { $(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "rlheal needs Python >= 3.11"' && $(PYTHON) -m venv $(VENV); }
 	# torch first, pinned: an unpinned resolve pulls a multi-GB CUDA build.
-	$(PY) -m pip install -qq "$(TORCH)"
-	$(PY) -m pip install -qq -e ".[dev]"
+	$(PY) -m pip install -qq $(PIP_C) "$(TORCH)"
+	$(PY) -m pip install -qq $(PIP_C) -e ".[dev]"
 	$(PY) -c 'import torch, prefect, trl, transformers, peft, datasets, polars, pyarrow, matplotlib, flows.study'
 	touch $(STAMP)
 
@@ -105,6 +109,12 @@ deploy: setup
 
 worker: setup
 	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api $(VENV)/bin/prefect worker start --pool $(POOL)
+
+# Rewrite constraints.txt from what .venv holds now. To upgrade: make clean, make setup
+# CONSTRAINTS=, make test (a numeric change shows in tests/test_golden.py), then make lock.
+lock: setup
+	{ echo "# Exact versions for make setup (pip -c): written by make lock, torch pinned by TORCH."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|triton|nvidia-)'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,6 +6,10 @@ name the store rather than the study (paths, artifact keys, timings, wall-clock 
 left out; everything else must be equal, floats to GOLDEN_RTOL (a refactor that changes a
 number by more than rounding changed what the study computes).
 
+The copy holds for the package versions of constraints.txt (make setup installs exactly
+those): an unlocked install once resolved a set under which 8 of 9 checkpoints' content
+hashes and the losses' last digits (~1e-6) differed from the copy, accuracies equal (which package moved them is not known: that install is gone).
+
 When a change alters results on purpose, say so in its commit and rebuild the copy:
     .venv/bin/python -m tests.test_golden STORE   # from the repo root; STORE: a finished smoke study's store
 """
