@@ -65,11 +65,11 @@ def _run(args: argparse.Namespace) -> int:
     from flows import preflight
 
     # validate's checks (model, store, study name, free space): before anything is written
-    try:
-        args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
-    finally:
-        if server is not None:  # up (or failed, and the flow run tries again) before it is used
-            server.join()
+    args.cfg, args.estimate = cfg, preflight.check(cfg, args.force, not args.no_space_check)
+    # up (or failed, and the flow run tries again) before it is used; a failed check does not
+    # wait for it: Prefect stops a started server at exit
+    if server is not None:
+        server.join()
     from rlheal.caching import open_store
 
     open_store(cfg.store).check_writable()

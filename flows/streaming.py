@@ -95,7 +95,9 @@ class Stream:
 
     def results(self, stage: str) -> list[Any]:
         """Every result of `stage`, sorted, once all of its tasks have ended; the first
-        failure of one of them is raised here (the others' results are sealed in the store)."""
+        failure of one of them is raised here (the others' results are sealed in the store).
+        Other stages' tasks that end meanwhile are taken in without the flow seeing them, so
+        it is for a stage whose results nothing reacts to, or after the flow's loop."""
         while self.count(stage):
             self.ended()
         if failures := [e for s, _, e in self.failed if s == stage]:

@@ -121,9 +121,11 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         stream.results("svd")  # the checkpoints' decompositions, which the analysis reads
         summary = str(Path(eval_dir) / "eval_summary.parquet")
         svd_art = svd.artifact(st, cfg, ckpt_tables, summary)
-        svd_dir = sealed_or_run(svd.stage.with_options(**cached), svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
+        # on a worker, as the decompositions: the cache's dtype follows the device it runs on
+        stream.submit("svd", "svd", svd.stage.with_options(**cached), artifact=svd_art, cfg=cfg, checkpoints=ckpt_tables, eval_summary=summary, edit_columns=edit_columns)
+        stream.results("svd")
+        svd_dir = str(svd_art.path)
     st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
-    progress.done("svd", "svd")
 
     with stage("edit"), gpu_slot(cfg.runner):
         edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)

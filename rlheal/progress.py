@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 import threading
 import time
@@ -17,6 +18,28 @@ from pathlib import Path
 from typing import Any, TextIO
 
 _lock = threading.Lock()
+
+
+def writer() -> str:
+    """Who writes a running view: `host:pid`."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def alive(by: str | None) -> bool:
+    """Whether the process that wrote a running view (`host:pid`) still runs; one on another
+    host is taken as running (it cannot be asked from here)."""
+    host, _, pid = (by or "").rpartition(":")
+    if not host or not pid.isdigit():
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    return True
 
 
 def artifact_key(*parts: str) -> str:
@@ -68,16 +91,19 @@ class Progress:
         with _lock:
             state = self._read()
             units = {s: [n for n in now.get(s, []) if n in e.get("total", []) or n.removeprefix(f"{s} ") in e.get("total", [])] for s, e in state.items()}
-            changed = [s for s, e in state.items() if e.get("running", []) != units[s]]
+            me = writer()
+            changed = [s for s, e in state.items() if e.get("running", []) != units[s] or (units[s] and e.get("running_by") != me)]
             for s in changed:
-                state[s]["running"] = units[s]
+                state[s]["running"], state[s]["running_by"] = units[s], me
             if changed:
                 self._write(state)
         for s in changed:
             self._publish(s, state[s])
 
     def running_now(self) -> dict[str, list[str]]:
-        return {stage: e["running"] for stage, e in self._read().items() if e.get("running")}
+        """What runs now, as the running study last wrote it; nothing from a process that is
+        gone (a killed run's last view is not what runs now)."""
+        return {stage: e["running"] for stage, e in self._read().items() if e.get("running") and alive(e.get("running_by"))}
 
     def summary(self) -> dict[str, tuple[int, int]]:
         return {stage: (len(e.get("done", [])), len(e.get("total", []))) for stage, e in self._read().items()}

@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,15 @@ _load_lock = threading.Lock()
 
 def weights_hash(path: Path) -> str:
     """Content hash of a model directory's weights (all safetensors files)."""
+    return weights_hash_of({f.name: sha256_file(f) for f in Path(path).glob("*.safetensors")})
+
+
+def weights_hash_of(sha256: Mapping[str, str]) -> str:
+    """`weights_hash` from the files' own sha256 (file name -> digest; other files ignored):
+    a sealed checkpoint's manifest holds them, so its hash needs no second read of its weights."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(f.name.encode() + sha256_file(f).encode())
+    for name in sorted(n for n in sha256 if n.endswith(".safetensors") and "/" not in n):
+        h.update(name.encode() + sha256[name].encode())
     return h.hexdigest()
 
 

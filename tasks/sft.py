@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -177,8 +176,8 @@ def export_checkpoint(src: Path, dst: Path, model=None, dtype: torch.dtype = tor
 class StepCheckpoints(TrainerCallback):
     """Save at exactly the listed steps, seal each into the store, keep one resume point."""
 
-    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float, on_sealed: Callable[[int], None] = lambda step: None, dtype: torch.dtype = torch.float32):
-        self.store, self.run, self.steps, self.started, self.on_sealed, self.dtype = store, run, set(steps), started, on_sealed, dtype
+    def __init__(self, store: Store, run: Artifact, steps: list[int], started: float, dtype: torch.dtype = torch.float32):
+        self.store, self.run, self.steps, self.started, self.dtype = store, run, set(steps), started, dtype
 
     def on_step_end(self, args, state, control, **kw):
         control.should_save = state.global_step in self.steps
@@ -194,7 +193,6 @@ class StepCheckpoints(TrainerCallback):
             if old != src:
                 shutil.rmtree(old, ignore_errors=True)
         log.info("sft step=%d sealed at %s (train loss %s)", state.global_step, art.path, extra["train_loss"])
-        self.on_sealed(state.global_step)
 
 
 class ReferenceLoss(TrainerCallback):
@@ -346,10 +344,12 @@ def base_row(model_path: Path, model_hash: str) -> dict:
 
 
 def checkpoint_row(store: Store, run: Artifact, step: int) -> dict:
-    """The `checkpoints` row of a sealed saved step."""
+    """The `checkpoints` row of a sealed saved step (its weights' hash from the manifest the
+    seal check has just verified them against: a 20 GB checkpoint is not read again)."""
     art = run.step(step)
     m = store.manifest(art)
-    return {"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": lm.weights_hash(art.path), "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")}
+    content_hash = lm.weights_hash_of({rel: f["sha256"] for rel, f in m["files"].items()})
+    return {"ckpt_id": f"sft-{step}", "stage": "sft", "step": step, "parent": "base", "path": str(art.path), "content_hash": content_hash, "train_loss": m.get("train_loss"), "wall_seconds": m.get("wall_seconds")}
 
 
 class Sealed:

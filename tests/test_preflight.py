@@ -292,3 +292,21 @@ def test_a_parquet_write_that_fills_the_disk_leaves_no_temp_or_partial_file(tmp_
     with pytest.raises(OSError):
         write_parquet(pl.DataFrame({"x": [4]}), tmp_path / "new.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]  # nor a half-written new table
+
+
+def test_a_run_refused_by_its_checks_does_not_wait_for_the_temporary_server(tmp_path, monkeypatch, capsys):
+    """`rlheal run` starts Prefect's temporary server while it checks the config (issue 18);
+    a run the checks refuse (exit 2) leaves at once instead of waiting for a server it will
+    not use (Prefect stops a started one at exit)."""
+    joined = []
+
+    class Server:
+        def join(self):
+            joined.append(True)
+
+    monkeypatch.setattr(cli, "_temporary_server", Server)
+    cfg_file = smoke_config(tmp_path)
+    _disk_with(monkeypatch, 1)
+    assert cli.main(["run", str(cfg_file)]) == 2
+    assert "free" in capsys.readouterr().err and joined == []
+    assert not (tmp_path / "store").exists()

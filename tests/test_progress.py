@@ -76,6 +76,28 @@ def test_what_runs_now_is_shown_per_stage_and_cleared_when_it_ends(tmp_path):
     assert p.running_now() == {}
 
 
+def test_a_running_view_left_by_a_process_that_is_gone_is_not_shown(tmp_path):
+    """A run killed with -9 leaves its last view of what runs in progress.json: `rlheal
+    status` must not show those tasks as running (their process is gone); a view written
+    on another host is shown, since it cannot be asked from here."""
+    import json
+    import subprocess
+    import sys
+
+    p = Progress(tmp_path, "toy")
+    p.expect("eval", ["eval base id"])
+    code = f"from rlheal.progress import Progress; Progress({str(tmp_path)!r}, 'toy').running({{'eval': ['eval base id']}})"
+    subprocess.run([sys.executable, "-c", code], check=True)  # writes the view, then ends
+    assert json.loads(p.file.read_text())["eval"]["running"] == ["eval base id"]  # still in the file
+    assert p.running_now() == {}
+    p.running({"eval": ["eval base id"]})  # this process, alive
+    assert p.running_now() == {"eval": ["eval base id"]}
+    state = json.loads(p.file.read_text())
+    state["eval"]["running_by"] = "another-host.example:1"
+    p.file.write_text(json.dumps(state))
+    assert p.running_now() == {"eval": ["eval base id"]}
+
+
 def test_many_running_tasks_are_counted_and_long_names_cut():
     from rlheal.progress import running_text
 

@@ -545,10 +545,10 @@ def test_grpo_resumes_from_its_last_trainer_checkpoint(weak, tmp_path, monkeypat
         torch.testing.assert_close(final[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
-def test_starting_checkpoints_follow_from_steps(weak):
-    table = pl.DataFrame({"ckpt_id": ["sft-30", "base"], "step": [30, 0]})
-    assert [r["ckpt_id"] for r in rl.starts(study(), table)] == ["base", "sft-30"]
-    assert [r["ckpt_id"] for r in rl.starts(study({"rl": {"from_steps": [30]}}), table)] == ["sft-30"]
+def test_starting_steps_follow_from_steps():
+    both = {"sft": {"save_steps": [0, 10, 30]}}
+    assert rl.start_steps(study(both, {"rl": {"from_steps": "all"}})) == [0, 10, 30]  # the base among them
+    assert rl.start_steps(study(both, {"rl": {"from_steps": [30]}})) == [30]
 
 
 def test_the_stage_obeys_fault_injection(weak, monkeypatch):

@@ -91,5 +91,5 @@ def test_gpu_tasks_on_the_thread_runner_take_turns():
     # without CUDA, and on Dask (which pins GPUs by worker resources), the lease holds nothing
     with gpu_lease(local, cuda=False), gpu_lease(local, cuda=False), gpu_lease(RunnerSection(kind="dask"), cuda=True):
         pass
-    for stage in (sft.stage, rl.stage, eval.stage, analysis.stage, sweep.stage):
+    for stage in (sft.stage, rl.stage, eval.stage, analysis.stage, analysis.decompose_stage, sweep.stage):
         assert "with gpu_lease(cfg.runner):" in inspect.getsource(stage.fn), stage.name

@@ -111,6 +111,24 @@ def test_smoke_sft_lowers_loss_and_writes_every_checkpoint(tiny_run):
     assert not Store.from_path(run_dir).work_dir.exists()  # resume state dropped once sealed
 
 
+def test_a_sealed_checkpoints_row_is_the_runs_own_with_its_hash_from_the_manifest(tiny_run):
+    """The streaming flow builds each checkpoint's row as SFT seals it, its content hash
+    from the manifest's sha256s (not a second read of the weights): the same row the run's
+    `checkpoints` table holds, and a change to a weight file's recorded digest changes it."""
+    store, _, _, _, run_dir = tiny_run
+    run = Store.from_path(run_dir)
+    table = {r["ckpt_id"]: r for r in pl.read_parquet(run_dir / "checkpoints.parquet").to_dicts()}
+    for step in (2, 6):
+        row = sft.checkpoint_row(store, run, step)
+        assert row == {k: table[f"sft-{step}"][k] for k in row}, step
+        assert row["content_hash"] == lm.weights_hash(Path(row["path"]))
+    files = store.manifest(run.step(6))["files"]
+    digests = {rel: f["sha256"] for rel, f in files.items()}
+    weights = next(rel for rel in digests if rel.endswith(".safetensors"))
+    assert lm.weights_hash_of(digests | {"config.json": "0" * 64}) == lm.weights_hash_of(digests)  # weights only
+    assert lm.weights_hash_of(digests | {weights: "0" * 64}) != lm.weights_hash_of(digests)
+
+
 def test_rerun_is_a_cache_hit(tiny_run):
     store, cfg, data_dir, model_dir, run_dir = tiny_run
     before = (run_dir / "manifest.json").stat().st_mtime_ns

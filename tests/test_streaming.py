@@ -128,3 +128,48 @@ def test_a_sealed_sft_run_missing_a_checkpoint_is_an_error_naming_it(prefect_api
     step = int(last.name.rsplit("-s", 1)[1])
     with pytest.raises(RuntimeError, match=rf"sealed but not its checkpoints \[{step}\]: remove that folder"):
         study(config_path=str(copy.config))
+
+
+STARTED, RELEASE = __import__("threading").Event(), __import__("threading").Event()
+
+
+@task(task_run_name="eval base id")
+def held() -> str:
+    STARTED.set()
+    RELEASE.wait(60)
+    return "held"
+
+
+@task(task_run_name="sft steps=[0, 4]")
+def quick() -> str:
+    return "quick"
+
+
+def test_running_now_names_this_flow_runs_running_tasks_by_their_stage_tag(prefect_api):
+    """What the progress line shows as running comes from the API: this flow run's task
+    runs in state RUNNING, grouped by their `stage:` tag (an ended task is not running)."""
+    import time
+
+    from prefect import tags
+
+    from flows.streaming import running_now
+
+    @flow
+    def run():
+        with tags("stage:sft"):
+            quick.submit().result()
+        with tags("stage:eval"):
+            future = held.submit()
+        assert STARTED.wait(30)
+        deadline, seen = time.monotonic() + 20, {}
+        while time.monotonic() < deadline and not seen:  # the RUNNING state is set before the body runs
+            seen = running_now()
+            time.sleep(0.1)
+        RELEASE.set()
+        future.result()
+        return seen, running_now()
+
+    STARTED.clear(), RELEASE.clear()
+    seen, after = run()
+    assert seen == {"eval": ["eval base id"]}
+    assert after == {}

@@ -212,8 +212,6 @@ def test_the_flow_streams_evaluations_start_while_sft_trains(smoke_study):
     import json
     from datetime import datetime
 
-
-
     def manifests(stage):
         for m in sorted((smoke_study.store / stage).glob("*/manifest.json")):
             yield json.loads(m.read_text())
@@ -238,4 +236,4 @@ def test_the_flow_streams_evaluations_start_while_sft_trains(smoke_study):
     assert len(weights) == len(set(weights)) == 1 + 2 + 1  # base, 2 SFT checkpoints, R
     (analysis,) = [m for m in manifests("svd") if "roles" in m]
     decomposed = max(span(m)[1] for m in cache if m["config"]["object"]["kind"] == "weight")
-    assert decomposed < span(analysis)[0] + 1.0
+    assert decomposed < span(analysis)[0]  # not inside the analysis, as the barrier flow did

@@ -38,13 +38,7 @@ from tasks.rl.common import CHECKPOINTS_SCHEMA, VALUE_HEAD, log_schema
 
 STAGE = Stage("rl", version="1", tables=("checkpoints", "rl_log"))
 OPTIONAL_PPO = {"critic_detached": False}  # rl.ppo fields keyed only when not at this value
-__all__ = ["CHECKPOINTS_SCHEMA", "STAGE", "VALUE_HEAD", "artifact", "collect", "collect_artifact", "collect_stage", "run", "log_schema", "stage", "starts"]
-
-
-def starts(cfg: StudyConfig, checkpoints: pl.DataFrame) -> list[dict]:
-    """The rows of an SFT `checkpoints` table that RL starts from (`rl.from_steps`)."""
-    rows = checkpoints.sort("step").to_dicts()
-    return rows if cfg.rl.from_steps == "all" else [r for r in rows if r["step"] in cfg.rl.from_steps]
+__all__ = ["CHECKPOINTS_SCHEMA", "STAGE", "VALUE_HEAD", "artifact", "collect", "collect_artifact", "collect_stage", "run", "log_schema", "stage", "start_steps"]
 
 
 def start_steps(cfg: StudyConfig) -> list[int]:
