@@ -6,16 +6,20 @@ The study's task graph (the config's SFT checkpoints, its RL starts and saves, t
 svd, the edit variants, the report) is replayed as a discrete-event model on N identical
 workers, with per-task costs measured in a finished study's tables (per SFT step, per RL
 update, per evaluation: scaled by the config's step and update counts, not by its model
-size). Assumptions, not measurements: svd costs 10 evaluations, an edit variant 2, and RL
-runs overlap SFT and each other, as Dask workers (processes) allow; the thread runner
-serialises RL with SFT, a GPU thread runner serialises every GPU task.
+size). Assumptions, not measurements: decomposing one checkpoint costs one evaluation, the
+svd analysis (deltas, noise controls, tables) two, an edit variant two, and RL runs overlap
+SFT and each other, as Dask workers (processes) allow; the thread runner serialises RL with
+SFT, a GPU thread runner serialises every GPU task.
 - SFT: one task; checkpoint k is sealed after k x (seconds per SFT step);
 - RL from each start: one task of (updates x seconds per update); its checkpoints are
   sealed when it ends; it needs its starting checkpoint;
 - eval: one task per (checkpoint, split) of the measured mean seconds; it needs its
   checkpoint;
-- svd: one task after every evaluation (10 evaluations' cost); edit: one task per variant
-  after svd (2 evaluations' cost each); report: after edit.
+- svd, streaming: one decomposition per checkpoint the analysis reads (the base, every SFT
+  checkpoint, R), each once it is sealed and every SFT checkpoint's OOD evaluation is in (B
+  is chosen from them), then the analysis after every evaluation and decomposition; barrier:
+  one task after every evaluation that decomposes them all in a row, then analyses;
+- edit: one task per variant after svd (2 evaluations' cost each); report: after edit.
 `barrier` runs the stages one after another (each stage's tasks in parallel); `streaming`
 starts every task as soon as what it reads exists. Ready tasks start in submission order
 on the first free worker (list scheduling). Printed: makespan, worker utilisation, and the
@@ -69,8 +73,9 @@ class Costs:
         )
 
 
-def graph(cfg, c: Costs) -> list[Task]:
-    """The study's tasks in the order the flow submits them."""
+def graph(cfg, c: Costs, barrier: bool = False) -> list[Task]:
+    """The study's tasks in the order the flow submits them (`barrier`: the barrier flow's
+    svd, one task)."""
     steps = [k for k in cfg.sft.save_steps if k > 0]
     tasks = [Task("sft", "sft", steps[-1] * c.sft_step, emits={f"ckpt:sft-{k}": k * c.sft_step for k in steps} | {"ckpt:base": 0.0})]
     ckpts = ["base", *(f"sft-{k}" for k in steps)]
@@ -83,7 +88,17 @@ def graph(cfg, c: Costs) -> list[Task]:
         ckpts += [f"rl-{s}-{u}" for u in rl_saves]
     evals = [Task(f"eval {ck} {split}", "eval", c.eval, needs=[f"ckpt:{ck}"], emits={f"eval:{ck}:{split}": c.eval}) for ck in ckpts for split in ("id", "ood")]
     tasks += evals
-    tasks.append(Task("svd", "svd", 10 * c.eval, needs=[n for t in evals for n in t.emits], emits={"svd": 10 * c.eval}))
+    r_start = cfg.roles.rl_start if cfg.roles.rl_start is not None else steps[-1]
+    decomposed = ["base", *(f"sft-{k}" for k in steps)] + ([f"rl-{r_start}-{rl_saves[-1]}"] if rl_saves and r_start in starts else [])
+    every_eval = [n for t in evals for n in t.emits]
+    if barrier:
+        cost = (len(decomposed) + 2) * c.eval
+        tasks.append(Task("svd", "svd", cost, needs=every_eval, emits={"svd": cost}))
+    else:
+        b_known = [f"eval:{ck}:ood" for ck in ckpts if ck.startswith("sft-")]
+        parts = [Task(f"svd {ck}", "svd", c.eval, needs=[f"ckpt:{ck}", *b_known], emits={f"svd:{ck}": c.eval}) for ck in decomposed]
+        tasks += parts
+        tasks.append(Task("svd", "svd", 2 * c.eval, needs=every_eval + [n for t in parts for n in t.emits], emits={"svd": 2 * c.eval}))
     variants = EDIT_VARIANTS if cfg.edit.grid == "small" else DEFAULT_GRID
     edits = [Task(f"edit {i}", "edit", 2 * c.eval, needs=["svd"], emits={f"edit:{i}": 2 * c.eval}) for i in range(variants)]
     tasks += edits
@@ -148,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"costs (s): SFT step {costs.sft_step:.3f}, RL update {costs.rl_update:.2f}, evaluation {costs.eval:.2f}; {args.config.name} on {args.workers} workers")
     results = {}
     for name in ("barrier", "streaming"):
-        makespan, util = simulate(graph(cfg, costs), args.workers, barrier=name == "barrier")
+        makespan, util = simulate(graph(cfg, costs, barrier=name == "barrier"), args.workers, barrier=name == "barrier")
         results[name] = makespan
         print(f"  {name:<9} makespan {makespan:9.1f} s   utilisation {100 * util:5.1f} %")
     print(f"  streaming / barrier makespan: {results['streaming'] / results['barrier']:.3f}")

@@ -56,3 +56,19 @@ def test_rl_from_all_includes_the_base_as_the_flow_does():
     cfg = parse_config({"name": "t", "sft": {"save_steps": [10, 20]}, "rl": {"from_steps": "all"}})
     names = [t.name for t in bs.graph(cfg, bs.Costs(1, 1, 1)) if t.stage == "rl"]
     assert names == ["rl from=0", "rl from=10", "rl from=20"]
+
+
+def test_svd_decomposes_each_checkpoint_once_b_is_known_then_analyses():
+    """Streaming: one decomposition per checkpoint the analysis reads (base, each SFT
+    checkpoint, R), each needing every SFT OOD evaluation (B); the barrier flow's svd is one
+    task of all of them in a row plus the analysis."""
+    from rlheal.config import parse_config
+
+    cfg = parse_config({"name": "t", "sft": {"save_steps": [0, 10, 20]}, "rl": {"from_steps": [10, 20], "save_steps": [0, 5]}})
+    tasks = {t.name: t for t in bs.graph(cfg, bs.Costs(1, 1, 3))}
+    parts = sorted(n for n in tasks if n.startswith("svd "))
+    assert parts == ["svd base", "svd rl-20-5", "svd sft-10", "svd sft-20"]  # R: RL from the last SFT step
+    assert set(tasks["svd sft-10"].needs) == {"ckpt:sft-10", "eval:sft-10:ood", "eval:sft-20:ood"}
+    assert {f"svd:{n.removeprefix('svd ')}" for n in parts} <= set(tasks["svd"].needs)  # the analysis reads them all
+    (barrier,) = [t for t in bs.graph(cfg, bs.Costs(1, 1, 3), barrier=True) if t.stage == "svd"]
+    assert barrier.cost == (4 + 2) * 3
