@@ -1,0 +1,114 @@
+"""What the drift stage reads of a model (issue 19): one teacher-forced forward pass per
+prompt over the prompt and the base's own greedy answer, which gives at once
+- the anchor: the prompt's last token, generation prompt included (analysis.md §5), its final
+  hidden state and its next-token distribution (the first answer token's);
+- the answer positions, for the sequence-level KL over that answer.
+Sequences are right-padded, so every position is the one generation gives that token and
+the anchor of a prompt of n tokens is position n - 1 (the authors' anchors were the last 8
+tokens of the user turn, template text, and assumed right padding where it was left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tasks.drift import signals
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # (B, d) final hidden state at the anchor, fp32
+    anchor: torch.Tensor  # (B, V) log-probs at the anchor, fp32
+    answer: torch.Tensor  # (B, T, V) log-probs predicting each sequence position's next token
+    scored: torch.Tensor  # (B, T) 1 where that next token is an answer token
+
+
+def padded(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, scored) of right-padded sequences; `scored[i, t]` marks a
+    position whose next token is an answer token (t from n_prompt - 1 to len - 2)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    scored = torch.zeros((len(seqs), width), dtype=torch.float32)
+    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+        if not 0 < n <= len(s):
+            raise ValueError(f"sequence {i}: a prompt of {n} tokens in a sequence of {len(s)}")
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+        scored[i, n - 1 : len(s) - 1] = 1.0
+    return ids, mask, scored
+
+
+@torch.no_grad()
+def forward(model, seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_id: int, batch_size: int = 32, what: str = "model") -> Iterator[Batch]:
+    """The model's `Batch`es over `seqs` (prompt + answer token ids, `n_prompt` prompt tokens
+    each), in order; the first batch checks that lm_head reads the hidden state taken (§5)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(seqs), batch_size):
+            chunk, n = seqs[start : start + batch_size], n_prompt[start : start + batch_size]
+            ids, mask, scored = padded(chunk, n, pad_id)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+            rows = torch.arange(len(chunk), device=device)
+            at = torch.tensor([k - 1 for k in n], device=device)  # right-padded: the prompt's last token
+            hidden, logits = out.hidden_states[-1][rows, at], out.logits[rows, at]
+            if start == 0:
+                signals.check_lm_head(hidden, logits, model.get_output_embeddings(), what)
+            yield Batch(hidden.float().cpu(), torch.log_softmax(logits.float(), -1).cpu(), torch.log_softmax(out.logits.float(), -1).cpu(), scored)
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Pair:
+    """Per-prompt signals of a model `y` against a reference `x` on the same sequences, and
+    both models' anchor hidden states (for the sample-level CKA and MMD)."""
+
+    kl_forward: torch.Tensor  # KL(p_x ‖ p_y) at the anchor
+    kl_reverse: torch.Tensor  # KL(p_y ‖ p_x)
+    js: torch.Tensor
+    jaccard: dict[int, torch.Tensor]  # top-k token-id Jaccard, per k
+    entropy_x: torch.Tensor
+    entropy_y: torch.Tensor
+    margin_x: torch.Tensor
+    margin_y: torch.Tensor
+    sequence_kl: torch.Tensor  # Σ over the answer of KL(π_x ‖ π_y), teacher-forced
+    cosine: torch.Tensor
+    hidden_x: torch.Tensor
+    hidden_y: torch.Tensor
+
+
+def compare(x: Iterator[Batch], y: Iterator[Batch], ks: Sequence[int] = signals.JACCARD_KS) -> Pair:
+    """The signals of `y` against `x`, batch by batch (both `forward` over the same
+    sequences): only one batch of each model's full distributions is held at once."""
+    parts: dict[str, list[torch.Tensor]] = {}
+
+    def add(name: str, value: torch.Tensor) -> None:
+        parts.setdefault(name, []).append(value)
+
+    for bx, by in zip(x, y, strict=True):
+        if not torch.equal(bx.scored, by.scored):
+            raise ValueError("compare: the two models were not read on the same sequences")
+        add("kl_forward", signals.kl(bx.anchor, by.anchor))
+        add("kl_reverse", signals.kl(by.anchor, bx.anchor))
+        add("js", signals.js(bx.anchor, by.anchor))
+        for k in ks:
+            add(f"jaccard{k}", signals.topk_jaccard(bx.anchor, by.anchor, k))
+        add("entropy_x", signals.entropy(bx.anchor))
+        add("entropy_y", signals.entropy(by.anchor))
+        add("margin_x", signals.margin(bx.anchor))
+        add("margin_y", signals.margin(by.anchor))
+        add("sequence_kl", signals.sequence_kl(bx.answer, by.answer, bx.scored))
+        add("cosine", signals.cosine(bx.hidden, by.hidden))
+        add("hidden_x", bx.hidden)
+        add("hidden_y", by.hidden)
+    cat = {name: torch.cat(values) for name, values in parts.items()}
+    return Pair(
+        **{name: cat.pop(name) for name in ("kl_forward", "kl_reverse", "js", "entropy_x", "entropy_y", "margin_x", "margin_y", "sequence_kl", "cosine", "hidden_x", "hidden_y")},
+        jaccard={k: cat.pop(f"jaccard{k}") for k in ks},
+    )
