@@ -229,3 +229,56 @@ def test_reading_states_normed_again_is_refused(tiny):
 
     with pytest.raises(ValueError, match="sft-4: lm_head"):
         next(states.forward(NormedAgain(base), seqs, n, tok.pad_token_id, what="sft-4"))
+
+
+# ---------------------------------------------------------------- the stopping rule (docs/monitor.md)
+
+
+def test_the_rule_stops_before_the_first_interval_below_half_the_best_efficiency():
+    from tasks.drift import monitor
+
+    # ID: 0 -> .30 -> .50 -> .55 -> .56; drift: 0 -> .1 -> .2 -> .4 -> .8
+    acc, drift = [0.0, 0.30, 0.50, 0.55, 0.56], [0.0, 0.1, 0.2, 0.4, 0.8]
+    assert monitor.efficiencies(acc, drift) == pytest.approx([3.0, 2.0, 0.25, 0.025])
+    assert monitor.select(acc, drift) == 2  # interval 3 (0.25 < 0.5 x 3.0): stop at its start
+    assert monitor.select(acc, drift, rho=0.05) == 3  # a laxer threshold stops later
+    steady = [0.0, 0.1, 0.2, 0.3]
+    assert monitor.select(steady, steady) == 3  # efficiency never falls: the last checkpoint
+
+
+def test_the_rule_reads_nothing_of_later_checkpoints_and_skips_intervals_without_drift():
+    from tasks.drift import monitor
+
+    acc, drift = [0.0, 0.30, 0.50, 0.55, 0.56], [0.0, 0.1, 0.2, 0.4, 0.8]
+    pick = monitor.select(acc, drift)
+    # whatever comes after the stopping interval, the pick is the same (an online rule)
+    assert monitor.select(acc + [0.9, 0.95], drift + [0.81, 0.82]) == pick
+    # drift that does not grow spends nothing: such an interval never stops SFT
+    assert monitor.efficiencies([0.0, 0.3, 0.1], [0.0, 0.1, 0.1]) == [pytest.approx(3.0), None]
+    assert monitor.select([0.0, 0.3, 0.1, 0.4], [0.0, 0.1, 0.1, 0.2]) == 3
+    # an interval that loses ID accuracy while drifting stops it
+    assert monitor.select([0.0, 0.3, 0.2], [0.0, 0.1, 0.2]) == 1
+    with pytest.raises(ValueError, match="3 accuracies for 2 drift values"):
+        monitor.select([0.0, 0.1, 0.2], [0.0, 0.1])
+
+
+def test_loss_rules_pick_the_lowest_value_and_skip_missing_ones():
+    from tasks.drift import monitor
+
+    assert monitor.lowest([None, 2.0, 1.5, 1.5, 1.7]) == 2  # the first of ties; the base has no training loss
+    assert monitor.lowest([None, float("nan")]) is None
+
+
+def test_spearman_with_a_bootstrap_interval_over_checkpoints():
+    from tasks.drift import monitor
+
+    up = monitor.spearman([1, 2, 3, 4, 5, 6], [0.1, 0.2, 0.25, 0.3, 0.5, 0.6])
+    assert up.rho == 1.0 and up.ci_low == pytest.approx(1.0) and up.n == 6  # every resample is monotone too
+    noisy = monitor.spearman([1, 2, 3, 4, 5, 6, 7, 8], [0.3, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.4])
+    assert -1 < noisy.ci_low < noisy.rho < noisy.ci_high <= 1
+    assert monitor.spearman([1, 2, 3, 4, 5, 6, 7, 8], [0.3, 0.1, 0.4, 0.2, 0.6, 0.3, 0.5, 0.4]) == noisy  # seeded
+    down = monitor.spearman([1, 2, 3, 4], [0.4, 0.3, 0.2, 0.1])
+    assert down.rho == -1.0
+    assert math.isnan(monitor.spearman([1, 2], [0.1, 0.2]).rho)  # fewer than 3 checkpoints
+    assert math.isnan(monitor.spearman([1, 1, 1], [0.1, 0.2, 0.3]).rho)  # a constant signal
+    assert monitor.spearman([1, float("nan"), 3, 4], [0.1, 0.5, 0.3, 0.4]).n == 3  # a missing value drops its checkpoint
