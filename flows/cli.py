@@ -41,7 +41,7 @@ def _validate(args: argparse.Namespace) -> StudyConfig | None:
     return cfg
 
 
-STAGES = ["data", "model", "pretrain", "sft", "rl", "eval", "svd", "edit", "report"]
+STAGES = ["data", "model", "pretrain", "sft", "rl", "eval", "drift", "svd", "edit", "report"]
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -77,7 +77,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.study import study
     from rlheal.progress import Progress, Watcher
 
-    order = [s for s in STAGES if s != "pretrain" or cfg.pretrain.enabled]
+    order = [s for s in STAGES if (s != "pretrain" or cfg.pretrain.enabled) and (s != "drift" or cfg.drift.enabled)]
     with Watcher(Progress(open_store(cfg.store).study_dir(cfg.name), cfg.name), order, stream=sys.stderr):  # today's stderr, not import time's
         state = study(config_path=str(Path(args.config).absolute()), store=cfg.store, overrides=args.set, return_state=True)
     if not state.is_completed():

@@ -24,7 +24,7 @@ from rlheal.caching import cached_in, open_store
 from rlheal.config import StudyConfig, load_config
 from rlheal.progress import Progress, artifact_key
 from rlheal.runners import gpu_slot, task_runner
-from tasks import benchmark, data, edit, eval, model, pretrain, report, rl, sft, svd
+from tasks import benchmark, data, drift, edit, eval, model, pretrain, report, rl, sft, svd
 
 
 @flow(name="rlheal-study", flow_run_name="study {config_path}")
@@ -71,7 +71,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     sealed = sft.Sealed(st, sft_art, cfg, Path(model_dir))
     edit_columns = edit.column_requests(cfg)  # decomposed with svd's, for the edit stage
     decompositions = svd.Decompositions(st, cfg, edit_columns)
-    starts, held = rl.start_steps(cfg), []
+    starts, held, seen = rl.start_steps(cfg), [], []
     # On the thread runner RL runs take turns with SFT and with each other on torch's global
     # random stream (tasks/lm.GLOBAL_RNG); submitted at once they would wait in the pool's
     # threads and starve the evaluations, so there they go one at a time once SFT has ended.
@@ -82,6 +82,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
             if ckpt["step"] > 0:
                 progress.done("sft", f"step {ckpt['step']}")
             evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+            monitor(cfg, st, cached, stream, stage, ckpt, seen, data_dir)
             decompositions.seen(ckpt)
             if ckpt["step"] in starts:
                 held.append(ckpt)
@@ -95,6 +96,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
             if stage_name == "rl":
                 for ckpt in rl.run_checkpoints(path):
                     evaluate(cfg, st, cached, stream, stage, ckpt, data_dir)
+                    monitor(cfg, st, cached, stream, stage, ckpt, seen, data_dir)
                     decompositions.seen(ckpt)
             elif stage_name == "eval":
                 decompositions.evaluated(path)
@@ -127,6 +129,14 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         svd_dir = str(svd_art.path)
     st.publish_all(cfg.name, Path(svd_dir), svd.STAGE.tables)
 
+    drift_dir = None
+    if cfg.drift.enabled:  # the monitor's picks and correlations read eval and svd
+        with stage("drift"):
+            paths, tables = stream.results("drift"), st.tables_dir(cfg.name)
+            reads = [str(tables / f"{t}.parquet") for t in ("eval_summary", "checkpoints", "svd_vs_accuracy")]
+            drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, reads), cfg=cfg, paths=paths, eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
+        st.publish_all(cfg.name, Path(drift_dir), drift.STAGE.tables)
+
     with stage("edit"), gpu_slot(cfg.runner):
         edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)
     if edit_dir:
@@ -136,7 +146,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
         report_dir = report.stage(tables=str(st.tables_dir(cfg.name)), out=str(st.report_dir(cfg.name)), title=cfg.name, task=cfg.task)
     progress.done("report", "report")
 
-    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "edit": edit_dir, "report": report_dir}
+    return {"data": data_dir, "model": model_dir, "sft": sft_dir, "rl": ckpt_dir, "eval": eval_dir, "svd": svd_dir, "drift": drift_dir, "edit": edit_dir, "report": report_dir}
 
 
 def evaluate(cfg: StudyConfig, st, cached: dict, stream: Stream, stage, ckpt: dict, data_dir: str) -> None:
@@ -144,6 +154,17 @@ def evaluate(cfg: StudyConfig, st, cached: dict, stream: Stream, stage, ckpt: di
     with stage("eval"), gpu_slot(cfg.runner):
         for s in benchmark.of(cfg).splits:
             stream.submit("eval", f"eval {eval.describe(ckpt)} {s}", eval.stage.with_options(**cached), artifact=eval.artifact(st, cfg, ckpt, s, Path(data_dir)), cfg=cfg, ckpt=ckpt, split=s, data=data_dir)
+
+
+def monitor(cfg: StudyConfig, st, cached: dict, stream: Stream, stage, ckpt: dict, seen: list[dict], data_dir: str) -> None:
+    """The drift task of a sealed checkpoint (the base is only a reference), when the
+    monitor is on; `seen`: the checkpoints sealed before it, in order."""
+    seen.append(ckpt)
+    if not cfg.drift.enabled or ckpt["stage"] == "base":
+        return
+    base, prev = seen[0], drift.previous(ckpt, seen)
+    with stage("drift"), gpu_slot(cfg.runner):
+        stream.submit("drift", f"drift {eval.describe(ckpt)}", drift.stage.with_options(**cached), artifact=drift.artifact(st, cfg, ckpt, base, prev, Path(data_dir)), cfg=cfg, ckpt=ckpt, base=base, previous=prev, data=data_dir)
 
 
 def expected(cfg: StudyConfig) -> dict[str, list[str]]:
@@ -161,6 +182,7 @@ def expected(cfg: StudyConfig) -> dict[str, list[str]]:
         "rl": [f"rl from={s}" for s in starts],
         "eval": [f"eval {eval.describe(c)} {s}" for c in ckpts for s in splits],
         "svd": [*(f"svd {eval.describe(c)}" for c in decomposed), "svd"],
+        **({"drift": [f"drift {eval.describe(c)}" for c in ckpts[1:]]} if cfg.drift.enabled else {}),
     }
 
 

@@ -438,6 +438,20 @@ class RunnerSection(Section):
     gpus_per_task: int = Field(0, ge=0, description="GPU work is pinned through the worker resource GPU")
 
 
+DriftSignal = Literal["js", "kl_forward", "kl_reverse", "sequence_kl", "cosine_distance"]
+
+
+class DriftSection(Section):
+    """The label-free forgetting monitor (issue 19, docs/monitor.md): each checkpoint's drift
+    from the base and from the checkpoint before it, on the evaluation prompts, no answers."""
+
+    enabled: bool = Field(False, description="run the drift stage (in progress: off by default until its report and verdict exist)")
+    prompts: int | None = Field(None, ge=4, description="prompts per split, the first of each evaluation set (default: all of them; analysis.md §5 asks for >= 300)")
+    batch_size: int = Field(32, ge=1, description="prompts per forward pass")
+    signal: DriftSignal = Field("js", description="the drift the stopping rule reads, mean over the OOD prompts at the answer anchor (cosine_distance: 1 - the hidden states' cosine)")
+    rho: float = Field(0.5, gt=0, lt=1, description="the rule stops before the first interval whose ID gain per unit of drift is below rho x the best so far (fixed before any result: docs/monitor.md)")
+
+
 class StudyConfig(Section):
     """A whole study. `store` is where every artifact lives (created on first run)."""
 
@@ -456,6 +470,7 @@ class StudyConfig(Section):
     roles: RolesSection = RolesSection()
     svd: SvdSection = SvdSection()
     edit: EditSection = EditSection()
+    drift: DriftSection = DriftSection()
     runner: RunnerSection = RunnerSection()
 
     def claim(self) -> dict[str, Any]:

@@ -282,3 +282,120 @@ def test_spearman_with_a_bootstrap_interval_over_checkpoints():
     assert math.isnan(monitor.spearman([1, 2], [0.1, 0.2]).rho)  # fewer than 3 checkpoints
     assert math.isnan(monitor.spearman([1, 1, 1], [0.1, 0.2, 0.3]).rho)  # a constant signal
     assert monitor.spearman([1, float("nan"), 3, 4], [0.1, 0.5, 0.3, 0.4]).n == 3  # a missing value drops its checkpoint
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def test_previous_is_the_save_before_on_the_checkpoints_own_trajectory():
+    from tasks import drift
+
+    rows = [
+        {"ckpt_id": "base", "stage": "base", "step": 0},
+        {"ckpt_id": "sft-2", "stage": "sft", "step": 2},
+        {"ckpt_id": "sft-4", "stage": "sft", "step": 4},
+        {"ckpt_id": "rl-2-1", "stage": "rl", "step": 1, "rl_start_step": 2},
+        {"ckpt_id": "rl-4-1", "stage": "rl", "step": 1, "rl_start_step": 4},
+        {"ckpt_id": "rl-4-2", "stage": "rl", "step": 2, "rl_start_step": 4},
+    ]
+    by = {r["ckpt_id"]: r for r in rows}
+    assert [drift.previous(by[c], rows)["ckpt_id"] for c in ("sft-2", "sft-4", "rl-2-1", "rl-4-1", "rl-4-2")] == ["base", "sft-2", "sft-2", "sft-4", "rl-4-1"]
+    with pytest.raises(ValueError, match="no checkpoint before rl-9-1"):
+        drift.previous({"ckpt_id": "rl-9-1", "stage": "rl", "step": 1, "rl_start_step": 9}, rows)
+
+
+def study_like_tables():
+    """An SFT trajectory whose ID accuracy saturates while OOD drift keeps growing; its OOD
+    accuracy peaks at sft-2 (the monitor never reads it)."""
+    import polars as pl
+
+    steps = [0, 1, 2, 3, 4]
+    ids = ["base", "sft-1", "sft-2", "sft-3", "sft-4"]
+    checkpoints = pl.DataFrame({"ckpt_id": ids, "stage": ["base"] + ["sft"] * 4, "step": steps, "train_loss": [None, 2.0, 1.2, 0.9, 0.8]})
+    acc_id, acc_ood, ce_id = [0.0, 0.30, 0.50, 0.55, 0.56], [0.05, 0.20, 0.25, 0.15, 0.10], [3.0, 2.0, 1.5, 1.2, 1.1]
+    summary = pl.DataFrame(
+        [{"ckpt_id": c, "split": "id", "accuracy": a, "ce": e} for c, a, e in zip(ids, acc_id, ce_id)]
+        + [{"ckpt_id": c, "split": "ood", "accuracy": a, "ce": 1.0} for c, a in zip(ids, acc_ood)]
+    )
+    js = [0.1, 0.2, 0.4, 0.8]
+    drift = pl.DataFrame([{"ckpt_id": c, "split": "ood", "reference": "base", "js": v} for c, v in zip(ids[1:], js)] + [{"ckpt_id": c, "split": "id", "reference": "base", "js": 9.0} for c in ids[1:]])
+    return drift, summary, checkpoints
+
+
+def test_selection_applies_the_rule_to_the_tables_and_sets_its_pick_beside_the_others():
+    from tasks import drift
+
+    table = drift.selection(*study_like_tables(), signal="js", rho=0.5)
+    picks = {r["rule"]: (r["ckpt_id"], r["accuracy_ood"]) for r in table.iter_rows(named=True)}
+    assert picks == {
+        "monitor": ("sft-2", 0.25),  # the rule's pick (efficiencies 3, 2, 0.25: stop before the third)
+        "lowest_id_ce": ("sft-4", 0.10),
+        "lowest_train_loss": ("sft-4", 0.10),
+        "last": ("sft-4", 0.10),
+        "oracle": ("sft-2", 0.25),
+    }
+    assert table.filter(pl_rule("monitor"))["signal"].to_list() == ["js"]  # the ID-split drift (9.0) is not read
+
+
+def pl_rule(name):
+    import polars as pl
+
+    return pl.col("rule") == name
+
+
+def test_correlations_rank_each_signal_against_ood_accuracy():
+    from tasks import drift
+
+    d, summary, checkpoints = study_like_tables()
+    table = drift.correlations(d.with_columns(**{c: d["js"] for c in drift.DRIFT_SIGNALS if c != "js"}), summary, checkpoints)
+    js = table.filter(table["signal"] == "js").row(0, named=True)
+    # OOD accuracy over sft-1..4: .20 .25 .15 .10; JS rises: ρ = -0.8
+    assert js["n_checkpoints"] == 4 and js["spearman_rho"] == pytest.approx(-0.8)
+    assert set(table["source"]) == {"drift", "eval"}
+
+
+@pytest.mark.timeout(600)
+def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cached(prefect_api, smoke_study, tmp_path, capsys):
+    """The smoke study with `drift.enabled`: one drift task per SFT and RL checkpoint (the
+    rest of the study found cached under the new name), both references and both splits per
+    checkpoint, the base's answers generated once, the picks and correlations published;
+    a second run measures nothing again."""
+    import json
+
+    import polars as pl
+
+    from flows.study import study
+    from tests.conftest import copy_study, study_tables
+
+    copy = copy_study(smoke_study, tmp_path)
+    overrides = ["name=smoke-drift", "drift.enabled=true", "drift.prompts=8"]
+    assert study(config_path=str(copy.config), overrides=overrides, return_state=True).is_completed()
+    t = study_tables(copy.store, "smoke-drift")
+    ckpts = t["checkpoints"].filter(pl.col("stage") != "base")
+    d = t["drift_by_checkpoint"]
+    assert d.height == ckpts.height * 2 * 2 and set(d["ckpt_id"]) == set(ckpts["ckpt_id"])
+    assert (d["n_prompts"] == 8).all()
+    first = d.filter((pl.col("ckpt_id") == "sft-2"))  # its previous checkpoint is the base
+    by_ref = {(r["split"], r["reference"]): r for r in first.iter_rows(named=True)}
+    for split in ("id", "ood"):
+        assert by_ref[split, "previous"]["ref_id"] == "base"
+        assert by_ref[split, "previous"]["js"] == pytest.approx(by_ref[split, "base"]["js"])
+    later = d.filter((pl.col("ckpt_id") == "sft-4") & (pl.col("reference") == "previous"))
+    assert set(later["ref_id"]) == {"sft-2"}
+    assert (d.filter(pl.col("reference") == "base")["js"] > 0).all()  # trained weights moved
+    manifests = [json.loads(m.read_text()) for m in (copy.store / "drift").glob("*/manifest.json")]
+    assert sum(m.get("config", {}).get("kind") == "base_answers" for m in manifests) == 1
+    assert set(t["drift_selection"]["rule"]) == {"monitor", "lowest_id_ce", "lowest_train_loss", "last", "oracle"}
+    assert "js" in t["drift_correlations"]["signal"].to_list()
+
+    # the pre-run space estimate of the stage holds what it wrote, to 25 %
+    from flows import cli
+    from tests.test_preflight import printed, written
+
+    assert cli.main(["validate", str(copy.config), *(x for o in overrides for x in ("--set", o))]) == 0
+    estimate, wrote = printed(capsys.readouterr().out)["drift"], written(copy.store)["drift"]
+    assert abs(estimate / wrote - 1) <= 0.25, (estimate, wrote)
+
+    before = sorted(p.name for p in (copy.store / "drift").iterdir())
+    assert study(config_path=str(copy.config), overrides=overrides, return_state=True).is_completed()
+    assert sorted(p.name for p in (copy.store / "drift").iterdir()) == before

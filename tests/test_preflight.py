@@ -19,7 +19,7 @@ from tests.conftest import CONFIGS, smoke_config
 # where each stage's bytes live in the store (the report stage: the study's folder, with the
 # Prefect result records of every task)
 STAGE_DIRS = {"data": ["data"], "model": ["model"], "pretrain": ["pretrain"], "sft": ["sft"], "rl": ["rl"], "eval": ["eval"],
-              "svd": ["svd"], "edit": ["edit"], "report": ["studies", ".prefect"]}  # fmt: skip
+              "svd": ["svd"], "drift": ["drift"], "edit": ["edit"], "report": ["studies", ".prefect"]}  # fmt: skip
 UNITS = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "PB": 1e15}
 
 

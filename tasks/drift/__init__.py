@@ -1,6 +1,301 @@
-"""The drift stage (issue 19, in progress): label-free signals of how far a checkpoint has
-moved from the base, on the fixed ID and OOD prompts. `signals` holds their math."""
+"""Stage `drift`: the label-free forgetting monitor (issue 19, docs/monitor.md).
 
-from tasks.drift import signals
+Per checkpoint (every SFT and RL checkpoint but the base), one artifact `<store>/drift/<key>/`
+with `drift_by_checkpoint` rows: its drift from the base and from the checkpoint before it
+(`reference` base | previous), per split, on the first `drift.prompts` prompts of the
+evaluation sets. No answer of the evaluation set is read: the sequence-level KL
+teacher-forces the base's own greedy answer, which one shared artifact holds (built by the
+first task that needs it, under the store's lock). `selection` then applies the stopping rule
+and the loss rules to the study's tables (`drift_selection`), and `correlations` gives every
+signal's Spearman ρ with OOD accuracy (`drift_correlations`).
 
-__all__ = ["signals"]
+The math is in `signals` (tensors in, numbers out) and `states` (what a model is read for);
+`monitor` holds the rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+import torch
+from prefect import task
+
+from rlheal.caching import Stage, open_store
+from rlheal.config import StudyConfig
+from rlheal.faults import maybe_fail
+from rlheal.runners import gpu_lease
+from rlheal.store import Artifact, Store, write_parquet
+from tasks.chat import encode, left_pad, render, stop_token_ids
+from tasks.drift import monitor, signals, states
+from tasks.lm import generation_config, load_model, load_tokenizer, only
+
+STAGE = Stage("drift", version="1", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations"))
+log = logging.getLogger("rlheal.drift")
+SPLITS = ("id", "ood")
+ANSWERS = "drift_answers.parquet"
+
+F64, I32, STR = pl.Float64, pl.Int32, pl.String
+SCHEMA = {
+    "ckpt_id": STR, "stage": STR, "step": I32, "rl_start_step": I32, "split": STR,
+    "reference": STR, "ref_id": STR, "n_prompts": I32,
+    "kl_forward": F64, "kl_reverse": F64, "js": F64, "sequence_kl": F64,
+    **{f"jaccard_top{k}": F64 for k in signals.JACCARD_KS},
+    "entropy": F64, "entropy_ref": F64, "margin": F64, "margin_ref": F64,
+    "cosine_mean": F64, "cosine_p10": F64, "cosine_p50": F64, "cosine_p90": F64,
+    "cosine_distance": F64, "cka": F64, "mmd2": F64,
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------- the prompts and the base's answers
+
+
+def prompts(data_path: Path, cfg: StudyConfig) -> dict[str, list[str]]:
+    """The first `drift.prompts` prompts of each evaluation set (all by default)."""
+    out = {}
+    for split in SPLITS:
+        table = pl.read_parquet(Path(data_path) / f"eval_set_{split}.parquet", columns=["prompt"])
+        out[split] = table["prompt"].head(cfg.drift.prompts or table.height).to_list()
+    return out
+
+
+def prompt_ids(tok, prompt: str, cfg: StudyConfig) -> list[int]:
+    return encode(tok, render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True, date_string=cfg.chat.date_string))
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, ids: Sequence[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
+    """The model's greedy answer to each prompt, as token ids up to and including the stop
+    token (the ids themselves: decoding and encoding again need not give them back)."""
+    decoding = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens}
+    config = generation_config(decoding, tok)
+    stops = set(stop_token_ids(tok))
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        x, mask = left_pad(chunk, tok.pad_token_id)
+        with only(model, config):
+            new = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), generation_config=config)[:, x.shape[1] :].tolist()
+        for row in new:
+            end = next((t for t, tid in enumerate(row) if tid in stops), None)
+            out.append(row if end is None else row[: end + 1])
+    return out
+
+
+def answers_key(cfg: StudyConfig, base: dict, data_path: Path) -> dict:
+    return {"kind": "base_answers", "task": cfg.task, "base": base["content_hash"], "eval_sets": eval_set_hashes(data_path), "prompts": cfg.drift.prompts, "max_new_tokens": cfg.eval.decoding.resolved()["max_new_tokens"], "date_string": cfg.chat.date_string}
+
+
+def eval_set_hashes(data_path: Path) -> dict[str, str]:
+    return {s: pl.read_parquet(Path(data_path) / f"eval_set_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in SPLITS}
+
+
+def base_answers(store: Store, cfg: StudyConfig, base: dict, data_path: Path, model=None, tok=None) -> pl.DataFrame:
+    """`split`, `index`, `ids` (prompt + the base's greedy answer), `n_prompt`: built once per
+    base and evaluation set by whichever task needs it first (the others find it sealed)."""
+    art = STAGE.artifact(store, answers_key(cfg, base, data_path))
+
+    def build(tmp: Path) -> dict:
+        nonlocal model, tok
+        if model is None:
+            tok, model = load_tokenizer(base["path"], cfg.model.trust_remote_code), load_model(base["path"], trust_remote_code=cfg.model.trust_remote_code)
+        rows = []
+        for split, texts in prompts(data_path, cfg).items():
+            ids = [prompt_ids(tok, t, cfg) for t in texts]
+            answers = greedy_answers(model, tok, ids, answers_key(cfg, base, data_path)["max_new_tokens"], cfg.drift.batch_size)
+            rows += [{"split": split, "index": i, "ids": p + a, "n_prompt": len(p)} for i, (p, a) in enumerate(zip(ids, answers))]
+        write_parquet(pl.DataFrame(rows, schema={"split": STR, "index": I32, "ids": pl.List(pl.Int64), "n_prompt": I32}), tmp / ANSWERS)
+        return {"prompts": len(rows)}
+
+    return pl.read_parquet(STAGE.build(art, build) / ANSWERS)
+
+
+# ---------------------------------------------------------------- one checkpoint
+
+
+def previous(ckpt: dict, checkpoints: Sequence[dict]) -> dict:
+    """The checkpoint before `ckpt` on its own trajectory: the SFT save before it (the base
+    before the first), an RL run's save before it (its starting SFT checkpoint before the first)."""
+    if ckpt["stage"] == "sft":
+        earlier = [c for c in checkpoints if c["stage"] in ("base", "sft") and c["step"] < ckpt["step"]]
+    else:
+        start = ckpt["rl_start_step"]
+        earlier = [c for c in checkpoints if c["stage"] == "rl" and c.get("rl_start_step") == start and c["step"] < ckpt["step"]]
+        if not earlier:
+            earlier = [c for c in checkpoints if c["stage"] in ("base", "sft") and c["step"] == start]
+    if not earlier:
+        raise ValueError(f"drift: no checkpoint before {ckpt['ckpt_id']} among {[c['ckpt_id'] for c in checkpoints]}")
+    return max(earlier, key=lambda c: c["step"])
+
+
+def key_config(cfg: StudyConfig, ckpt: dict, base: dict, prev: dict, data_path: Path) -> dict:
+    def ident(c: dict) -> dict:
+        return {k: c.get(k) for k in ("ckpt_id", "stage", "step", "rl_start_step", "content_hash")}
+
+    return {"ckpt": ident(ckpt), "base": ident(base), "previous": ident(prev), "answers": answers_key(cfg, base, data_path)}
+
+
+def artifact(store: Store, cfg: StudyConfig, ckpt: dict, base: dict, prev: dict, data_path: Path) -> Artifact:
+    return STAGE.artifact(store, key_config(cfg, ckpt, base, prev, data_path))
+
+
+def rows(ckpt: dict, split: str, reference: str, ref_id: str, pair: states.Pair) -> dict:
+    """One `drift_by_checkpoint` row: per-prompt signals as their means over the prompts."""
+    cos = signals.quantiles(pair.cosine)
+    return {
+        "ckpt_id": ckpt["ckpt_id"], "stage": ckpt["stage"], "step": ckpt["step"], "rl_start_step": ckpt.get("rl_start_step"),
+        "split": split, "reference": reference, "ref_id": ref_id, "n_prompts": len(pair.js),
+        "kl_forward": float(pair.kl_forward.mean()), "kl_reverse": float(pair.kl_reverse.mean()), "js": float(pair.js.mean()),
+        "sequence_kl": float(pair.sequence_kl.mean()),
+        **{f"jaccard_top{k}": float(v.mean()) for k, v in pair.jaccard.items()},
+        "entropy": float(pair.entropy_y.mean()), "entropy_ref": float(pair.entropy_x.mean()),
+        "margin": float(pair.margin_y.mean()), "margin_ref": float(pair.margin_x.mean()),
+        **{f"cosine_{k}": v for k, v in cos.items()}, "cosine_distance": 1.0 - cos["mean"],
+        "cka": signals.linear_cka(pair.hidden_x, pair.hidden_y), "mmd2": signals.rbf_mmd2(pair.hidden_x, pair.hidden_y),
+    }  # fmt: skip
+
+
+def measure(models: dict[str, object], answers: pl.DataFrame, ckpt: dict, refs: dict[str, dict], pad_id: int, batch_size: int) -> pl.DataFrame:
+    """`drift_by_checkpoint` of `ckpt` against each reference (`refs`: base / previous ->
+    checkpoint row; `models`: ckpt_id -> loaded model), per split."""
+    out = []
+    for split in SPLITS:
+        part = answers.filter(pl.col("split") == split).sort("index")
+        seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
+
+        def read(ckpt_id: str):
+            return states.forward(models[ckpt_id], seqs, n, pad_id, batch_size, what=ckpt_id)
+
+        for reference, ref in refs.items():
+            out.append(rows(ckpt, split, reference, ref["ckpt_id"], states.compare(read(ref["ckpt_id"]), read(ckpt["ckpt_id"]))))
+    return pl.DataFrame(out, schema=SCHEMA)
+
+
+def make(art: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, prev: dict, data_path: Path) -> Path:
+    store = open_store(art.root)
+
+    def build(tmp: Path) -> dict:
+        cuda = torch.cuda.is_available()
+        dtype, device = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
+        tok = load_tokenizer(base["path"], cfg.model.trust_remote_code)
+        models = {c["ckpt_id"]: load_model(c["path"], dtype, device, cfg.model.trust_remote_code) for c in (base, prev, ckpt)}
+        answers = base_answers(store, cfg, base, Path(data_path), models[base["ckpt_id"]], tok)
+        table = measure(models, answers, ckpt, {"base": base, "previous": prev}, tok.pad_token_id, cfg.drift.batch_size)
+        write_parquet(table, tmp / "drift_by_checkpoint.parquet")
+        ood = table.filter((pl.col("split") == "ood") & (pl.col("reference") == "base")).row(0, named=True)
+        log.info("drift %s: OOD JS from the base %.4f, cosine %.4f", ckpt["ckpt_id"], ood["js"], ood["cosine_mean"])
+        return {"rows": table.height}
+
+    return STAGE.build(art, build)
+
+
+def _run_name(parameters: dict) -> str:
+    from tasks.eval import describe
+
+    return f"drift {describe(parameters['ckpt'])}"
+
+
+@task(name=STAGE.name, task_run_name=_run_name)
+def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, previous: dict, data: str) -> str:
+    maybe_fail("drift")
+    with gpu_lease(cfg.runner):
+        return str(make(artifact, cfg, ckpt, base, previous, Path(data)))
+
+
+# ---------------------------------------------------------------- the study's tables
+
+
+def series(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: pl.DataFrame, signal: str) -> pl.DataFrame:
+    """Per SFT checkpoint (the base first, step order): step, ckpt_id, the rule's drift (the
+    base's is 0: no drift from itself), ID accuracy, ID reference CE, training loss, and OOD
+    accuracy (for the comparison only; the rule does not read it)."""
+    sft = checkpoints.filter(pl.col("stage").is_in(["base", "sft"])).select("ckpt_id", "step", "train_loss")
+    d = drift.filter((pl.col("split") == "ood") & (pl.col("reference") == "base")).select("ckpt_id", pl.col(signal).alias("drift"))
+    acc = eval_summary.pivot(on="split", index="ckpt_id", values=["accuracy", "ce"], aggregate_function="first")
+    return (
+        sft.join(d, on="ckpt_id", how="left")
+        .with_columns(pl.when(pl.col("step") == 0).then(0.0).otherwise(pl.col("drift")).alias("drift"))
+        .join(acc.select("ckpt_id", pl.col("accuracy_id"), pl.col("ce_id"), pl.col("accuracy_ood")), on="ckpt_id", how="left")
+        .sort("step")
+    )
+
+
+SELECTION_SCHEMA = {"rule": STR, "ckpt_id": STR, "step": I32, "accuracy_ood": F64, "accuracy_id": F64, "signal": STR, "rho": F64}
+
+
+def selection(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: pl.DataFrame, signal: str, rho: float) -> pl.DataFrame:
+    """`drift_selection`: the checkpoint each rule picks among the SFT checkpoints (base
+    included), with its OOD accuracy: the monitor, the loss rules (lowest ID reference CE,
+    lowest training loss), the last checkpoint, and the OOD-best (the oracle no rule knows)."""
+    s = series(drift, eval_summary, checkpoints, signal)
+    complete = s.drop_nulls(["drift", "accuracy_id"])
+    picks = {}
+    if complete.height >= 2:
+        picks["monitor"] = complete["ckpt_id"][monitor.select(complete["accuracy_id"].to_list(), complete["drift"].to_list(), rho)]
+    for rule, column in (("lowest_id_ce", "ce_id"), ("lowest_train_loss", "train_loss")):
+        if (i := monitor.lowest(s[column].to_list())) is not None:
+            picks[rule] = s["ckpt_id"][i]
+    picks["last"] = s["ckpt_id"][-1]
+    if (best := s.drop_nulls("accuracy_ood")).height:
+        picks["oracle"] = best.sort(["accuracy_ood", "step"], descending=[True, False])["ckpt_id"][0]
+    by_id = {r["ckpt_id"]: r for r in s.iter_rows(named=True)}
+    out = [{"rule": rule, "ckpt_id": c, "step": by_id[c]["step"], "accuracy_ood": by_id[c]["accuracy_ood"], "accuracy_id": by_id[c]["accuracy_id"], "signal": signal if rule == "monitor" else None, "rho": rho if rule == "monitor" else None} for rule, c in picks.items()]
+    return pl.DataFrame(out, schema=SELECTION_SCHEMA)
+
+
+CORRELATION_SCHEMA = {"signal": STR, "source": STR, "n_checkpoints": I32, "spearman_rho": F64, "ci_low": F64, "ci_high": F64}
+DRIFT_SIGNALS = ("kl_forward", "kl_reverse", "js", "sequence_kl", "cosine_distance", "cka", "mmd2", "jaccard_top10")
+
+
+def correlations(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: pl.DataFrame, svd_vs_accuracy: pl.DataFrame | None = None) -> pl.DataFrame:
+    """`drift_correlations`: Spearman's ρ with OOD accuracy across the SFT checkpoints (step
+    > 0) of each drift signal (OOD prompts, from the base), the ID and OOD reference CE, and
+    the svd stage's model-level summaries from the base, with a bootstrap interval."""
+    acc = eval_summary.pivot(on="split", index="ckpt_id", values=["accuracy", "ce"], aggregate_function="first")
+    sft = checkpoints.filter(pl.col("stage") == "sft").select("ckpt_id", "step").join(acc, on="ckpt_id", how="left").sort("step")
+    d = drift.filter((pl.col("split") == "ood") & (pl.col("reference") == "base"))
+    rows = []
+
+    def add(signal: str, source: str, table: pl.DataFrame, column: str) -> None:
+        joined = sft.join(table.select("ckpt_id", pl.col(column).alias("value")), on="ckpt_id", how="left")
+        c = monitor.spearman(joined["value"].to_list(), joined["accuracy_ood"].to_list())
+        rows.append({"signal": signal, "source": source, "n_checkpoints": c.n, "spearman_rho": c.rho, "ci_low": c.ci_low, "ci_high": c.ci_high})
+
+    for name in DRIFT_SIGNALS:
+        add(name, "drift", d, name)
+    for split in SPLITS:
+        if f"ce_{split}" in acc.columns:
+            add(f"ce_{split}", "eval", acc, f"ce_{split}")
+    if svd_vs_accuracy is not None and svd_vs_accuracy.height:
+        from tasks.svd.analysis import SUMMARIES
+
+        k = svd_vs_accuracy["k_spec"].sort()[0]
+        base = svd_vs_accuracy.filter((pl.col("reference") == "base") & (pl.col("k_spec") == k)).rename({"tgt_id": "ckpt_id"})
+        for name in SUMMARIES:
+            add(f"{name} (k {k})", "svd", base, name)
+    return pl.DataFrame(rows, schema=CORRELATION_SCHEMA)
+
+
+def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path], inputs: Sequence[str | Path]) -> Artifact:
+    from rlheal.store import sha256_file
+
+    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths), "inputs": {Path(p).name: sha256_file(Path(p)) for p in inputs}, "signal": cfg.drift.signal, "rho": cfg.drift.rho})
+
+
+@task(name=f"{STAGE.name}-tables", task_run_name="drift tables")
+def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str], eval_summary: str, checkpoints: str, svd_vs_accuracy: str | None) -> str:
+    """The study-wide `drift_by_checkpoint`, `drift_selection` and `drift_correlations`."""
+
+    def build(tmp: Path) -> dict:
+        drift = pl.concat([pl.read_parquet(Path(p) / "drift_by_checkpoint.parquet") for p in paths]).sort("stage", "rl_start_step", "step", "split", "reference", nulls_last=True)
+        summary, ckpts = pl.read_parquet(eval_summary), pl.read_parquet(checkpoints)
+        vs = pl.read_parquet(svd_vs_accuracy) if svd_vs_accuracy and Path(svd_vs_accuracy).is_file() else None
+        write_parquet(drift, tmp / "drift_by_checkpoint.parquet")
+        write_parquet(selection(drift, summary, ckpts, cfg.drift.signal, cfg.drift.rho), tmp / "drift_selection.parquet")
+        write_parquet(correlations(drift, summary, ckpts, vs), tmp / "drift_correlations.parquet")
+        return {"rows": drift.height}
+
+    return str(STAGE.build(artifact, build))
