@@ -73,7 +73,7 @@ def _fmt(metric: str, x: float) -> str:
         return f"{x:.0f}"
     if metric.endswith(("_deg", "_ratio")) or metric.startswith(("rho", "sigma", "energy", "noise_", "ce_")):
         return f"{x:.3f}"
-    return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop", "id_rise")) else f"{100 * x:.1f} %"
+    return f"{100 * x:+.1f} pp" if metric.startswith(("gain", "ood_drop", "id_rise", "minus_")) else f"{100 * x:.1f} %"
 
 
 def markdown(long: pl.DataFrame, names: list[str]) -> str:

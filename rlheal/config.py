@@ -445,7 +445,7 @@ class DriftSection(Section):
     """The label-free forgetting monitor (issue 19, docs/monitor.md): each checkpoint's drift
     from the base and from the checkpoint before it, on the evaluation prompts, no answers."""
 
-    enabled: bool = Field(False, description="run the drift stage (in progress: off by default until its report and verdict exist)")
+    enabled: bool = Field(False, description="run the drift stage and judge the monitor finding (off by default; configs/toy.yaml turns it on)")
     prompts: int | None = Field(None, ge=4, description="prompts per split, the first of each evaluation set (default: all of them; analysis.md §5 asks for >= 300)")
     batch_size: int = Field(32, ge=1, description="prompts per forward pass")
     signal: DriftSignal = Field("js", description="the drift the stopping rule reads, mean over the OOD prompts at the answer anchor (cosine_distance: 1 - the hidden states' cosine)")

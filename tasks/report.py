@@ -338,6 +338,12 @@ def rules() -> dict[str, str]:
             f"As above with the question ρ ≥ {RECOVERS_MOST:g}: a variant is supported if its interval's lower end is ≥ {RECOVERS_MOST:g}, not supported if its upper end is < {RECOVERS_MOST:g}. "
             f"A wide interval such as [−0.1, 0.9] is inconclusive for both questions."
         ),
+        "monitor": (
+            f"drift_selection's picks among the SFT checkpoints (base included): the monitor's (docs/monitor.md: ID accuracy and drift on the OOD prompts, no OOD answer), "
+            f"the lowest ID reference CE's and the lowest training loss's. Per loss rule: the OOD accuracy of the monitor's pick minus that rule's pick, per hand, "
+            f"with the normal {ci} interval of the mean of paired differences. **Supported**: both lower ends > 0. "
+            f"**Not supported**: either upper end ≤ 0 (picking a loss rule's checkpoint is a difference of 0). Otherwise inconclusive; no drift stage: no data."
+        ),
     }
 
 
@@ -440,6 +446,13 @@ def judge_rotation(drift: np.ndarray, angle_ratio: np.ndarray, energy_ratio: np.
     return {"status": _status(supported, (d >= SIGMA_DRIFT_MAX) | (A <= 1) | (E <= 1)), "drift": d, "angle_ratio": A, "energy_ratio": E, "p_angle": pa, "p_energy": pe}
 
 
+def judge_monitor(pick: np.ndarray, loss: np.ndarray) -> dict[str, np.ndarray]:
+    """pick (D, H): OOD outcomes of the monitor's checkpoint; loss (D, L, H): of each loss
+    rule's (the same checkpoint gives the same outcomes: a difference of 0)."""
+    diff, lo, hi = mean_interval(pick[:, None, :] - loss)
+    return {"status": _status((lo > 0).all(1), (hi <= 0).any(1)), "diff": diff, "low": lo, "high": hi}
+
+
 def claim_status(lo: np.ndarray, hi: np.ndarray, threshold: float, inclusive: bool) -> np.ndarray:
     """Supported when the interval lies inside the claim's region (ρ > t, or ρ ≥ t when
     `inclusive`), not supported when it lies outside; NaN bounds (no interval) are inconclusive."""
@@ -472,7 +485,9 @@ FINDINGS = {
     "rotation": "Singular values barely move while singular vectors rotate",
     "edit_some": "Restoring singular directions (top 20 %, or the first 25 % of layers) recovers some of the lost OOD ability (ρ > 0)",
     "edit_most": "... and recovers most of it (ρ ≥ 0.5; the paper: 70-80 %)",
+    "monitor": "A label-free signal locates the OOD peak better than loss (beyond the paper: docs/monitor.md)",
 }
+LOSS_RULES = {"lowest_id_ce": "the lowest ID reference CE", "lowest_train_loss": "the lowest training loss"}
 
 
 @dataclass
@@ -681,6 +696,29 @@ def verdict_edit(res: pl.DataFrame | None, variants: pl.DataFrame | None) -> dic
     return verdicts
 
 
+def verdict_monitor(sel: pl.DataFrame | None, attempts: pl.DataFrame | None, bench: Benchmark) -> Verdict:
+    finding = FINDINGS["monitor"]
+    if sel is None:
+        return Verdict(finding, "no drift stage (drift.enabled is off)", "no data")
+    picks = {r["rule"]: r for r in sel.iter_rows(named=True)}
+    if missing := [r for r in ("monitor", *LOSS_RULES) if r not in picks]:
+        return Verdict(finding, f"drift_selection has no pick for {', '.join(missing)}", "no data")
+    ids = list(dict.fromkeys(picks[r]["ckpt_id"] for r in ("monitor", *LOSS_RULES)))
+    m = None if attempts is None else solved_matrix(attempts, "ood", ids, bench)
+    if m is None or len(m[0]) < 4:
+        return Verdict(finding, "no per-hand OOD outcomes (eval_attempts) of the picked checkpoints, or fewer than 4 hands", "no data")
+    row = {c: m[2][i] for i, c in enumerate(m[1])}
+    r = judge_monitor(row[picks["monitor"]["ckpt_id"]][None], np.stack([row[picks[k]["ckpt_id"]] for k in LOSS_RULES])[None])
+    mon = picks["monitor"]
+    parts = [f"the monitor picks step {mon['step']} (OOD {_pct(mon['accuracy_ood'])}, {mon['signal']}, ρ {mon['rho']:g})"]
+    for j, (k, words) in enumerate(LOSS_RULES.items()):
+        parts.append(f"{words} step {picks[k]['step']} (OOD {_pct(picks[k]['accuracy_ood'])}): difference {_iv(r['diff'][0, j], r['low'][0, j], r['high'][0, j])}")
+    if "oracle" in picks:
+        parts.append(f"OOD-best step {picks['oracle']['step']} ({_pct(picks['oracle']['accuracy_ood'])}), last step {picks['last']['step']} ({_pct(picks['last']['accuracy_ood'])})")
+    values = {"monitor_step": mon["step"], "monitor_ood": mon["accuracy_ood"], **{f"{k}_step": picks[k]["step"] for k in LOSS_RULES}, **{f"minus_{k}": float(r["diff"][0, j]) for j, k in enumerate(LOSS_RULES)}}
+    return Verdict(finding, "; ".join(parts), WORDS[int(r["status"][0])], values)
+
+
 def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.DataFrame | None, bench: Benchmark) -> dict[str, Verdict]:
     """The findings (keys of FINDINGS), judged on one study's tables and its `sft_accuracy`
     and `rl_recovery` views."""
@@ -692,6 +730,7 @@ def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.D
         "window": verdict_window(rec, attempts, bench),
         "rotation": verdict_rotation(t.get("svd_pair_metrics"), t.get("checkpoint_roles")),
         **verdict_edit(t.get("edit_eval_results"), t.get("edit_variants")),
+        "monitor": verdict_monitor(t.get("drift_selection"), attempts, bench),
     }
 
 

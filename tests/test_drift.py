@@ -387,6 +387,10 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     assert sum(m.get("config", {}).get("kind") == "base_answers" for m in manifests) == 1
     assert set(t["drift_selection"]["rule"]) == {"monitor", "lowest_id_ce", "lowest_train_loss", "last", "oracle"}
     assert "js" in t["drift_correlations"]["signal"].to_list()
+    # the report judges the fifth finding from those tables (docs/verdicts.md, monitor)
+    md = (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("| A label-free signal"))
+    assert "the monitor picks step" in line and "no data" not in line, line
 
     # the pre-run space estimate of the stage holds what it wrote, to 25 %
     from flows import cli

@@ -188,7 +188,7 @@ def test_a_seed_replicate_shares_the_store_and_compares(prefect_api, smoke_study
     assert r.returncode == 0, r.stderr
     out = store / "replicates" / "smoke+smoke-seed1"
     long = pl.read_parquet(out / "replicates.parquet")
-    assert set(long["study"]) == {"smoke", "smoke-seed1"} and set(long["finding"]) == {"forgetting", "loss", "window", "rotation", "edit_some", "edit_most"}
+    assert set(long["study"]) == {"smoke", "smoke-seed1"} and set(long["finding"]) == {"forgetting", "loss", "window", "rotation", "edit_some", "edit_most", "monitor"}
     md = (out / "replicates.md").read_text()
     for name in ("smoke", "smoke-seed1"):
         # each study's verdicts are exactly those of its own report

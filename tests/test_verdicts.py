@@ -224,6 +224,17 @@ def edit_draws(rng, draws, rho, variants=2, r=0.0, resamples=2000, hands=HANDS):
     return np.stack([b[0] for b in bounds], 1), np.stack([b[1] for b in bounds], 1), (edits, donor, target)
 
 
+def run_monitor(rng, draws, effect):
+    """Null: the monitor and the loss rules pick three different checkpoints of equal OOD
+    accuracy. Effect: the monitor picks F1's peak and both loss rules its last step (one
+    checkpoint: the same outcomes)."""
+    if effect:
+        o = draw(rng, [OOD_SFT.max(), OOD_SFT[-1]], draws)
+        return report.judge_monitor(o[:, 0], o[:, [1, 1]])["status"]
+    o = draw(rng, [0.10, 0.10, 0.10], draws)
+    return report.judge_monitor(o[:, 0], o[:, 1:])["status"]
+
+
 def run_edit(rng, draws, resamples, rho, question, r=0.0):
     lo, hi, _ = edit_draws(rng, draws, rho, r=r, resamples=resamples)
     return report.judge_recovery(lo, hi)[question]
@@ -255,6 +266,9 @@ SCENARIOS = {
     # Appended (seeds follow the position): coarse designs, measured and printed, not required.
     **{("window", f"4 starts ({k}): no effect"): ((lambda m: lambda g, n, b: run_window(g, n, False, m))(m), False, None, False) for k, m in COARSE.items()},
     **{("window", f"paper: 4 starts ({k}), RL as F1"): ((lambda m: lambda g, n, b: run_window(g, n, True, m))(m), True, 0.0, False) for k, m in COARSE.items()},
+    # Issue 19, appended: the monitor's pick against the two loss rules' picks.
+    ("monitor", "the three picks equally good (three checkpoints at 10 %)"): (lambda g, n, b: run_monitor(g, n, False), False, None, True),
+    ("monitor", "the monitor picks F1's OOD peak (17.5 %), both loss rules its last step (6.8 %)"): (lambda g, n, b: run_monitor(g, n, True), True, MIN_POWER, True),
 }
 
 
@@ -481,6 +495,34 @@ def test_edit_tables_agree():
         for i in range(5):
             v = verdicts(edit_study(lo[i], hi[i]))
             assert (code(v["edit_some"]), code(v["edit_most"])) == (want["some"][i], want["most"][i])
+
+
+def monitor_study(ood: np.ndarray, steps: list[int], picks: dict[str, int]) -> dict[str, pl.DataFrame]:
+    """An SFT run's eval tables (outcomes ood (C, H) at `steps`) with the drift stage's picks
+    (rule -> step), as drift_selection holds them."""
+    t = sft_study(ood, ood, steps=steps)
+    acc = dict(zip(steps, ood.mean(1)))
+    t["drift_selection"] = pl.DataFrame(
+        [{"rule": r, "ckpt_id": f"sft-{k}", "step": k, "accuracy_ood": float(acc[k]), "accuracy_id": 0.5, "signal": "js" if r == "monitor" else None, "rho": 0.5 if r == "monitor" else None} for r, k in picks.items()],
+        schema={"rule": pl.String, "ckpt_id": pl.String, "step": pl.Int32, "accuracy_ood": pl.Float64, "accuracy_id": pl.Float64, "signal": pl.String, "rho": pl.Float64},
+    )
+    return t
+
+
+def test_monitor_tables_agree():
+    """all_verdicts reads drift_selection and eval_attempts as judge_monitor reads its arrays:
+    the peak against the end (supported), the same checkpoint as a loss rule (a difference of
+    0: not supported), and no drift stage (no data)."""
+    rng = np.random.default_rng(15)
+    o = draw(rng, [OOD_SFT.max(), 0.10, OOD_SFT[-1]], 3)
+    for i in range(3):
+        picks = {"monitor": 10, "lowest_id_ce": 30, "lowest_train_loss": 30, "last": 30}
+        v = verdicts(monitor_study(o[i], [10, 20, 30], picks))["monitor"]
+        want = report.judge_monitor(o[i, 0][None], o[i, [2, 2]][None])
+        assert code(v) == want["status"][0] and v.values["monitor_step"] == 10
+    same = verdicts(monitor_study(o[0], [10, 20, 30], {"monitor": 30, "lowest_id_ce": 30, "lowest_train_loss": 10}))["monitor"]
+    assert same.verdict == "not supported" and "difference +0.0 pp [+0.0 pp, +0.0 pp]" in same.evidence
+    assert verdicts(sft_study(o[0], o[0], steps=[10, 20, 30]))["monitor"].verdict == "no data"
 
 
 # ---------------------------------------------------------------------------- the old rules' defects
