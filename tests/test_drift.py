@@ -193,11 +193,13 @@ def test_a_model_against_itself_has_no_drift_and_a_moved_one_has_some(tiny):
     def read(model):
         return states.forward(model, seqs, n, tok.pad_token_id, batch_size=3)
 
-    same = states.compare(read(base), read(base))
+    same = states.compare({"a": read(base), "b": read(base)}, [("a", "b")])["a", "b"]
     assert same.kl_forward.abs().max() < 1e-6 and same.js.abs().max() < 1e-6 and same.sequence_kl.abs().max() < 1e-5
     assert same.cosine.min() > 1 - 1e-6 and all(j.min() == 1.0 for j in same.jaccard.values())
     assert sg.linear_cka(same.hidden_x, same.hidden_y) == pytest.approx(1.0)
-    pair = states.compare(read(base), read(moved))
+    both = states.compare({"base": read(base), "moved": read(moved)}, [("base", "moved"), ("moved", "base")])
+    pair = both["base", "moved"]
+    torch.testing.assert_close(both["moved", "base"].kl_forward, pair.kl_reverse)  # one read, both directions
     assert len(pair.kl_forward) == len(seqs)
     assert (pair.kl_forward > 0).all() and (pair.kl_reverse > 0).all() and (pair.js > 0).all()
     assert not torch.allclose(pair.kl_forward, pair.kl_reverse)  # KL is not symmetric

@@ -166,11 +166,10 @@ def measure(models: dict[str, object], answers: pl.DataFrame, ckpt: dict, refs: 
         part = answers.filter(pl.col("split") == split).sort("index")
         seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
 
-        def read(ckpt_id: str):
-            return states.forward(models[ckpt_id], seqs, n, pad_id, batch_size, what=ckpt_id)
-
+        readers = {c: states.forward(models[c], seqs, n, pad_id, batch_size, what=c) for c in dict.fromkeys([ckpt["ckpt_id"], *(r["ckpt_id"] for r in refs.values())])}
+        pairs = states.compare(readers, [(r["ckpt_id"], ckpt["ckpt_id"]) for r in refs.values()])
         for reference, ref in refs.items():
-            out.append(rows(ckpt, split, reference, ref["ckpt_id"], states.compare(read(ref["ckpt_id"]), read(ckpt["ckpt_id"]))))
+            out.append(rows(ckpt, split, reference, ref["ckpt_id"], pairs[ref["ckpt_id"], ckpt["ckpt_id"]]))
     return pl.DataFrame(out, schema=SCHEMA)
 
 

@@ -10,7 +10,7 @@ tokens of the user turn, template text, and assumed right padding where it was l
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -83,32 +83,36 @@ class Pair:
     hidden_y: torch.Tensor
 
 
-def compare(x: Iterator[Batch], y: Iterator[Batch], ks: Sequence[int] = signals.JACCARD_KS) -> Pair:
-    """The signals of `y` against `x`, batch by batch (both `forward` over the same
-    sequences): only one batch of each model's full distributions is held at once."""
-    parts: dict[str, list[torch.Tensor]] = {}
-
-    def add(name: str, value: torch.Tensor) -> None:
-        parts.setdefault(name, []).append(value)
-
-    for bx, by in zip(x, y, strict=True):
-        if not torch.equal(bx.scored, by.scored):
-            raise ValueError("compare: the two models were not read on the same sequences")
-        add("kl_forward", signals.kl(bx.anchor, by.anchor))
-        add("kl_reverse", signals.kl(by.anchor, bx.anchor))
-        add("js", signals.js(bx.anchor, by.anchor))
-        for k in ks:
-            add(f"jaccard{k}", signals.topk_jaccard(bx.anchor, by.anchor, k))
-        add("entropy_x", signals.entropy(bx.anchor))
-        add("entropy_y", signals.entropy(by.anchor))
-        add("margin_x", signals.margin(bx.anchor))
-        add("margin_y", signals.margin(by.anchor))
-        add("sequence_kl", signals.sequence_kl(bx.answer, by.answer, bx.scored))
-        add("cosine", signals.cosine(bx.hidden, by.hidden))
-        add("hidden_x", bx.hidden)
-        add("hidden_y", by.hidden)
-    cat = {name: torch.cat(values) for name, values in parts.items()}
-    return Pair(
-        **{name: cat.pop(name) for name in ("kl_forward", "kl_reverse", "js", "entropy_x", "entropy_y", "margin_x", "margin_y", "sequence_kl", "cosine", "hidden_x", "hidden_y")},
-        jaccard={k: cat.pop(f"jaccard{k}") for k in ks},
-    )
+def compare(readers: Mapping[str, Iterator[Batch]], pairs: Sequence[tuple[str, str]], ks: Sequence[int] = signals.JACCARD_KS) -> dict[tuple[str, str], Pair]:
+    """The signals of each pair (x, y) of `readers` (name -> `forward` over the same
+    sequences), batch by batch: each model is read once however many pairs it is in, and only
+    one batch of its full distributions is held at once."""
+    parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {pair: {} for pair in pairs}
+    names = list(readers)
+    for batch in zip(*readers.values(), strict=True):
+        read = dict(zip(names, batch))
+        if any(not torch.equal(read[names[0]].scored, b.scored) for b in batch):
+            raise ValueError("compare: the models were not read on the same sequences")
+        for pair in pairs:
+            bx, by = read[pair[0]], read[pair[1]]
+            values = {
+                "kl_forward": signals.kl(bx.anchor, by.anchor),
+                "kl_reverse": signals.kl(by.anchor, bx.anchor),
+                "js": signals.js(bx.anchor, by.anchor),
+                **{f"jaccard{k}": signals.topk_jaccard(bx.anchor, by.anchor, k) for k in ks},
+                "entropy_x": signals.entropy(bx.anchor),
+                "entropy_y": signals.entropy(by.anchor),
+                "margin_x": signals.margin(bx.anchor),
+                "margin_y": signals.margin(by.anchor),
+                "sequence_kl": signals.sequence_kl(bx.answer, by.answer, bx.scored),
+                "cosine": signals.cosine(bx.hidden, by.hidden),
+                "hidden_x": bx.hidden,
+                "hidden_y": by.hidden,
+            }
+            for name, value in values.items():
+                parts[pair].setdefault(name, []).append(value)
+    out = {}
+    for pair, p in parts.items():
+        cat = {name: torch.cat(values) for name, values in p.items()}
+        out[pair] = Pair(**{name: cat.pop(name) for name in list(cat) if not name.startswith("jaccard")}, jaccard={k: cat[f"jaccard{k}"] for k in ks})
+    return out

@@ -1,0 +1,94 @@
+"""The drift stage's cost (issue 19): per checkpoint against the eval stage's, and the
+hidden-state read batched against one prompt at a time.
+
+    python benchmarks/bench_drift.py --store <a finished toy study's store> [--study toy] [--prompts 500]
+
+Both figures are measured in this run, on the study's own checkpoints and prompts:
+- drift per checkpoint: `tasks.drift.measure` of the last SFT checkpoint against the base
+  and its previous checkpoint on both splits (loading the three models included), against
+  the eval stage's mean seconds per checkpoint (both splits) from the study's eval_summary,
+  which the same machine measured when the study ran;
+- hidden-state extraction: `tasks.drift.states.forward` over the OOD prompts in batches of
+  --batch-size, against a batch of one per prompt (the authors' loop); the two must agree.
+The base's greedy answers are built once per study and are timed on their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
+
+from rlheal.config import StudyConfig  # noqa: E402
+from tasks import drift  # noqa: E402
+from tasks.drift import states  # noqa: E402
+from tasks.lm import load_model, load_tokenizer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, required=True, help="the store of a finished study (make demo: store/)")
+    ap.add_argument("--study", default="toy")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per split (default: all of the evaluation set)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    tables = args.store / "studies" / args.study / "tables"
+    if not (tables / "checkpoints.parquet").is_file():
+        ap.error(f"--store: {tables} holds no finished study's tables")
+    ckpts = pl.read_parquet(tables / "checkpoints.parquet").filter(pl.col("stage").is_in(["base", "sft"])).sort("step").to_dicts()
+    base, prev, last = ckpts[0], ckpts[-2], ckpts[-1]
+    data_dir = (tables / "eval_set_ood.parquet").resolve().parent  # the published table links into its data artifact
+    cfg = StudyConfig.model_validate({"name": args.study, "drift": {"enabled": True, "prompts": args.prompts, "batch_size": args.batch_size}})
+    tok = load_tokenizer(base["path"])
+
+    t0 = time.perf_counter()
+    base_model = load_model(base["path"]).eval()
+    texts = drift.prompts(data_dir, cfg)
+    answers = []
+    for split, ps in texts.items():
+        ids = [drift.prompt_ids(tok, p, cfg) for p in ps]
+        for i, (p, a) in enumerate(zip(ids, drift.greedy_answers(base_model, tok, ids, cfg.eval.decoding.resolved()["max_new_tokens"], args.batch_size))):
+            answers.append({"split": split, "index": i, "ids": p + a, "n_prompt": len(p)})
+    answers = pl.DataFrame(answers)
+    t_answers = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    models = {c["ckpt_id"]: load_model(c["path"]).eval() for c in (base, prev, last)}
+    drift.measure(models, answers, last, {"base": base, "previous": prev}, tok.pad_token_id, args.batch_size)
+    t_drift = time.perf_counter() - t0
+
+    summary = pl.read_parquet(tables / "eval_summary.parquet")
+    per_ckpt = summary.group_by("ckpt_id").agg(pl.col("seconds").sum())["seconds"].mean()
+    n = answers.height // 2
+    print(f"{args.study}: {n} prompts per split, batch {args.batch_size}, one torch thread")
+    print(f"  drift of one checkpoint (3 models loaded, 2 splits x 2 references): {t_drift:.2f} s")
+    print(f"  eval of one checkpoint (both splits, the study's mean):            {per_ckpt:.2f} s")
+    print(f"  drift / eval per checkpoint: {t_drift / per_ckpt:.3f}")
+    print(f"  the base's greedy answers (once per study): {t_answers:.2f} s")
+
+    ood = answers.filter(pl.col("split") == "ood").sort("index")
+    seqs, lens = ood["ids"].to_list(), ood["n_prompt"].to_list()
+    model = models[last["ckpt_id"]]
+    t0 = time.perf_counter()
+    batched = torch.cat([b.hidden for b in states.forward(model, seqs, lens, tok.pad_token_id, args.batch_size)])
+    t_batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    single = torch.cat([b.hidden for s, k in zip(seqs, lens) for b in states.forward(model, [s], [k], tok.pad_token_id, 1)])
+    t_single = time.perf_counter() - t0
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    print(f"  hidden states of {n} OOD prompts: batched {n / t_batched:.1f} prompts/s, one at a time {n / t_single:.1f} prompts/s: x{t_single / t_batched:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
