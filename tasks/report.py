@@ -342,7 +342,8 @@ def rules() -> dict[str, str]:
             f"drift_selection's picks among the SFT checkpoints (base included): the monitor's (docs/monitor.md: ID accuracy and drift on the OOD prompts, no OOD answer), "
             f"the lowest ID reference CE's and the lowest training loss's. Per loss rule: the OOD accuracy of the monitor's pick minus that rule's pick, per hand, "
             f"with the normal {ci} interval of the mean of paired differences. **Supported**: both lower ends > 0. "
-            f"**Not supported**: either upper end ≤ 0 (picking a loss rule's checkpoint is a difference of 0). Otherwise inconclusive; no drift stage: no data."
+            f"**Not supported**: either upper end ≤ 0 (picking a loss rule's checkpoint is a difference of 0). Otherwise inconclusive. "
+            f"No data: no drift stage, or a rule other than the one fixed before any result (drift.signal js, rho 0.5)."
         ),
     }
 
@@ -703,6 +704,12 @@ def verdict_monitor(sel: pl.DataFrame | None, attempts: pl.DataFrame | None, ben
     picks = {r["rule"]: r for r in sel.iter_rows(named=True)}
     if missing := [r for r in ("monitor", *LOSS_RULES) if r not in picks]:
         return Verdict(finding, f"drift_selection has no pick for {', '.join(missing)}", "no data")
+    from tasks.drift import monitor
+
+    if (picks["monitor"]["signal"], picks["monitor"]["rho"]) != (monitor.SIGNAL, monitor.RHO):
+        # chosen after drift_correlations could show which signal tracks OOD: not the rule
+        # fixed in advance, so not evidence for it
+        return Verdict(finding, f"the picks use drift.signal {picks['monitor']['signal']} and rho {picks['monitor']['rho']:g}, not the rule fixed before any result ({monitor.SIGNAL}, {monitor.RHO:g}): exploratory, not judged", "no data")
     ids = list(dict.fromkeys(picks[r]["ckpt_id"] for r in ("monitor", *LOSS_RULES)))
     m = None if attempts is None else solved_matrix(attempts, "ood", ids, bench)
     if m is None or len(m[0]) < 4:

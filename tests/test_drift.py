@@ -117,6 +117,18 @@ def test_rbf_mmd2_is_the_unbiased_estimator_with_the_median_bandwidth():
     assert sg.rbf_mmd2(x, x.clone()) < 0  # unbiased: the same sample scores below zero
 
 
+def test_mmd_bandwidth_skips_zero_distances_and_large_samples_are_subsampled():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    x = torch.cat([x, x[:3]])  # tied rows: zero distances the median must not count
+    y = torch.randn(5, 2, generator=g, dtype=torch.float64) + 1.0
+    assert sg.rbf_mmd2(x, y) == pytest.approx(mmd2_by_loops(x, y), rel=1e-9)
+    big_x = torch.randn(600, 2, generator=g, dtype=torch.float64)
+    big_y = torch.randn(700, 2, generator=g, dtype=torch.float64) + 0.5
+    assert sg.rbf_mmd2(big_x, big_y) == pytest.approx(sg.rbf_mmd2(sg.subsample(big_x), sg.subsample(big_y)), rel=1e-12)
+    assert sg.rbf_mmd2(big_x, big_y) != pytest.approx(sg.rbf_mmd2(big_x[:512], big_y[:512]), rel=1e-6)  # seeded rows, not the first
+
+
 def test_mmd_subsamples_at_most_512_rows_with_a_fixed_seed():
     g = torch.Generator().manual_seed(0)
     big = torch.randn(700, 2, generator=g, dtype=torch.float64)
@@ -185,6 +197,17 @@ def test_batching_and_padding_leave_each_prompts_states_as_alone(tiny):
     assert together[0].scored[0].sum().item() == len(seqs[0]) - n[0]  # every answer token scored once
 
 
+def test_the_scored_positions_are_those_that_predict_the_answer_tokens():
+    from tasks.drift import states
+
+    ids, mask, scored = states.padded([[7, 8, 9, 10, 11], [7, 8, 9]], [2, 2], pad_id=0)
+    # sequence 0: prompt 7 8, answer 9 10 11: positions 1, 2, 3 predict them
+    assert scored.tolist() == [[0, 1, 1, 1, 0], [0, 1, 0, 0, 0]]
+    assert ids.tolist() == [[7, 8, 9, 10, 11], [7, 8, 9, 0, 0]] and mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="sequence 0: a prompt of 6 tokens"):
+        states.padded([[1, 2]], [6], pad_id=0)
+
+
 def test_a_model_against_itself_has_no_drift_and_a_moved_one_has_some(tiny):
     from tasks.drift import states
 
@@ -200,6 +223,17 @@ def test_a_model_against_itself_has_no_drift_and_a_moved_one_has_some(tiny):
     both = states.compare({"base": read(base), "moved": read(moved)}, [("base", "moved"), ("moved", "base")])
     pair = both["base", "moved"]
     torch.testing.assert_close(both["moved", "base"].kl_forward, pair.kl_reverse)  # one read, both directions
+    # the directions pinned against the batches themselves: forward KL is KL(p_base ‖ p), the
+    # sequence KL sums KL(π_base ‖ π) over the answer's positions
+    bx, by = list(read(base)), list(read(moved))
+    want_kl = torch.cat([sg.kl(a.anchor, b.anchor) for a, b in zip(bx, by)])
+    want_seq = torch.cat([(sg.kl(a.answer, b.answer) * a.scored).sum(-1) for a, b in zip(bx, by)])
+    torch.testing.assert_close(pair.kl_forward, want_kl.double() if pair.kl_forward.dtype == torch.float64 else want_kl)
+    torch.testing.assert_close(pair.sequence_kl, want_seq.to(pair.sequence_kl.dtype))
+    # a pair asked twice (the first checkpoint's previous is the base) is read and counted once
+    twice = states.compare({"base": read(base), "moved": read(moved)}, [("base", "moved"), ("base", "moved")])
+    assert len(twice) == 1 and len(twice["base", "moved"].js) == len(seqs)
+    torch.testing.assert_close(twice["base", "moved"].hidden_y, pair.hidden_y)
     assert len(pair.kl_forward) == len(seqs)
     assert (pair.kl_forward > 0).all() and (pair.kl_reverse > 0).all() and (pair.js > 0).all()
     assert not torch.allclose(pair.kl_forward, pair.kl_reverse)  # KL is not symmetric
@@ -246,6 +280,17 @@ def test_the_rule_stops_before_the_first_interval_below_half_the_best_efficiency
     assert monitor.select(acc, drift, rho=0.05) == 3  # a laxer threshold stops later
     steady = [0.0, 0.1, 0.2, 0.3]
     assert monitor.select(steady, steady) == 3  # efficiency never falls: the last checkpoint
+
+
+def test_the_rule_stops_strictly_below_and_only_once_an_efficiency_was_positive():
+    from tasks.drift import monitor
+
+    # efficiencies 2, then exactly 0.5 x 2 (binary fractions: no rounding): not below, no
+    # stop; then 0.125: stop before it
+    assert monitor.efficiencies([0.0, 0.25, 0.375, 0.390625], [0.0, 0.125, 0.25, 0.375]) == [2.0, 1.0, 0.125]
+    assert monitor.select([0.0, 0.25, 0.375, 0.390625], [0.0, 0.125, 0.25, 0.375]) == 2
+    # a first interval that loses ID accuracy (efficiency -1) is no best to fall from
+    assert monitor.select([0.2, 0.1, 0.3, 0.35], [0.0, 0.1, 0.2, 0.3]) == 2
 
 
 def test_the_rule_reads_nothing_of_later_checkpoints_and_skips_intervals_without_drift():
@@ -308,13 +353,13 @@ def test_previous_is_the_save_before_on_the_checkpoints_own_trajectory():
 
 def study_like_tables():
     """An SFT trajectory whose ID accuracy saturates while OOD drift keeps growing; its OOD
-    accuracy peaks at sft-2 (the monitor never reads it)."""
+    accuracy peaks at sft-3, after the rule's pick (the monitor never reads it)."""
     import polars as pl
 
     steps = [0, 1, 2, 3, 4]
     ids = ["base", "sft-1", "sft-2", "sft-3", "sft-4"]
     checkpoints = pl.DataFrame({"ckpt_id": ids, "stage": ["base"] + ["sft"] * 4, "step": steps, "train_loss": [None, 2.0, 1.2, 0.9, 0.8]})
-    acc_id, acc_ood, ce_id = [0.0, 0.30, 0.50, 0.55, 0.56], [0.05, 0.20, 0.25, 0.15, 0.10], [3.0, 2.0, 1.5, 1.2, 1.1]
+    acc_id, acc_ood, ce_id = [0.0, 0.30, 0.50, 0.55, 0.56], [0.05, 0.20, 0.25, 0.30, 0.10], [3.0, 2.0, 1.5, 1.2, 1.1]
     summary = pl.DataFrame(
         [{"ckpt_id": c, "split": "id", "accuracy": a, "ce": e} for c, a, e in zip(ids, acc_id, ce_id)]
         + [{"ckpt_id": c, "split": "ood", "accuracy": a, "ce": 1.0} for c, a in zip(ids, acc_ood)]
@@ -334,9 +379,19 @@ def test_selection_applies_the_rule_to_the_tables_and_sets_its_pick_beside_the_o
         "lowest_id_ce": ("sft-4", 0.10),
         "lowest_train_loss": ("sft-4", 0.10),
         "last": ("sft-4", 0.10),
-        "oracle": ("sft-2", 0.25),
+        "oracle": ("sft-3", 0.30),
     }
     assert table.filter(pl_rule("monitor"))["signal"].to_list() == ["js"]  # the ID-split drift (9.0) is not read
+    # the rule reads no OOD accuracy: reversed, it moves the oracle, not the pick
+    import polars as pl
+
+    d, summary, checkpoints = study_like_tables()
+    flipped = summary.with_columns(accuracy=pl.when(pl.col("split") == "ood").then(0.5 - pl.col("accuracy")).otherwise(pl.col("accuracy")))
+    again = {r["rule"]: r["ckpt_id"] for r in drift.selection(d, flipped, checkpoints, signal="js", rho=0.5).iter_rows(named=True)}
+    assert again["monitor"] == "sft-2" and again["oracle"] == "base"
+    # a checkpoint without its drift (a failed task): no pick, not a rule over a merged interval
+    holed = drift.selection(d.filter(pl.col("ckpt_id") != "sft-3"), summary, checkpoints, signal="js", rho=0.5)
+    assert "monitor" not in set(holed["rule"]) and "lowest_id_ce" in set(holed["rule"])
 
 
 def pl_rule(name):
@@ -351,8 +406,8 @@ def test_correlations_rank_each_signal_against_ood_accuracy():
     d, summary, checkpoints = study_like_tables()
     table = drift.correlations(d.with_columns(**{c: d["js"] for c in drift.DRIFT_SIGNALS if c != "js"}), summary, checkpoints)
     js = table.filter(table["signal"] == "js").row(0, named=True)
-    # OOD accuracy over sft-1..4: .20 .25 .15 .10; JS rises: ρ = -0.8
-    assert js["n_checkpoints"] == 4 and js["spearman_rho"] == pytest.approx(-0.8)
+    # OOD accuracy over sft-1..4: .20 .25 .30 .10; JS rises: ρ = 1 - 6·12/60 = -0.2
+    assert js["n_checkpoints"] == 4 and js["spearman_rho"] == pytest.approx(-0.2)
     assert set(table["source"]) == {"drift", "eval"}
 
 

@@ -224,12 +224,13 @@ def edit_draws(rng, draws, rho, variants=2, r=0.0, resamples=2000, hands=HANDS):
     return np.stack([b[0] for b in bounds], 1), np.stack([b[1] for b in bounds], 1), (edits, donor, target)
 
 
-def run_monitor(rng, draws, effect):
-    """Null: the monitor and the loss rules pick three different checkpoints of equal OOD
-    accuracy. Effect: the monitor picks F1's peak and both loss rules its last step (one
-    checkpoint: the same outcomes)."""
-    if effect:
-        o = draw(rng, [OOD_SFT.max(), OOD_SFT[-1]], draws)
+def run_monitor(rng, draws, effect, same=False):
+    """Nulls: the monitor and the loss rules pick checkpoints of equal OOD accuracy, three
+    different ones, or (`same`, the usual case: both loss rules pick the last step) two, so
+    that "both lower ends > 0" is one comparison. Effect: the monitor picks F1's peak and
+    both loss rules its last step."""
+    if effect or same:
+        o = draw(rng, [OOD_SFT.max(), OOD_SFT[-1]] if effect else [0.10, 0.10], draws)
         return report.judge_monitor(o[:, 0], o[:, [1, 1]])["status"]
     o = draw(rng, [0.10, 0.10, 0.10], draws)
     return report.judge_monitor(o[:, 0], o[:, 1:])["status"]
@@ -269,6 +270,7 @@ SCENARIOS = {
     # Issue 19, appended: the monitor's pick against the two loss rules' picks.
     ("monitor", "the three picks equally good (three checkpoints at 10 %)"): (lambda g, n, b: run_monitor(g, n, False), False, None, True),
     ("monitor", "the monitor picks F1's OOD peak (17.5 %), both loss rules its last step (6.8 %)"): (lambda g, n, b: run_monitor(g, n, True), True, MIN_POWER, True),
+    ("monitor", "two equally good picks, both loss rules on one checkpoint (10 %)"): (lambda g, n, b: run_monitor(g, n, False, same=True), False, None, True),
 }
 
 
@@ -523,6 +525,11 @@ def test_monitor_tables_agree():
     same = verdicts(monitor_study(o[0], [10, 20, 30], {"monitor": 30, "lowest_id_ce": 30, "lowest_train_loss": 10}))["monitor"]
     assert same.verdict == "not supported" and "difference +0.0 pp [+0.0 pp, +0.0 pp]" in same.evidence
     assert verdicts(sft_study(o[0], o[0], steps=[10, 20, 30]))["monitor"].verdict == "no data"
+    # another signal or threshold than the rule fixed in advance is exploratory: not judged
+    t = monitor_study(o[0], [10, 20, 30], {"monitor": 10, "lowest_id_ce": 30, "lowest_train_loss": 30})
+    t["drift_selection"] = t["drift_selection"].with_columns(signal=pl.when(pl.col("rule") == "monitor").then(pl.lit("mmd2")).otherwise(pl.col("signal")))
+    v = verdicts(t)["monitor"]
+    assert v.verdict == "no data" and "exploratory" in v.evidence
 
 
 # ---------------------------------------------------------------------------- the old rules' defects

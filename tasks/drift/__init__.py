@@ -32,7 +32,7 @@ from tasks.chat import encode, left_pad, render, stop_token_ids
 from tasks.drift import monitor, signals, states
 from tasks.lm import generation_config, load_model, load_tokenizer, only
 
-STAGE = Stage("drift", version="1", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations"))
+STAGE = Stage("drift", version="2", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations"))  # 2: a checkpoint whose previous is the base no longer counts its prompts twice
 log = logging.getLogger("rlheal.drift")
 SPLITS = ("id", "ood")
 ANSWERS = "drift_answers.parquet"
@@ -180,7 +180,7 @@ def make(art: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, prev: dict, da
         cuda = torch.cuda.is_available()
         dtype, device = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
         tok = load_tokenizer(base["path"], cfg.model.trust_remote_code)
-        models = {c["ckpt_id"]: load_model(c["path"], dtype, device, cfg.model.trust_remote_code) for c in (base, prev, ckpt)}
+        models = {c["ckpt_id"]: load_model(c["path"], dtype, device, cfg.model.trust_remote_code) for c in {c["ckpt_id"]: c for c in (base, prev, ckpt)}.values()}
         answers = base_answers(store, cfg, base, Path(data_path), models[base["ckpt_id"]], tok)
         table = measure(models, answers, ckpt, {"base": base, "previous": prev}, tok.pad_token_id, cfg.drift.batch_size)
         write_parquet(table, tmp / "drift_by_checkpoint.parquet")
@@ -230,10 +230,12 @@ def selection(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: pl.D
     included), with its OOD accuracy: the monitor, the loss rules (lowest ID reference CE,
     lowest training loss), the last checkpoint, and the OOD-best (the oracle no rule knows)."""
     s = series(drift, eval_summary, checkpoints, signal)
-    complete = s.drop_nulls(["drift", "accuracy_id"])
     picks = {}
-    if complete.height >= 2:
-        picks["monitor"] = complete["ckpt_id"][monitor.select(complete["accuracy_id"].to_list(), complete["drift"].to_list(), rho)]
+    # the rule walks every interval: a checkpoint without its drift or ID accuracy (a failed
+    # task) leaves no pick rather than a rule run over a merged interval
+    complete = not any(s.select(pl.col("drift", "accuracy_id").is_null().any()).row(0))
+    if s.height >= 2 and complete:
+        picks["monitor"] = s["ckpt_id"][monitor.select(s["accuracy_id"].to_list(), s["drift"].to_list(), rho)]
     for rule, column in (("lowest_id_ce", "ce_id"), ("lowest_train_loss", "train_loss")):
         if (i := monitor.lowest(s[column].to_list())) is not None:
             picks[rule] = s["ckpt_id"][i]
@@ -271,7 +273,7 @@ def correlations(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: p
     if svd_vs_accuracy is not None and svd_vs_accuracy.height:
         from tasks.svd.analysis import SUMMARIES
 
-        k = svd_vs_accuracy["k_spec"].sort()[0]
+        k = min(svd_vs_accuracy["k_spec"].unique().to_list(), key=float)  # the smallest k-spec (a fraction or a count)
         base = svd_vs_accuracy.filter((pl.col("reference") == "base") & (pl.col("k_spec") == k)).rename({"tgt_id": "ckpt_id"})
         for name in SUMMARIES:
             add(f"{name} (k {k})", "svd", base, name)

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 RHO = 0.5  # docs/monitor.md: an interval below half the best efficiency so far stops SFT
+SIGNAL = "js"  # ... of this drift; both fixed before any result: other values are exploratory
 RESAMPLES = 2000
 SEED = 0
 

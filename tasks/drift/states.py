@@ -20,10 +20,10 @@ from tasks.drift import signals
 
 @dataclass
 class Batch:
-    hidden: torch.Tensor  # (B, d) final hidden state at the anchor, fp32
-    anchor: torch.Tensor  # (B, V) log-probs at the anchor, fp32
-    answer: torch.Tensor  # (B, T, V) log-probs predicting each sequence position's next token
-    scored: torch.Tensor  # (B, T) 1 where that next token is an answer token
+    hidden: torch.Tensor  # (B, d) final hidden state at the anchor, fp32, on the CPU
+    anchor: torch.Tensor  # (B, V) log-probs at the anchor, fp32, on the model's device
+    answer: torch.Tensor  # (B, A, V) log-probs of each answer token's position, packed from the left
+    scored: torch.Tensor  # (B, A) 1 where `answer` holds a position (answers differ in length)
 
 
 def padded(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -59,7 +59,15 @@ def forward(model, seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_i
             hidden, logits = out.hidden_states[-1][rows, at], out.logits[rows, at]
             if start == 0:
                 signals.check_lm_head(hidden, logits, model.get_output_embeddings(), what)
-            yield Batch(hidden.float().cpu(), torch.log_softmax(logits.float(), -1).cpu(), torch.log_softmax(out.logits.float(), -1).cpu(), scored)
+            # only the answer's positions, packed: the full (B, T, V) would not fit for a large
+            # vocabulary (Qwen's 152k ids x 450 positions x 32 prompts is 9 GB in fp32)
+            width = int(scored.sum(1).max())
+            pos, packed = torch.zeros((len(chunk), width), dtype=torch.long), torch.zeros((len(chunk), width))
+            for i, row in enumerate(scored):
+                where = row.nonzero().squeeze(1)
+                pos[i, : len(where)], packed[i, : len(where)] = where, 1.0
+            picked = out.logits.gather(1, pos.to(device).unsqueeze(-1).expand(-1, -1, out.logits.shape[-1]))
+            yield Batch(hidden.float().cpu(), torch.log_softmax(logits.float(), -1), torch.log_softmax(picked.float(), -1), packed.to(device))
     finally:
         model.train(was_training)
 
@@ -87,6 +95,7 @@ def compare(readers: Mapping[str, Iterator[Batch]], pairs: Sequence[tuple[str, s
     """The signals of each pair (x, y) of `readers` (name -> `forward` over the same
     sequences), batch by batch: each model is read once however many pairs it is in, and only
     one batch of its full distributions is held at once."""
+    pairs = list(dict.fromkeys(pairs))  # a pair asked twice (the base is also the previous checkpoint) is read once
     parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {pair: {} for pair in pairs}
     names = list(readers)
     for batch in zip(*readers.values(), strict=True):
@@ -110,7 +119,7 @@ def compare(readers: Mapping[str, Iterator[Batch]], pairs: Sequence[tuple[str, s
                 "hidden_y": by.hidden,
             }
             for name, value in values.items():
-                parts[pair].setdefault(name, []).append(value)
+                parts[pair].setdefault(name, []).append(value.cpu())
     out = {}
     for pair, p in parts.items():
         cat = {name: torch.cat(values) for name, values in p.items()}
