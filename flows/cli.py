@@ -51,7 +51,7 @@ def _status(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.store, args.set)
     study_dir = open_store(cfg.store).study_dir(cfg.name)
     progress = Progress(study_dir, cfg.name)
-    print(format_status(cfg.name, progress.summary(), STAGES, progress.running_now()))
+    print(format_status(cfg.name, progress.summary(), STAGES, progress.running_now(), progress.notes()))
     return 0
 
 

@@ -72,6 +72,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     edit_columns = edit.column_requests(cfg)  # decomposed with svd's, for the edit stage
     decompositions = svd.Decompositions(st, cfg, edit_columns)
     starts, held, seen = rl.start_steps(cfg), [], []
+    live = drift.Live(cfg.name, progress)
     # On the thread runner RL runs take turns with SFT and with each other on torch's global
     # random stream (tasks/lm.GLOBAL_RNG); submitted at once they would wait in the pool's
     # threads and starve the evaluations, so there they go one at a time once SFT has ended.
@@ -100,6 +101,8 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
                     decompositions.seen(ckpt)
             elif stage_name == "eval":
                 decompositions.evaluated(path)
+            elif stage_name == "drift":
+                live.add(path)
         # each checkpoint's SVD once its columns are known (B: every SFT OOD evaluation in)
         for label, ckpt, columns, art in decompositions.new():
             with stage("svd"), gpu_slot(cfg.runner):

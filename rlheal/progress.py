@@ -100,6 +100,17 @@ class Progress:
         for s in changed:
             self._publish(s, state[s])
 
+    def note(self, stage: str, text: str) -> None:
+        """A line of news about the stage (the drift monitor's latest values), shown by
+        `rlheal status` under the stage's bar."""
+        with _lock:
+            state = self._read()
+            state.setdefault(stage, {"total": [], "done": []})["note"] = text
+            self._write(state)
+
+    def notes(self) -> dict[str, str]:
+        return {stage: e["note"] for stage, e in self._read().items() if e.get("note")}
+
     def running_now(self) -> dict[str, list[str]]:
         """What runs now, as the running study last wrote it; nothing from a process that is
         gone (a killed run's last view is not what runs now)."""
@@ -141,7 +152,7 @@ def running_text(stage: str, names: list[str]) -> str:
     return f" (running: {', '.join(short[:SHOWN_RUNNING])}{more})"
 
 
-def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[str], running: dict[str, list[str]] | None = None) -> str:
+def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[str], running: dict[str, list[str]] | None = None, notes: dict[str, str] | None = None) -> str:
     if not summary:
         return f"study {study!r}: nothing run yet"
     lines = [f"study {study!r}"]
@@ -150,6 +161,8 @@ def format_status(study: str, summary: dict[str, tuple[int, int]], order: list[s
             done, total = summary[stage]
             bar = "#" * round(20 * done / max(1, total))
             lines.append(f"  {stage:<8} {bar:<20} {done}/{total}{running_text(stage, (running or {}).get(stage, []))}")
+            if (notes or {}).get(stage):
+                lines.append(f"  {'':<8} {notes[stage]}")
     return "\n".join(lines)
 
 

@@ -449,8 +449,21 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     line = next(x for x in md.splitlines() if x.startswith("| A label-free signal"))
     assert "the monitor picks step" in line and "no data" not in line, line
 
-    # the pre-run space estimate of the stage holds what it wrote, to 25 %
+    # watched live: a Prefect table that grew by one row per checkpoint, and a status line
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        versions = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["smoke-drift-drift-monitor"])))
+    sizes = sorted(len(json.loads(a.data) if isinstance(a.data, str) else a.data) for a in versions)
+    assert sizes == list(range(1, ckpts.height + 1)), sizes
     from flows import cli
+
+    assert cli.main(["status", str(copy.config), *(x for o in overrides for x in ("--set", o))]) == 0
+    status = capsys.readouterr().out
+    assert "drift" in status and "last: " in status and "OOD JS from the base" in status, status
+
+    # the pre-run space estimate of the stage holds what it wrote, to 25 %
     from tests.test_preflight import printed, written
 
     assert cli.main(["validate", str(copy.config), *(x for o in overrides for x in ("--set", o))]) == 0

@@ -98,6 +98,19 @@ def test_a_running_view_left_by_a_process_that_is_gone_is_not_shown(tmp_path):
     assert p.running_now() == {"eval": ["eval base id"]}
 
 
+def test_a_stages_note_is_shown_under_its_bar_by_status(tmp_path):
+    from rlheal.progress import format_status
+
+    p = Progress(tmp_path, "toy")
+    p.expect("drift", ["drift sft step=4"])
+    p.done("drift", "drift sft step=4")
+    p.note("drift", "last: sft step=4: OOD JS from the base 0.0170")
+    text = format_status("toy", p.summary(), ORDER, p.running_now(), p.notes())
+    assert text.splitlines()[-1].strip() == "last: sft step=4: OOD JS from the base 0.0170"
+    assert "drift" in text.splitlines()[-2] and "1/1" in text.splitlines()[-2]
+    assert format_status("toy", p.summary(), ORDER).count("last:") == 0  # no notes given, none shown
+
+
 def test_many_running_tasks_are_counted_and_long_names_cut():
     from rlheal.progress import running_text
 

@@ -204,6 +204,40 @@ def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, previous
         return str(make(artifact, cfg, ckpt, base, previous, Path(data)))
 
 
+# ---------------------------------------------------------------- watching it live
+
+
+class Live:
+    """The monitor while the study runs (issue 19 §3): each ended drift task adds its
+    checkpoint's OOD drift from the base to a Prefect table artifact that grows per
+    checkpoint, and to the line `rlheal status` prints under the stage."""
+
+    COLUMNS = ("ckpt_id", "stage", "step", "rl_start_step", "js", "kl_forward", "sequence_kl", "cosine_mean", "cka", "mmd2")
+
+    def __init__(self, study: str, progress):
+        self.study, self.progress = study, progress
+        self.rows: list[dict] = []
+
+    def add(self, drift_dir: str) -> None:
+        table = pl.read_parquet(Path(drift_dir) / "drift_by_checkpoint.parquet")
+        row = table.filter((pl.col("split") == "ood") & (pl.col("reference") == "base")).select(self.COLUMNS).row(0, named=True)
+        self.rows = sorted([*self.rows, row], key=lambda r: (r["stage"] != "sft", r["rl_start_step"] or 0, r["step"]))
+        from tasks.eval import describe
+
+        self.progress.note("drift", f"last: {describe(row)}: OOD JS from the base {row['js']:.4f}, cosine {row['cosine_mean']:.4f}, MMD² {row['mmd2']:.4f}")
+        try:
+            from prefect.artifacts import create_table_artifact
+            from prefect.context import FlowRunContext
+
+            from rlheal.progress import artifact_key
+
+            if FlowRunContext.get() is not None:
+                rounded = [{k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()} for r in self.rows]
+                create_table_artifact(rounded, key=artifact_key(self.study, "drift-monitor"), description=f"{self.study}: each checkpoint's drift from the base on the OOD prompts, as the drift stage measures it")
+        except Exception as err:  # the live view must never fail a study
+            log.debug("drift monitor artifact not written: %s", err)
+
+
 # ---------------------------------------------------------------- the study's tables
 
 
