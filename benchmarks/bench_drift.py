@@ -55,14 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(base["path"])
 
     t0 = time.perf_counter()
-    base_model = load_model(base["path"]).eval()
-    texts = drift.prompts(data_dir, cfg)
-    answers = []
-    for split, ps in texts.items():
-        ids = [drift.prompt_ids(tok, p, cfg) for p in ps]
-        for i, (p, a) in enumerate(zip(ids, drift.greedy_answers(base_model, tok, ids, cfg.eval.decoding.resolved()["max_new_tokens"], args.batch_size))):
-            answers.append({"split": split, "index": i, "ids": p + a, "n_prompt": len(p)})
-    answers = pl.DataFrame(answers)
+    answers = drift.answer_rows(load_model(base["path"]).eval(), tok, cfg, data_dir)
     t_answers = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -140,8 +140,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
             drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, reads), cfg=cfg, paths=paths, eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
         st.publish_all(cfg.name, Path(drift_dir), drift.STAGE.tables)
     else:  # a study pointed at a config without the monitor (--force) keeps no stale picks
-        for t in drift.STAGE.tables:
-            (st.tables_dir(cfg.name) / f"{t}.parquet").unlink(missing_ok=True)
+        st.unpublish(cfg.name, drift.STAGE.tables)
 
     with stage("edit"), gpu_slot(cfg.runner):
         edit_dir = edit_all(cfg, st, cached, progress, svd_dir, ckpt_tables, data_dir)

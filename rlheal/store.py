@@ -346,5 +346,11 @@ class Store:
         for table in tables:
             self.publish(study, table, Path(artifact_dir) / f"{table}.parquet")
 
+    def unpublish(self, study: str, tables: Iterable[str]) -> None:
+        """Withdraw tables a study no longer makes (a stage turned off): the report must not
+        judge from an earlier config's."""
+        for table in tables:
+            (self.tables_dir(study) / f"{table}.parquet").unlink(missing_ok=True)
+
     def table(self, study: str, table: str) -> pl.LazyFrame:
         return pl.scan_parquet(self.tables_dir(study) / f"{table}.parquet")

@@ -177,21 +177,31 @@ class ModelGenerator:
     def length(self, messages: Messages) -> int:
         return len(self.prompt_ids(messages))
 
-    @torch.no_grad()
     def __call__(self, conversations: list[Messages]) -> list[Generation]:
-        prompts = [self.prompt_ids(m) for m in conversations]
+        return [self._finish(row) for row in self.new_ids([self.prompt_ids(m) for m in conversations])]
+
+    @torch.no_grad()
+    def new_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+        """The generated ids of one left-padded batch of prompt ids, padding included."""
         ids, mask = left_pad(prompts, self.tok.pad_token_id)
-        width = ids.shape[1]
         with only(self.model, self.config):
             out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), generation_config=self.config)
-        return [self._finish(row) for row in out[:, width:].tolist()]
+        return out[:, ids.shape[1] :].tolist()
+
+    def answer_ids(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Each answer's ids up to and including its stop token (the ids themselves: decoding
+        and encoding the text again need not give them back)."""
+        return [new[: self._end(new)] for new in self.new_ids(prompts)]
+
+    def _end(self, new: list[int]) -> int:
+        # Rows that stop early are padded after their stop token; count up to the stop.
+        return next((t + 1 for t, tid in enumerate(new) if tid in self.stops), len(new))
 
     def _finish(self, new: list[int]) -> Generation:
-        # Rows that stop early are padded after their stop token; count up to the stop.
-        end = next((t for t, tid in enumerate(new) if tid in self.stops), None)
-        body = new if end is None else new[:end]
-        text = self.tok.decode(body, skip_special_tokens=True)
-        return Generation(text, len(new) if end is None else end + 1, end is None)
+        end = self._end(new)
+        stopped = end > 0 and new[end - 1] in self.stops
+        text = self.tok.decode(new[: end - 1] if stopped else new, skip_special_tokens=True)
+        return Generation(text, end, not stopped)
 
 
 # ---------------------------------------------------------------------------- scoring

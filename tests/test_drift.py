@@ -473,3 +473,10 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     before = sorted(p.name for p in (copy.store / "drift").iterdir())
     assert study(config_path=str(copy.config), overrides=overrides, return_state=True).is_completed()
     assert sorted(p.name for p in (copy.store / "drift").iterdir()) == before
+
+    # the study pointed at a config without the monitor keeps no stale picks to judge
+    off = ["--set", "name=smoke-drift", "--set", "drift.enabled=false", "--force"]
+    assert cli.main(["run", str(copy.config), *off]) == 0
+    assert not any((copy.store / "studies" / "smoke-drift" / "tables" / f"{n}.parquet").exists() for n in ("drift_by_checkpoint", "drift_selection", "drift_correlations"))
+    md = (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
+    assert "no drift stage (drift.enabled is off)" in md

@@ -28,9 +28,8 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, write_parquet
-from tasks.chat import encode, left_pad, render, stop_token_ids
 from tasks.drift import monitor, signals, states
-from tasks.lm import generation_config, load_model, load_tokenizer, only
+from tasks.lm import ModelGenerator, load_model, load_tokenizer
 
 STAGE = Stage("drift", version="2", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations"))  # 2: a checkpoint whose previous is the base no longer counts its prompts twice
 log = logging.getLogger("rlheal.drift")
@@ -61,28 +60,17 @@ def prompts(data_path: Path, cfg: StudyConfig) -> dict[str, list[str]]:
     return out
 
 
-def prompt_ids(tok, prompt: str, cfg: StudyConfig) -> list[int]:
-    return encode(tok, render(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True, date_string=cfg.chat.date_string))
-
-
-@torch.no_grad()
-def greedy_answers(model, tok, ids: Sequence[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
-    """The model's greedy answer to each prompt, as token ids up to and including the stop
-    token (the ids themselves: decoding and encoding again need not give them back)."""
-    decoding = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": max_new_tokens}
-    config = generation_config(decoding, tok)
-    stops = set(stop_token_ids(tok))
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start : start + batch_size]
-        x, mask = left_pad(chunk, tok.pad_token_id)
-        with only(model, config):
-            new = model.generate(input_ids=x.to(device), attention_mask=mask.to(device), generation_config=config)[:, x.shape[1] :].tolist()
-        for row in new:
-            end = next((t for t, tid in enumerate(row) if tid in stops), None)
-            out.append(row if end is None else row[: end + 1])
-    return out
+def answer_rows(model, tok, cfg: StudyConfig, data_path: Path) -> pl.DataFrame:
+    """`split`, `index`, `ids` (prompt + the model's greedy answer, up to and including its
+    stop token), `n_prompt` of the drift prompts (`prompts`), rendered as evaluation does."""
+    greedy = {"do_sample": False, "repetition_penalty": 1.0, "max_new_tokens": cfg.eval.decoding.resolved()["max_new_tokens"]}
+    gen = ModelGenerator(model, tok, greedy, cfg.chat.date_string)
+    rows = []
+    for split, texts in prompts(data_path, cfg).items():
+        ids = [gen.prompt_ids([{"role": "user", "content": t}]) for t in texts]
+        answers = [a for start in range(0, len(ids), cfg.drift.batch_size) for a in gen.answer_ids(ids[start : start + cfg.drift.batch_size])]
+        rows += [{"split": split, "index": i, "ids": p + a, "n_prompt": len(p)} for i, (p, a) in enumerate(zip(ids, answers))]
+    return pl.DataFrame(rows, schema={"split": STR, "index": I32, "ids": pl.List(pl.Int64), "n_prompt": I32})
 
 
 def answers_key(cfg: StudyConfig, base: dict, data_path: Path) -> dict:
@@ -93,24 +81,16 @@ def eval_set_hashes(data_path: Path) -> dict[str, str]:
     return {s: pl.read_parquet(Path(data_path) / f"eval_set_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in SPLITS}
 
 
-def base_answers(store: Store, cfg: StudyConfig, base: dict, data_path: Path, model=None, tok=None) -> pl.DataFrame:
-    """`split`, `index`, `ids` (prompt + the base's greedy answer), `n_prompt`: built once per
-    base and evaluation set by whichever task needs it first (the others find it sealed)."""
-    art = STAGE.artifact(store, answers_key(cfg, base, data_path))
+def base_answers(store: Store, cfg: StudyConfig, base: dict, data_path: Path, model, tok) -> pl.DataFrame:
+    """The base's `answer_rows`: built once per base and evaluation set by whichever task
+    needs it first (the others find it sealed)."""
 
     def build(tmp: Path) -> dict:
-        nonlocal model, tok
-        if model is None:
-            tok, model = load_tokenizer(base["path"], cfg.model.trust_remote_code), load_model(base["path"], trust_remote_code=cfg.model.trust_remote_code)
-        rows = []
-        for split, texts in prompts(data_path, cfg).items():
-            ids = [prompt_ids(tok, t, cfg) for t in texts]
-            answers = greedy_answers(model, tok, ids, answers_key(cfg, base, data_path)["max_new_tokens"], cfg.drift.batch_size)
-            rows += [{"split": split, "index": i, "ids": p + a, "n_prompt": len(p)} for i, (p, a) in enumerate(zip(ids, answers))]
-        write_parquet(pl.DataFrame(rows, schema={"split": STR, "index": I32, "ids": pl.List(pl.Int64), "n_prompt": I32}), tmp / ANSWERS)
-        return {"prompts": len(rows)}
+        table = answer_rows(model, tok, cfg, data_path)
+        write_parquet(table, tmp / ANSWERS)
+        return {"prompts": table.height}
 
-    return pl.read_parquet(STAGE.build(art, build) / ANSWERS)
+    return pl.read_parquet(STAGE.build(STAGE.artifact(store, answers_key(cfg, base, data_path)), build) / ANSWERS)
 
 
 # ---------------------------------------------------------------- one checkpoint
@@ -142,7 +122,7 @@ def artifact(store: Store, cfg: StudyConfig, ckpt: dict, base: dict, prev: dict,
     return STAGE.artifact(store, key_config(cfg, ckpt, base, prev, data_path))
 
 
-def rows(ckpt: dict, split: str, reference: str, ref_id: str, pair: states.Pair) -> dict:
+def signal_row(ckpt: dict, split: str, reference: str, ref_id: str, pair: states.Pair) -> dict:
     """One `drift_by_checkpoint` row: per-prompt signals as their means over the prompts."""
     cos = signals.quantiles(pair.cosine)
     return {
@@ -169,7 +149,7 @@ def measure(models: dict[str, object], answers: pl.DataFrame, ckpt: dict, refs: 
         readers = {c: states.forward(models[c], seqs, n, pad_id, batch_size, what=c) for c in dict.fromkeys([ckpt["ckpt_id"], *(r["ckpt_id"] for r in refs.values())])}
         pairs = states.compare(readers, [(r["ckpt_id"], ckpt["ckpt_id"]) for r in refs.values()])
         for reference, ref in refs.items():
-            out.append(rows(ckpt, split, reference, ref["ckpt_id"], pairs[ref["ckpt_id"], ckpt["ckpt_id"]]))
+            out.append(signal_row(ckpt, split, reference, ref["ckpt_id"], pairs[ref["ckpt_id"], ckpt["ckpt_id"]]))
     return pl.DataFrame(out, schema=SCHEMA)
 
 
@@ -241,13 +221,18 @@ class Live:
 # ---------------------------------------------------------------- the study's tables
 
 
+def by_checkpoint(eval_summary: pl.DataFrame) -> pl.DataFrame:
+    """One row per checkpoint: accuracy_id, accuracy_ood, ce_id, ce_ood."""
+    return eval_summary.pivot(on="split", index="ckpt_id", values=["accuracy", "ce"], aggregate_function="first")
+
+
 def series(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: pl.DataFrame, signal: str) -> pl.DataFrame:
     """Per SFT checkpoint (the base first, step order): step, ckpt_id, the rule's drift (the
     base's is 0: no drift from itself), ID accuracy, ID reference CE, training loss, and OOD
     accuracy (for the comparison only; the rule does not read it)."""
     sft = checkpoints.filter(pl.col("stage").is_in(["base", "sft"])).select("ckpt_id", "step", "train_loss")
     d = drift.filter((pl.col("split") == "ood") & (pl.col("reference") == "base")).select("ckpt_id", pl.col(signal).alias("drift"))
-    acc = eval_summary.pivot(on="split", index="ckpt_id", values=["accuracy", "ce"], aggregate_function="first")
+    acc = by_checkpoint(eval_summary)
     return (
         sft.join(d, on="ckpt_id", how="left")
         .with_columns(pl.when(pl.col("step") == 0).then(0.0).otherwise(pl.col("drift")).alias("drift"))
@@ -289,7 +274,7 @@ def correlations(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: p
     """`drift_correlations`: Spearman's ρ with OOD accuracy across the SFT checkpoints (step
     > 0) of each drift signal (OOD prompts, from the base), the ID and OOD reference CE, and
     the svd stage's model-level summaries from the base, with a bootstrap interval."""
-    acc = eval_summary.pivot(on="split", index="ckpt_id", values=["accuracy", "ce"], aggregate_function="first")
+    acc = by_checkpoint(eval_summary)
     sft = checkpoints.filter(pl.col("stage") == "sft").select("ckpt_id", "step").join(acc, on="ckpt_id", how="left").sort("step")
     d = drift.filter((pl.col("split") == "ood") & (pl.col("reference") == "base"))
     rows = []
@@ -317,7 +302,7 @@ def correlations(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: p
 def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path], inputs: Sequence[str | Path]) -> Artifact:
     from rlheal.store import sha256_file
 
-    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths), "inputs": {Path(p).name: sha256_file(Path(p)) for p in inputs}, "signal": cfg.drift.signal, "rho": cfg.drift.rho})
+    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths), "inputs": {Path(p).name: sha256_file(Path(p)) for p in inputs if Path(p).is_file()}, "signal": cfg.drift.signal, "rho": cfg.drift.rho})
 
 
 @task(name=f"{STAGE.name}-tables", task_run_name="drift tables")
