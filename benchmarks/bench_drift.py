@@ -5,9 +5,14 @@ hidden-state read batched against one prompt at a time.
 
 Both figures are measured in this run, on the study's own checkpoints and prompts:
 - drift per checkpoint: `tasks.drift.measure` of the last SFT checkpoint against the base
-  and its previous checkpoint on both splits (loading the three models included), plus its
-  share of the base's greedy answers (built once per study), against `tasks.eval` of the
-  same checkpoint on both splits (loading included), timed here in the same process;
+  and its previous checkpoint on both splits, read as the stage reads them (`drift.Reader`,
+  loading included), plus its share of the base's greedy answers (built once per study),
+  against `tasks.eval` of the same checkpoint on both splits (loading included), timed here
+  in the same process. Twice: cold (nothing kept: three models read) and as in a study,
+  where the task before it (its previous checkpoint's, timed too) kept the base's and the
+  previous checkpoint's reads;
+- the floor: one teacher-forced forward of the checkpoint alone over both splits' sequences
+  (what any drift measure that reads the model must spend), against the same eval;
 - hidden-state extraction: `tasks.drift.states.forward` over the OOD prompts in batches of
   --batch-size, against a batch of one per prompt (the authors' loop); the two must agree.
 The tiny model's vocabulary is small: on a large one the per-position distributions
@@ -58,10 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     answers = drift.answer_rows(load_model(base["path"]).eval(), tok, cfg, data_dir)
     t_answers = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    models = {c["ckpt_id"]: load_model(c["path"]).eval() for c in (base, prev, last)}
-    drift.measure(models, answers, last, {"base": base, "previous": prev}, tok.pad_token_id, args.batch_size)
-    t_drift = time.perf_counter() - t0
+    by_id = {c["ckpt_id"]: c for c in ckpts}
+
+    def timed(ckpt: dict, previous: dict) -> float:
+        t0 = time.perf_counter()
+        drift.measure(drift.Reader(cfg, by_id, tok.pad_token_id), answers, ckpt, {"base": base, "previous": previous})
+        return time.perf_counter() - t0
+
+    drift.READS.clear()
+    t_cold = timed(last, prev)
+    drift.READS.clear()
+    t_before = timed(prev, ckpts[-3])  # the task before keeps the base's and its own reads
+    t_drift = timed(last, prev)
 
     from tasks.eval import evaluate_model
 
@@ -74,13 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     share = t_answers / n_ckpt
     n = answers.height // 2
     print(f"{cfg.name}: {n} prompts per split, batch {args.batch_size}, one torch thread")
-    print(f"  drift of one checkpoint (3 models loaded, 2 splits x 2 references): {t_drift:.2f} s + {share:.2f} s (its share of the base's answers, {t_answers:.2f} s for {n_ckpt} checkpoints)")
+    print(f"  drift of one checkpoint, cold (3 models read, 2 splits x 2 references): {t_cold:.2f} s + {share:.2f} s (its share of the base's answers, {t_answers:.2f} s for {n_ckpt} checkpoints)")
+    print(f"  drift of one checkpoint in a study (the task before, {t_before:.2f} s, kept the base and its previous): {t_drift:.2f} s + {share:.2f} s")
     print(f"  eval of the same checkpoint (both splits, loading included):        {t_eval:.2f} s")
-    print(f"  drift / eval per checkpoint: {(t_drift + share) / t_eval:.3f}")
+    print(f"  drift / eval per checkpoint: {(t_drift + share) / t_eval:.3f} in a study, {(t_cold + share) / t_eval:.3f} cold")
+    t0 = time.perf_counter()
+    for split in drift.SPLITS:
+        part = answers.filter(pl.col("split") == split).sort("index")
+        for _ in states.forward(model, part["ids"].to_list(), part["n_prompt"].to_list(), tok.pad_token_id, args.batch_size):
+            pass
+    t_floor = time.perf_counter() - t0
+    print(f"  the floor, one forward of the checkpoint alone over both splits: {t_floor:.2f} s = {t_floor / t_eval:.3f} of eval")
 
     ood = answers.filter(pl.col("split") == "ood").sort("index")
     seqs, lens = ood["ids"].to_list(), ood["n_prompt"].to_list()
-    model = models[last["ckpt_id"]]
     t0 = time.perf_counter()
     batched = torch.cat([b.hidden for b in states.forward(model, seqs, lens, tok.pad_token_id, args.batch_size)])
     t_batched = time.perf_counter() - t0

@@ -136,8 +136,12 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
     if cfg.drift.enabled:  # the monitor's picks and correlations read eval and svd
         with stage("drift"):
             paths, tables = stream.results("drift"), st.tables_dir(cfg.name)
-            reads = [str(tables / f"{t}.parquet") for t in ("eval_summary", "checkpoints", "svd_vs_accuracy")]
-            drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, reads), cfg=cfg, paths=paths, eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
+            reads = [str(tables / f"{t}.parquet") for t in ("eval_summary", "checkpoints", "svd_vs_accuracy", "checkpoint_roles")]
+            with gpu_slot(cfg.runner):  # B, S and R read on a worker, once the svd stage has named them
+                hidden_art = drift.hidden_artifact(st, cfg, pl.read_parquet(reads[3]), pl.read_parquet(reads[1]), Path(data_dir))
+                stream.submit("drift", "drift hidden", drift.hidden_stage.with_options(**cached), artifact=hidden_art, cfg=cfg, roles=reads[3], checkpoints=reads[1], data=data_dir)
+                stream.results("drift")
+            drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, hidden_art.path, reads[:3]), cfg=cfg, paths=paths, hidden_dir=str(hidden_art.path), eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
         st.publish_all(cfg.name, Path(drift_dir), drift.STAGE.tables)
     else:  # a study pointed at a config without the monitor (--force) keeps no stale picks
         st.unpublish(cfg.name, drift.STAGE.tables)
@@ -187,7 +191,7 @@ def expected(cfg: StudyConfig) -> dict[str, list[str]]:
         "rl": [f"rl from={s}" for s in starts],
         "eval": [f"eval {eval.describe(c)} {s}" for c in ckpts for s in splits],
         "svd": [*(f"svd {eval.describe(c)}" for c in decomposed), "svd"],
-        **({"drift": [f"drift {eval.describe(c)}" for c in ckpts[1:]]} if cfg.drift.enabled else {}),
+        **({"drift": [*(f"drift {eval.describe(c)}" for c in ckpts[1:]), "drift hidden"]} if cfg.drift.enabled else {}),
     }
 
 

@@ -60,6 +60,7 @@ DATA_EVAL = (7_000, 55)
 EVAL_ATTEMPTS = (5_500, 8, 0.25)
 EVAL_SUMMARY = (18_000, 90)
 DRIFT_TABLE, DRIFT_ANSWER_ROW = 9_000, 4  # one checkpoint's drift_by_checkpoint; answer bytes per token of the limit
+HIDDEN_TABLES = 11_500  # hidden_pair_metrics + hidden_recovery of B, S and R (measured on the toy: 5.7 + 5.5 kB)
 RL_TABLES = (15_500, 110)  # checkpoints + rl_log of one run; per update
 SFT_TABLES = (6_400, 40)  # checkpoints + sft_log; per logged step
 SVD_TABLES = 17_000  # roles, correlations, vs_accuracy
@@ -277,12 +278,13 @@ def estimate(
     stages.append(StageSpace("eval", round(2 * n_ckpt * one + combined), files=3 * (2 * n_ckpt + 1), what=f"{n_ckpt} checkpoints x 2 splits, tables"))
 
     # drift (when on): one small table per checkpoint but the base, the base's answers once
-    # (prompt and answer token ids per prompt), the study-wide tables.
+    # (prompt and answer token ids per prompt), B / S / R's hidden tables (in their artifact
+    # and again in the study-wide one), the study-wide tables.
     if cfg.drift.enabled:
         prompts = 2 * min(cfg.drift.prompts or d.eval_size, d.eval_size)
         answers = MANIFEST_BASE + DRIFT_ANSWER_ROW * prompts * cfg.eval.decoding.resolved()["max_new_tokens"]
-        tables = (n_ckpt - 1) * (DRIFT_TABLE + MANIFEST_BASE) + answers + DRIFT_TABLE * 3 + MANIFEST_BASE
-        stages.append(StageSpace("drift", round(tables), files=2 * n_ckpt + 4, what=f"{n_ckpt - 1} checkpoints x 2 splits x 2 references, the base's answers to {prompts} prompts, tables"))
+        tables = (n_ckpt - 1) * (DRIFT_TABLE + MANIFEST_BASE) + answers + 2 * HIDDEN_TABLES + MANIFEST_BASE + DRIFT_TABLE * 3 + MANIFEST_BASE
+        stages.append(StageSpace("drift", round(tables), files=2 * n_ckpt + 9, what=f"{n_ckpt - 1} checkpoints x 2 splits x 2 references, the base's answers to {prompts} prompts, B / S / R's hidden states, tables"))
 
     # svd: the cache (kind -> columns per matrix), then the tables.
     vb = 4 if cuda else 8
@@ -325,7 +327,7 @@ def estimate(
     else:
         stages.append(StageSpace("edit", 0, what="no editing"))
 
-    tasks = 5 + runs + 2 * n_ckpt + n_runs + 4 + (n_ckpt if cfg.drift.enabled else 0)
+    tasks = 5 + runs + 2 * n_ckpt + n_runs + 4 + (n_ckpt + 1 if cfg.drift.enabled else 0)
     stages.append(StageSpace("report", REPORT + TASK_RESULT * tasks, files=10 + tasks, what="figures, report pages, task records"))
     return Estimate(tuple(stages))
 

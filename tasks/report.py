@@ -784,6 +784,7 @@ def build(tables_dir: Path, out: Path, title: str, bench: Benchmark) -> dict:
     section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_edit(t["edit_eval_results"], t["edit_variants"], out), edit_table(t["edit_eval_results"], t["edit_variants"])))
+    section("Hidden states of B, S and R", "hidden_pair_metrics" in t and "hidden_recovery" in t, lambda: hidden_table(t["hidden_pair_metrics"], t["hidden_recovery"]))
 
     verdicts = list(all_verdicts(t, acc, rec, bench).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
@@ -797,6 +798,22 @@ def rules_markdown() -> str:
     """The verdict rules as implemented (`rules()`), for the report's header and docs/verdicts.md."""
     lines = ["How each verdict is reached (docs/verdicts.md gives each rule's null hypothesis, false-positive rate and power, measured by simulation). Paper values are approximate (±0.3 pp read-off, ±2.5 pp sampling error, one seed).", ""]
     return "\n".join(lines + [f"- **{key}**: {text}" for key, text in rules().items()])
+
+
+HIDDEN_METRICS = ("cosine_mean", "cka", "mmd2", "js", "kl_forward", "jaccard_top10")  # one of each kind; the tables hold all
+
+
+def hidden_table(pairs: pl.DataFrame, recovery: pl.DataFrame) -> str:
+    """The drift stage's B / S / R comparison (analysis.md §5): each pair's values and RL's
+    recovery Δ, for a few of the metrics. Described, not judged: no verdict reads it."""
+    ids = dict(pairs.select("model_x", "x_id").unique().rows())  # every model has its own rows (entropy, margin)
+    shown = pairs.filter(pl.col("metric").is_in(HIDDEN_METRICS), pl.col("model_x") != pl.col("model_y"))
+    wide = shown.with_columns(pair=pl.format("{}-{} {}", "model_x", "model_y", "split")).pivot(on="pair", index="metric", values="value", aggregate_function="first")
+    rec = recovery.filter(pl.col("metric").is_in(HIDDEN_METRICS)).select("split", "metric", "delta", "delta_norm", "win_rate").sort("split", "metric")
+    n = pairs["n_prompts"].max() if pairs.height else 0
+    head = f"B = {ids.get('B')}, S = {ids.get('S')}, R = {ids.get('R', 'absent')}; {n} prompts per split, read at the answer anchor (docs/monitor.md).\n\n"
+    tail = "\n\nΔ > 0: R is closer to B than S is (similarity: s(B,R) − s(B,S); distance: δ(B,S) − δ(B,R)); Δ norm: over the (B,S) value; win-rate: the share of prompts where R is closer (ties ½). Not a verdict: a description of where RL moved the states.\n"
+    return head + _md_table(wide) + "\n\n" + (_md_table(rec) if rec.height else "*No R: no recovery.*") + tail
 
 
 def edit_table(res: pl.DataFrame, variants: pl.DataFrame) -> str:

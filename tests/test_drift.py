@@ -415,8 +415,8 @@ def test_correlations_rank_each_signal_against_ood_accuracy():
 def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cached(prefect_api, smoke_study, tmp_path, capsys):
     """The smoke study with `drift.enabled`: one drift task per SFT and RL checkpoint (the
     rest of the study found cached under the new name), both references and both splits per
-    checkpoint, the base's answers generated once, the picks and correlations published;
-    a second run measures nothing again."""
+    checkpoint, the base's answers generated once, the picks, correlations and B / S / R's
+    hidden tables published; a second run measures nothing again."""
     import json
 
     import polars as pl
@@ -444,6 +444,17 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     assert sum(m.get("config", {}).get("kind") == "base_answers" for m in manifests) == 1
     assert set(t["drift_selection"]["rule"]) == {"monitor", "lowest_id_ce", "lowest_train_loss", "last", "oracle"}
     assert "js" in t["drift_correlations"]["signal"].to_list()
+    # B, S and R (analysis.md §5): the svd stage's roles, read on the same 8 prompts; Δ is
+    # the pair values' difference in the direction of closer to B
+    roles = dict(t["checkpoint_roles"].select("role", "ckpt_id").rows())
+    hp, hr = t["hidden_pair_metrics"], t["hidden_recovery"]
+    assert "R" in roles and set(hp.select("model_x", "x_id").unique().rows()) == {(r, roles[r]) for r in "BSR"}
+    assert (hp["n_prompts"] == 8).all() and (hp["run_id"] == "smoke-drift").all()
+    value = {(r["split"], r["model_y"], r["metric"]): r["value"] for r in hp.filter(pl.col("model_x") == "B").iter_rows(named=True)}
+    for r in hr.filter(pl.col("metric").is_in(["js", "cosine_mean"])).iter_rows(named=True):
+        sign = -1 if r["metric"] == "js" else 1
+        assert r["delta"] == pytest.approx(sign * (value[r["split"], "R", r["metric"]] - value[r["split"], "S", r["metric"]])) and 0 <= r["win_rate"] <= 1
+    assert "## Hidden states of B, S and R" in (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
     # the report judges the fifth finding from those tables (docs/verdicts.md, monitor)
     md = (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| A label-free signal"))
@@ -477,6 +488,149 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     # the study pointed at a config without the monitor keeps no stale picks to judge
     off = ["--set", "name=smoke-drift", "--set", "drift.enabled=false", "--force"]
     assert cli.main(["run", str(copy.config), *off]) == 0
-    assert not any((copy.store / "studies" / "smoke-drift" / "tables" / f"{n}.parquet").exists() for n in ("drift_by_checkpoint", "drift_selection", "drift_correlations"))
+    assert not any((copy.store / "studies" / "smoke-drift" / "tables" / f"{n}.parquet").exists() for n in ("drift_by_checkpoint", "drift_selection", "drift_correlations", "hidden_pair_metrics", "hidden_recovery"))
     md = (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
     assert "no drift stage (drift.enabled is off)" in md
+
+
+# ---------------------------------------------------------------- B, S and R (analysis.md §5)
+
+
+def test_mmd2_permutation_p_value_counts_the_observed_labelling_and_reuses_the_bandwidth():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    far = torch.randn(8, 3, generator=g, dtype=torch.float64) + 4.0
+    mmd2, p = sg.rbf_mmd2_permutation(x, far, permutations=200)
+    assert mmd2 == pytest.approx(mmd2_by_loops(x, far), rel=1e-9) and mmd2 == pytest.approx(sg.rbf_mmd2(x, far), rel=1e-12)
+    assert p == pytest.approx(1 / 201)  # no relabelling separates them as well: (1 + 0) / (1 + P)
+    # each relabelling's MMD² is the loop estimator of its split of the pooled rows
+    k, n = sg.rbf_kernel(x, far)
+    pooled = torch.cat([x, far])
+    perm = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros((1, len(pooled)), dtype=torch.float64)
+    mask[0, perm[:n]] = 1.0
+    relabelled = float(sg.mmd2_of_kernel(k, mask)[0])
+    # the same pooled rows, so the loops find the same bandwidth
+    assert relabelled == pytest.approx(mmd2_by_loops(pooled[mask[0] == 1], pooled[mask[0] == 0]), rel=1e-9)
+    same = torch.randn(8, 3, generator=g, dtype=torch.float64)
+    _, p_same = sg.rbf_mmd2_permutation(x, same, permutations=200)
+    assert 0.05 < p_same <= 1.0
+    assert sg.rbf_mmd2_permutation(x, far, permutations=200) == (mmd2, p)  # seeded
+
+
+def test_hidden_tables_compare_s_and_r_with_b_and_point_recovery_towards_b(tiny):
+    import polars as pl
+
+    from tasks import drift
+    from tasks.drift import hidden, states
+
+    tok, base, moved, seqs, n = tiny
+    answers = pl.DataFrame({"split": ["id"] * len(seqs) + ["ood"] * len(seqs), "index": [*range(len(seqs))] * 2, "ids": seqs * 2, "n_prompt": n * 2})
+    # R is B itself: RL "recovered" all the way, S moved away
+    models = {"b": base, "s": moved, "r": base}
+    pairs, rec = hidden.tables(drift.reading(models, tok.pad_token_id, 3), {"B": "b", "S": "s", "R": "r"}, answers, "t", "tiny")
+    assert set(pairs.filter(pl.col("model_x") != pl.col("model_y")).select("model_x", "model_y").unique().rows()) == {("B", "S"), ("B", "R")}
+    assert (pairs["n_prompts"] == len(seqs)).all() and set(pairs["split"]) == {"id", "ood"}
+    assert {f"jaccard_top{k}" for k in range(1, 51)} <= set(pairs["metric"])
+    v = {(r["split"], r["model_x"], r["model_y"], r["metric"]): r["value"] for r in pairs.iter_rows(named=True)}
+    direct = states.compare({"b": states.forward(base, seqs, n, tok.pad_token_id), "s": states.forward(moved, seqs, n, tok.pad_token_id)}, [("b", "s")])["b", "s"]
+    assert v["id", "B", "S", "kl_forward"] == pytest.approx(float(direct.kl_forward.mean()), rel=1e-5)
+    assert v["id", "B", "S", "kl_reverse"] == pytest.approx(float(direct.kl_reverse.mean()), rel=1e-5)
+    assert v["id", "B", "S", "cka"] == pytest.approx(sg.linear_cka(direct.hidden_x, direct.hidden_y), rel=1e-6)
+    assert v["id", "B", "R", "cosine_mean"] == pytest.approx(1.0) and v["id", "B", "R", "js"] == pytest.approx(0.0, abs=1e-7)
+    assert 0 < v["id", "B", "S", "mmd2_p_value"] <= 1
+    # each model's own entropy and margin once: R's equal B's, S's differ
+    own = pairs.filter(pl.col("model_x") == pl.col("model_y"), pl.col("split") == "id")
+    assert sorted(own.select("model_x", "metric").rows()) == sorted((m, k) for m in "BSR" for k in ("entropy", "margin"))
+    assert v["id", "R", "R", "entropy"] == pytest.approx(v["id", "B", "B", "entropy"]) and v["id", "S", "S", "entropy"] != pytest.approx(v["id", "B", "B", "entropy"])
+    r = {(x["split"], x["metric"]): x for x in rec.iter_rows(named=True)}
+    assert "mmd2_p_value" not in {m for _, m in r}
+    # closer to B is positive for a similarity and for a distance, normalised by (B, S)
+    assert r["id", "cosine_mean"]["delta"] == pytest.approx(1.0 - v["id", "B", "S", "cosine_mean"])
+    assert r["id", "js"]["delta"] == pytest.approx(v["id", "B", "S", "js"], abs=1e-7) and r["id", "js"]["delta_norm"] == pytest.approx(1.0, abs=1e-5)
+    assert r["id", "cka"]["delta"] > 0 and r["id", "mmd2"]["delta"] > 0
+    # R closer on every prompt: win-rate 1 where a metric is per prompt, none where it is not
+    assert r["id", "cosine_mean"]["win_rate"] == 1.0 and r["id", "js"]["win_rate"] == 1.0 and r["id", "kl_forward"]["win_rate"] == 1.0
+    assert r["id", "cka"]["win_rate"] is None and r["id", "cosine_p10"]["win_rate"] is None
+    # RL that moved further than SFT: recovery is negative, won on no prompt
+    _, away = hidden.tables(drift.reading({"b": base, "s": base, "r": moved}, tok.pad_token_id, 3), {"B": "b", "S": "s", "R": "r"}, answers, "t", "tiny")
+    a = {(x["split"], x["metric"]): x for x in away.iter_rows(named=True)}
+    assert a["ood", "js"]["delta"] < 0 and a["ood", "cosine_mean"]["delta"] < 0 and a["ood", "js"]["win_rate"] == 0.0
+    # no R (no RL run from the configured start): the (B, S) pair alone, no recovery
+    only, none = hidden.tables(drift.reading({"b": base, "s": moved}, tok.pad_token_id, 3), {"B": "b", "S": "s"}, answers, "t", "tiny")
+    assert set(only.filter(pl.col("model_x") != pl.col("model_y"))["model_y"]) == {"S"} and none.height == 0
+
+
+def _batch(rows: int = 2, width: int = 3, vocab: int = 5):
+    from tasks.drift import states
+
+    return states.Batch(torch.zeros(rows, 4), torch.zeros(rows, vocab), torch.zeros(rows, width, vocab), torch.ones(rows, width))
+
+
+def test_kept_reads_are_returned_without_reading_and_the_budget_drops_the_least_recent():
+    from tasks.drift import states
+
+    one = sum(t.element_size() * t.nelement() for t in (lambda b: (b.hidden, b.anchor, b.answer, b.scored))(_batch()))
+    reads = states.Reads(2 * one)
+    calls = []
+
+    def read(name):
+        def go():
+            calls.append(name)
+            yield _batch()
+
+        return go
+
+    assert len(list(reads.get("a", lambda: one, read("a")))) == 1
+    reads.get("a", lambda: one, read("a"))
+    assert calls == ["a"]  # kept: not read again
+    reads.get("b", lambda: one, read("b"))
+    reads.get("a", lambda: one, read("a"))  # a is now the most recent
+    reads.get("c", lambda: one, read("c"))  # over budget: b, the least recent, is dropped
+    reads.get("a", lambda: one, read("a"))
+    reads.get("b", lambda: one, read("b"))
+    assert calls == ["a", "b", "c", "b"]
+    # larger than the budget, or without a key: streamed as read, never kept
+    streamed = reads.get("d", lambda: 3 * one, read("d"))
+    assert not isinstance(streamed, list) and len(list(streamed)) == 1
+    list(reads.get("d", lambda: 3 * one, read("d")))
+    list(reads.get(None, lambda: one, read("e")))
+    list(reads.get(None, lambda: one, read("e")))
+    assert calls[-3:] == ["d", "e", "e"] and calls.count("d") == 2
+    # the estimate counts the batches' floats
+    assert states.read_bytes([[1, 2, 3, 4, 5]] * 2, [2, 2], vocab=5, hidden=4, batch_size=2) == one
+
+
+def test_a_checkpoints_task_reads_only_its_own_model_when_the_references_are_kept(tiny, tmp_path, monkeypatch):
+    import polars as pl
+
+    from rlheal.config import parse_config
+    from tasks import drift
+    from tasks.drift import states
+
+    tok, base, moved, seqs, n = tiny
+    base.save_pretrained(tmp_path / "base")
+    moved.save_pretrained(tmp_path / "moved")
+    ckpts = {c: {"ckpt_id": c, "stage": "base" if c == "base" else "sft", "step": i, "path": str(tmp_path / ("base" if c == "base" else "moved")), "content_hash": f"h{i}"} for i, c in enumerate(["base", "sft-1", "sft-2"])}
+    answers = pl.DataFrame({"split": ["id"] * len(seqs) + ["ood"] * len(seqs), "index": [*range(len(seqs))] * 2, "ids": seqs * 2, "n_prompt": n * 2})
+    cfg = parse_config({"name": "t", "drift": {"enabled": True, "batch_size": 3}})
+    loads = []
+    real = drift.load
+    monkeypatch.setattr(drift, "load", lambda cfg, c: loads.append(c["ckpt_id"]) or real(cfg, c))
+    monkeypatch.setattr(drift, "READS", states.Reads(256 * 2**20))
+    first = {"base": ckpts["base"], "previous": ckpts["base"]}
+    want = drift.measure(drift.reading({"base": base, "sft-1": moved}, tok.pad_token_id, 3), answers, ckpts["sft-1"], first)
+    got = drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-1"], first)
+    assert got.equals(want)  # a kept read changes no value
+    assert sorted(loads) == ["base", "sft-1"]
+    # the next checkpoint: the base and its previous are kept, only its own weights are read
+    # (same folder, other content: the key is the content hash, not the path or the id)
+    loads.clear()
+    second = drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-2"], {"base": ckpts["base"], "previous": ckpts["sft-1"]})
+    assert loads == ["sft-2"] and second.filter(pl.col("reference") == "previous")["js"].max() < 1e-6
+    # a budget too small keeps nothing: every task loads what it reads
+    monkeypatch.setattr(drift, "READS", states.Reads(1000))
+    loads.clear()
+    for _ in range(2):
+        drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-2"], {"base": ckpts["base"], "previous": ckpts["sft-1"]})
+    assert sorted(loads) == sorted(["base", "sft-1", "sft-2"] * 2)

@@ -16,7 +16,8 @@ The math is in `signals` (tensors in, numbers out) and `states` (what a model is
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -28,10 +29,10 @@ from rlheal.config import StudyConfig
 from rlheal.faults import maybe_fail
 from rlheal.runners import gpu_lease
 from rlheal.store import Artifact, Store, write_parquet
-from tasks.drift import monitor, signals, states
+from tasks.drift import hidden, monitor, signals, states
 from tasks.lm import ModelGenerator, load_model, load_tokenizer
 
-STAGE = Stage("drift", version="2", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations"))  # 2: a checkpoint whose previous is the base no longer counts its prompts twice
+STAGE = Stage("drift", version="2", tables=("drift_by_checkpoint", "drift_selection", "drift_correlations", "hidden_pair_metrics", "hidden_recovery"))  # 2: a checkpoint whose previous is the base no longer counts its prompts twice
 log = logging.getLogger("rlheal.drift")
 SPLITS = ("id", "ood")
 ANSWERS = "drift_answers.parquet"
@@ -81,12 +82,12 @@ def eval_set_hashes(data_path: Path) -> dict[str, str]:
     return {s: pl.read_parquet(Path(data_path) / f"eval_set_{s}.parquet", columns=["eval_set_hash"])["eval_set_hash"][0] for s in SPLITS}
 
 
-def base_answers(store: Store, cfg: StudyConfig, base: dict, data_path: Path, model, tok) -> pl.DataFrame:
+def base_answers(store: Store, cfg: StudyConfig, base: dict, data_path: Path, load_base: Callable[[], object], tok) -> pl.DataFrame:
     """The base's `answer_rows`: built once per base and evaluation set by whichever task
-    needs it first (the others find it sealed)."""
+    needs it first (the others find it sealed); `load_base()` gives the base model."""
 
     def build(tmp: Path) -> dict:
-        table = answer_rows(model, tok, cfg, data_path)
+        table = answer_rows(load_base(), tok, cfg, data_path)
         write_parquet(table, tmp / ANSWERS)
         return {"prompts": table.height}
 
@@ -138,15 +139,50 @@ def signal_row(ckpt: dict, split: str, reference: str, ref_id: str, pair: states
     }  # fmt: skip
 
 
-def measure(models: dict[str, object], answers: pl.DataFrame, ckpt: dict, refs: dict[str, dict], pad_id: int, batch_size: int) -> pl.DataFrame:
+Read = Callable[[str, list, list], Iterable[states.Batch]]  # (ckpt_id, sequences, prompt lengths) -> its batches
+READS = states.Reads(256 * 2**20)  # this process's kept reads: the toy's are 57 MB a model
+
+
+def reading(models: dict[str, object], pad_id: int, batch_size: int) -> Read:
+    """A `Read` of loaded models (`models`: ckpt_id -> model), nothing kept."""
+    return lambda c, seqs, n: states.forward(models[c], seqs, n, pad_id, batch_size, what=c)
+
+
+class Reader:
+    """A task's `Read` of its checkpoints (`ckpts`: ckpt_id -> checkpoint row): a read kept
+    in READS (another task's, on this worker) loads nothing; a model is loaded on its first
+    read and kept for the task."""
+
+    def __init__(self, cfg: StudyConfig, ckpts: dict[str, dict], pad_id: int):
+        self.cfg, self.ckpts, self.pad_id, self.models = cfg, ckpts, pad_id, {}
+
+    def model(self, ckpt_id: str):
+        if ckpt_id not in self.models:
+            self.models[ckpt_id] = load(self.cfg, self.ckpts[ckpt_id])
+        return self.models[ckpt_id]
+
+    def __call__(self, ckpt_id: str, seqs: list, n: list) -> Iterable[states.Batch]:
+        c, bs = self.ckpts[ckpt_id], self.cfg.drift.batch_size
+        dtype, device = placement()
+        # the weights by content, the exact sequences, and how they are read
+        key = None if not c.get("content_hash") else (c["content_hash"], str(dtype), device, self.pad_id, bs, hash((tuple(map(tuple, seqs)), tuple(n))))
+
+        def size() -> int:
+            config = self.model(ckpt_id).config.get_text_config()
+            return states.read_bytes(seqs, n, config.vocab_size, config.hidden_size, bs)
+
+        return READS.get(key, size, lambda: states.forward(self.model(ckpt_id), seqs, n, self.pad_id, bs, what=ckpt_id))
+
+
+def measure(read: Read, answers: pl.DataFrame, ckpt: dict, refs: dict[str, dict]) -> pl.DataFrame:
     """`drift_by_checkpoint` of `ckpt` against each reference (`refs`: base / previous ->
-    checkpoint row; `models`: ckpt_id -> loaded model), per split."""
+    checkpoint row), per split; `read` gives a model's batches."""
     out = []
     for split in SPLITS:
         part = answers.filter(pl.col("split") == split).sort("index")
         seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
 
-        readers = {c: states.forward(models[c], seqs, n, pad_id, batch_size, what=c) for c in dict.fromkeys([ckpt["ckpt_id"], *(r["ckpt_id"] for r in refs.values())])}
+        readers = {c: read(c, seqs, n) for c in dict.fromkeys([ckpt["ckpt_id"], *(r["ckpt_id"] for r in refs.values())])}
         pairs = states.compare(readers, [(r["ckpt_id"], ckpt["ckpt_id"]) for r in refs.values()])
         for reference, ref in refs.items():
             out.append(signal_row(ckpt, split, reference, ref["ckpt_id"], pairs[ref["ckpt_id"], ckpt["ckpt_id"]]))
@@ -157,18 +193,25 @@ def make(art: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, prev: dict, da
     store = open_store(art.root)
 
     def build(tmp: Path) -> dict:
-        cuda = torch.cuda.is_available()
-        dtype, device = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
         tok = load_tokenizer(base["path"], cfg.model.trust_remote_code)
-        models = {c["ckpt_id"]: load_model(c["path"], dtype, device, cfg.model.trust_remote_code) for c in {c["ckpt_id"]: c for c in (base, prev, ckpt)}.values()}
-        answers = base_answers(store, cfg, base, Path(data_path), models[base["ckpt_id"]], tok)
-        table = measure(models, answers, ckpt, {"base": base, "previous": prev}, tok.pad_token_id, cfg.drift.batch_size)
+        read = Reader(cfg, {c["ckpt_id"]: c for c in (base, prev, ckpt)}, tok.pad_token_id)
+        answers = base_answers(store, cfg, base, Path(data_path), lambda: read.model(base["ckpt_id"]), tok)
+        table = measure(read, answers, ckpt, {"base": base, "previous": prev})
         write_parquet(table, tmp / "drift_by_checkpoint.parquet")
         ood = table.filter((pl.col("split") == "ood") & (pl.col("reference") == "base")).row(0, named=True)
         log.info("drift %s: OOD JS from the base %.4f, cosine %.4f", ckpt["ckpt_id"], ood["js"], ood["cosine_mean"])
         return {"rows": table.height}
 
     return STAGE.build(art, build)
+
+
+def placement() -> tuple[torch.dtype, str]:
+    """How the stage reads a model: bf16 on a GPU, fp32 on the CPU."""
+    return (torch.bfloat16, "cuda") if torch.cuda.is_available() else (torch.float32, "cpu")
+
+
+def load(cfg: StudyConfig, ckpt: dict):
+    return load_model(ckpt["path"], *placement(), cfg.model.trust_remote_code)
 
 
 def _run_name(parameters: dict) -> str:
@@ -182,6 +225,50 @@ def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, previous
     maybe_fail("drift")
     with gpu_lease(cfg.runner):
         return str(make(artifact, cfg, ckpt, base, previous, Path(data)))
+
+
+# ---------------------------------------------------------------- B, S and R (analysis.md §5)
+
+ROLES = ("B", "S", "R")
+
+
+def hidden_artifact(store: Store, cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.DataFrame, data_path: Path) -> Artifact:
+    """The `hidden_*` tables' artifact: keyed by which checkpoints B, S and R are (the svd
+    stage's roles: B moves when an evaluation does) and by the sequences they are read on."""
+    by_id = {c["ckpt_id"]: c for c in checkpoints.to_dicts()}
+    base = next(c for c in by_id.values() if c["stage"] == "base")
+    picked = {role: by_id[c] for role, c in roles.select("role", "ckpt_id").rows() if role in ROLES}
+    return STAGE.artifact(store, {"hidden": {role: {k: c.get(k) for k in ("ckpt_id", "content_hash")} for role, c in picked.items()}, "answers": answers_key(cfg, base, data_path)})
+
+
+def make_hidden(art: Artifact, cfg: StudyConfig, roles_path: Path, checkpoints_path: Path, data_path: Path) -> Path:
+    store = open_store(art.root)
+    roles, checkpoints = pl.read_parquet(roles_path), pl.read_parquet(checkpoints_path)
+
+    def build(tmp: Path) -> dict:
+        by_id = {c["ckpt_id"]: c for c in checkpoints.to_dicts()}
+        base = next(c for c in by_id.values() if c["stage"] == "base")
+        picked = {role: c for role, c in roles.select("role", "ckpt_id").rows() if role in ROLES}
+        tok = load_tokenizer(base["path"], cfg.model.trust_remote_code)
+        read = Reader(cfg, by_id, tok.pad_token_id)
+        answers = base_answers(store, cfg, base, Path(data_path), lambda: read.model(base["ckpt_id"]), tok)
+        run_id, model_name = roles["run_id"][0], roles["model_name"][0]
+        pairs, recovery = hidden.tables(read, picked, answers, run_id, model_name)
+        write_parquet(pairs, tmp / "hidden_pair_metrics.parquet")
+        write_parquet(recovery, tmp / "hidden_recovery.parquet")
+        return {"pairs": pairs.height, "recovery": recovery.height}
+
+    return STAGE.build(art, build)
+
+
+@task(name=f"{STAGE.name}-hidden", task_run_name="drift hidden")
+def hidden_stage(artifact: Artifact, cfg: StudyConfig, roles: str, checkpoints: str, data: str) -> str:
+    """`hidden_pair_metrics` and `hidden_recovery` of B, S and R (analysis.md §5)."""
+    with gpu_lease(cfg.runner):
+        try:
+            return str(make_hidden(artifact, cfg, Path(roles), Path(checkpoints), Path(data)))
+        finally:  # the study's last read: what this worker kept is of no further use
+            READS.clear()
 
 
 # ---------------------------------------------------------------- watching it live
@@ -299,15 +386,16 @@ def correlations(drift: pl.DataFrame, eval_summary: pl.DataFrame, checkpoints: p
     return pl.DataFrame(rows, schema=CORRELATION_SCHEMA)
 
 
-def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path], inputs: Sequence[str | Path]) -> Artifact:
+def collect_artifact(store: Store, cfg: StudyConfig, paths: Sequence[str | Path], hidden_dir: str | Path, inputs: Sequence[str | Path]) -> Artifact:
     from rlheal.store import sha256_file
 
-    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths), "inputs": {Path(p).name: sha256_file(Path(p)) for p in inputs if Path(p).is_file()}, "signal": cfg.drift.signal, "rho": cfg.drift.rho})
+    return STAGE.artifact(store, {"collect": sorted(Store.from_path(p).key for p in paths), "hidden": Store.from_path(hidden_dir).key, "inputs": {Path(p).name: sha256_file(Path(p)) for p in inputs if Path(p).is_file()}, "signal": cfg.drift.signal, "rho": cfg.drift.rho})
 
 
 @task(name=f"{STAGE.name}-tables", task_run_name="drift tables")
-def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str], eval_summary: str, checkpoints: str, svd_vs_accuracy: str | None) -> str:
-    """The study-wide `drift_by_checkpoint`, `drift_selection` and `drift_correlations`."""
+def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str], hidden_dir: str, eval_summary: str, checkpoints: str, svd_vs_accuracy: str | None) -> str:
+    """The study-wide `drift_by_checkpoint`, `drift_selection` and `drift_correlations`, and
+    the `hidden_*` tables of B, S and R (`hidden_stage`'s)."""
 
     def build(tmp: Path) -> dict:
         drift = pl.concat([pl.read_parquet(Path(p) / "drift_by_checkpoint.parquet") for p in paths]).sort("stage", "rl_start_step", "step", "split", "reference", nulls_last=True)
@@ -316,6 +404,8 @@ def collect_stage(artifact: Artifact, cfg: StudyConfig, paths: list[str], eval_s
         write_parquet(drift, tmp / "drift_by_checkpoint.parquet")
         write_parquet(selection(drift, summary, ckpts, cfg.drift.signal, cfg.drift.rho), tmp / "drift_selection.parquet")
         write_parquet(correlations(drift, summary, ckpts, vs), tmp / "drift_correlations.parquet")
+        for name in ("hidden_pair_metrics", "hidden_recovery"):
+            shutil.copyfile(Path(hidden_dir) / f"{name}.parquet", tmp / f"{name}.parquet")
         return {"rows": drift.height}
 
     return str(STAGE.build(artifact, build))

@@ -10,7 +10,9 @@ tokens of the user turn, template text, and assumed right padding where it was l
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,52 @@ def forward(model, seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], pad_i
             yield Batch(hidden.float().cpu(), torch.log_softmax(logits.float(), -1), torch.log_softmax(picked.float(), -1), packed.to(device))
     finally:
         model.train(was_training)
+
+
+def read_bytes(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], vocab: int, hidden: int, batch_size: int) -> int:
+    """What `forward`'s batches over `seqs` hold, in bytes (fp32; the answer's distributions,
+    one row per scored position of the batch's longest answer, dominate)."""
+    total = 0
+    for start in range(0, len(seqs), batch_size):
+        width = max(len(s) - k for s, k in zip(seqs[start : start + batch_size], n_prompt[start : start + batch_size]))
+        rows = len(seqs[start : start + batch_size])
+        total += 4 * rows * ((width + 1) * vocab + width + hidden)
+    return total
+
+
+class Reads:
+    """Models' `forward` batches, kept in this process for the drift tasks that follow: the
+    base is every checkpoint's reference and each checkpoint the next one's previous, so on
+    one worker a checkpoint's task reads one model instead of three. At most `budget` bytes
+    are kept, the least recently used dropped first; a read larger than that is streamed as
+    `forward` gives it and not kept (a large vocabulary's per-position distributions). The
+    key must name everything the batches depend on."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._kept: OrderedDict[tuple, tuple[list[Batch], int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple | None, size: Callable[[], int], read: Callable[[], Iterator[Batch]]) -> Iterable[Batch]:
+        """The batches under `key` if kept, else `read()`'s, kept when `size()` fits the budget
+        (`key` None: never kept)."""
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key][0]
+        if key is None or size() > self.budget:
+            return read()
+        batches = list(read())
+        nbytes = sum(t.element_size() * t.nelement() for b in batches for t in (b.hidden, b.anchor, b.answer, b.scored))
+        with self._lock:
+            self._kept[key] = (batches, nbytes)
+            while sum(n for _, n in self._kept.values()) > self.budget:
+                self._kept.popitem(last=False)
+        return batches
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
 
 
 @dataclass
