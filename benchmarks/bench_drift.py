@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     drift.READS.clear()
     t_cold = timed(last, prev)
     drift.READS.clear()
-    t_before = timed(prev, ckpts[-3])  # the task before keeps the base's and its own reads
+    t_before = timed(prev, drift.previous(prev, ckpts))  # the task before keeps the base's and its own reads
     t_drift = timed(last, prev)
 
     from tasks.eval import evaluate_model

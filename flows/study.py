@@ -141,6 +141,7 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
                 hidden_art = drift.hidden_artifact(st, cfg, pl.read_parquet(reads[3]), pl.read_parquet(reads[1]), Path(data_dir))
                 stream.submit("drift", "drift hidden", drift.hidden_stage.with_options(**cached), artifact=hidden_art, cfg=cfg, roles=reads[3], checkpoints=reads[1], data=data_dir)
                 stream.results("drift")
+            drift.READS.clear()  # the reads drift tasks kept in this process (thread runner) are of no further use
             drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, hidden_art.path, reads[:3]), cfg=cfg, paths=paths, hidden_dir=str(hidden_art.path), eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
         st.publish_all(cfg.name, Path(drift_dir), drift.STAGE.tables)
     else:  # a study pointed at a config without the monitor (--force) keeps no stale picks

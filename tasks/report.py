@@ -744,10 +744,10 @@ def all_verdicts(t: dict[str, pl.DataFrame], acc: pl.DataFrame | None, rec: pl.D
 # ---------------------------------------------------------------------------- document
 
 
-def _md_table(df: pl.DataFrame, floats: int = 4) -> str:
+def _md_table(df: pl.DataFrame, fmt: str = ".4f") -> str:
     cols = df.columns
     def cell(v):
-        return "" if v is None else (f"{v:.{floats}f}" if isinstance(v, float) else str(v))
+        return "" if v is None else (f"{v:{fmt}}" if isinstance(v, float) else str(v))
     rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     rows += ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.iter_rows()]
     return "\n".join(rows)
@@ -784,7 +784,7 @@ def build(tables_dir: Path, out: Path, title: str, bench: Benchmark) -> dict:
     section("Singular values and vectors", "svd_pair_metrics" in t and "checkpoints" in t, lambda: with_fig(fig_svd(t["svd_pair_metrics"], t["checkpoints"], "angle_u_mean_deg", out)))
     section("RL advantage distribution", "rl_log" in t and "adv_q50" in t.get("rl_log", pl.DataFrame()).columns, lambda: with_fig(fig_advantages(t["rl_log"], out)))
     section("Rotation editing", "edit_eval_results" in t and "edit_variants" in t, lambda: with_fig(fig_edit(t["edit_eval_results"], t["edit_variants"], out), edit_table(t["edit_eval_results"], t["edit_variants"])))
-    section("Hidden states of B, S and R", "hidden_pair_metrics" in t and "hidden_recovery" in t, lambda: hidden_table(t["hidden_pair_metrics"], t["hidden_recovery"]))
+    section("Hidden states of B, S and R", "hidden_pair_metrics" in t and "hidden_recovery" in t and t["hidden_pair_metrics"].height > 0, lambda: hidden_table(t["hidden_pair_metrics"], t["hidden_recovery"]))
 
     verdicts = list(all_verdicts(t, acc, rec, bench).values())
     vtable = "| finding | this study's evidence (95 % intervals) | verdict |\n|---|---|---|\n" + "\n".join(f"| {v.finding} | {v.evidence} | **{v.verdict}** |" for v in verdicts)
@@ -811,9 +811,10 @@ def hidden_table(pairs: pl.DataFrame, recovery: pl.DataFrame) -> str:
     wide = shown.with_columns(pair=pl.format("{}-{} {}", "model_x", "model_y", "split")).pivot(on="pair", index="metric", values="value", aggregate_function="first")
     rec = recovery.filter(pl.col("metric").is_in(HIDDEN_METRICS)).select("split", "metric", "delta", "delta_norm", "win_rate").sort("split", "metric")
     n = pairs["n_prompts"].max() if pairs.height else 0
-    head = f"B = {ids.get('B')}, S = {ids.get('S')}, R = {ids.get('R', 'absent')}; {n} prompts per split, read at the answer anchor (docs/monitor.md).\n\n"
+    same = " B = S (the last SFT checkpoint is the OOD-best): the (B, S) pair is one model, Δ norm divides by its zero distance." if ids.get("B") == ids.get("S") else ""
+    head = f"B = {ids.get('B')}, S = {ids.get('S')}, R = {ids.get('R', 'absent')}; {n} prompts per split, read at the answer anchor (docs/monitor.md).{same}\n\n"
     tail = "\n\nΔ > 0: R is closer to B than S is (similarity: s(B,R) − s(B,S); distance: δ(B,S) − δ(B,R)); Δ norm: over the (B,S) value; win-rate: the share of prompts where R is closer (ties ½). Not a verdict: a description of where RL moved the states.\n"
-    return head + _md_table(wide) + "\n\n" + (_md_table(rec) if rec.height else "*No R: no recovery.*") + tail
+    return head + _md_table(wide, fmt=".4g") + "\n\n" + (_md_table(rec, fmt=".4g") if rec.height else "*No R: no recovery.*") + tail
 
 
 def edit_table(res: pl.DataFrame, variants: pl.DataFrame) -> str:

@@ -482,8 +482,11 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
     assert abs(estimate / wrote - 1) <= 0.25, (estimate, wrote)
 
     before = sorted(p.name for p in (copy.store / "drift").iterdir())
+    built = {p: p.stat().st_mtime_ns for p in (copy.store / "drift").glob("*/hidden_*.parquet")}
+    assert len(built) == 2 * 2  # the hidden task's two tables, and their copy in the study-wide artifact
     assert study(config_path=str(copy.config), overrides=overrides, return_state=True).is_completed()
     assert sorted(p.name for p in (copy.store / "drift").iterdir()) == before
+    assert {p: p.stat().st_mtime_ns for p in built} == built  # nothing rebuilt in place
 
     # the study pointed at a config without the monitor keeps no stale picks to judge
     off = ["--set", "name=smoke-drift", "--set", "drift.enabled=false", "--force"]
@@ -496,7 +499,7 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
 # ---------------------------------------------------------------- B, S and R (analysis.md §5)
 
 
-def test_mmd2_permutation_p_value_counts_the_observed_labelling_and_reuses_the_bandwidth():
+def test_mmd2_permutation_p_value_counts_the_observed_labelling_and_ties():
     g = torch.Generator().manual_seed(5)
     x = torch.randn(9, 3, generator=g, dtype=torch.float64)
     far = torch.randn(8, 3, generator=g, dtype=torch.float64) + 4.0
@@ -512,13 +515,26 @@ def test_mmd2_permutation_p_value_counts_the_observed_labelling_and_reuses_the_b
     relabelled = float(sg.mmd2_of_kernel(k, mask)[0])
     # the same pooled rows, so the loops find the same bandwidth
     assert relabelled == pytest.approx(mmd2_by_loops(pooled[mask[0] == 1], pooled[mask[0] == 0]), rel=1e-9)
+    # one distribution: the p-value is the share of seeded relabellings at least as far apart,
+    # counted here by the loop estimator over the same relabellings
     same = torch.randn(8, 3, generator=g, dtype=torch.float64)
-    _, p_same = sg.rbf_mmd2_permutation(x, same, permutations=200)
-    assert 0.05 < p_same <= 1.0
-    assert sg.rbf_mmd2_permutation(x, far, permutations=200) == (mmd2, p)  # seeded
+    observed, p_same = sg.rbf_mmd2_permutation(x, same, permutations=50)
+    both = torch.cat([x, same])
+    perms = torch.Generator().manual_seed(sg.MMD_SEED)
+    at_least = 0
+    for _ in range(50):
+        inside = torch.zeros(len(both), dtype=torch.bool)
+        inside[torch.randperm(len(both), generator=perms)[: len(x)]] = True
+        at_least += mmd2_by_loops(both[inside], both[~inside]) >= observed - 1e-12
+    assert p_same == pytest.approx((1 + at_least) / 51) and 0.05 < p_same < 1
+    assert sg.rbf_mmd2_permutation(x, same, permutations=50) == (observed, p_same)  # seeded
+    # every row the same point: every relabelling ties the observed 0, and a tie counts
+    assert sg.rbf_mmd2_permutation(torch.ones(5, 3), torch.ones(4, 3), permutations=20) == (0.0, 1.0)
 
 
 def test_hidden_tables_compare_s_and_r_with_b_and_point_recovery_towards_b(tiny):
+    import copy
+
     import polars as pl
 
     from tasks import drift
@@ -552,6 +568,24 @@ def test_hidden_tables_compare_s_and_r_with_b_and_point_recovery_towards_b(tiny)
     # R closer on every prompt: win-rate 1 where a metric is per prompt, none where it is not
     assert r["id", "cosine_mean"]["win_rate"] == 1.0 and r["id", "js"]["win_rate"] == 1.0 and r["id", "kl_forward"]["win_rate"] == 1.0
     assert r["id", "cka"]["win_rate"] is None and r["id", "cosine_p10"]["win_rate"] is None
+    assert r["id", "jaccard_top10"]["delta"] >= 0 and any(r["id", f"jaccard_top{k}"]["delta"] > 0 for k in hidden.JACCARD_KS)  # a similarity
+    # R and S both moved, differently: each metric's Δ and win-rate are §5's on the pairs
+    # as compare reads them
+    g = torch.Generator().manual_seed(2)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.add_(0.08 * q.std() * torch.randn(q.shape, generator=g))
+    mixed, mixed_rec = hidden.tables(drift.reading({"b": base, "s": moved, "r": other}, tok.pad_token_id, 3), {"B": "b", "S": "s", "R": "r"}, answers, "t", "tiny")
+    read = {name: states.forward(m, seqs, n, tok.pad_token_id, 3) for name, m in (("b", base), ("s", moved), ("r", other))}
+    got = states.compare(read, [("b", "s"), ("b", "r")], hidden.JACCARD_KS)
+    per = {pair: hidden.per_prompt(got[pair]) for pair in got}
+    rows = {x["metric"]: x for x in mixed_rec.filter(pl.col("split") == "ood").iter_rows(named=True)}
+    for metric, series in per["b", "s"].items():
+        name = "cosine_mean" if metric == "cosine" else metric
+        assert rows[name]["win_rate"] == pytest.approx(sg.win_rate(metric, series, per["b", "r"][metric])), metric
+        assert rows[name]["delta"] == pytest.approx(sg.recovery(metric, float(series.mean()), float(per["b", "r"][metric].mean()))[0], rel=1e-6, abs=1e-12), metric
+    assert len({round(x["win_rate"], 6) for x in rows.values() if x["win_rate"] is not None}) > 2  # the metrics disagree: each its own
     # RL that moved further than SFT: recovery is negative, won on no prompt
     _, away = hidden.tables(drift.reading({"b": base, "s": base, "r": moved}, tok.pad_token_id, 3), {"B": "b", "S": "s", "R": "r"}, answers, "t", "tiny")
     a = {(x["split"], x["metric"]): x for x in away.iter_rows(named=True)}
@@ -571,7 +605,7 @@ def test_kept_reads_are_returned_without_reading_and_the_budget_drops_the_least_
     from tasks.drift import states
 
     one = sum(t.element_size() * t.nelement() for t in (lambda b: (b.hidden, b.anchor, b.answer, b.scored))(_batch()))
-    reads = states.Reads(2 * one)
+    reads = states.Reads(states.Reads.WORKING_SET * one)  # room for six reads of this size
     calls = []
 
     def read(name):
@@ -581,23 +615,31 @@ def test_kept_reads_are_returned_without_reading_and_the_budget_drops_the_least_
 
         return go
 
-    assert len(list(reads.get("a", lambda: one, read("a")))) == 1
-    reads.get("a", lambda: one, read("a"))
+    def get(name, size=one):
+        return list(reads.get(name, lambda: size, read(name)))
+
+    assert len(get("a")) == 1
+    get("a")
     assert calls == ["a"]  # kept: not read again
-    reads.get("b", lambda: one, read("b"))
-    reads.get("a", lambda: one, read("a"))  # a is now the most recent
-    reads.get("c", lambda: one, read("c"))  # over budget: b, the least recent, is dropped
-    reads.get("a", lambda: one, read("a"))
-    reads.get("b", lambda: one, read("b"))
-    assert calls == ["a", "b", "c", "b"]
-    # larger than the budget, or without a key: streamed as read, never kept
-    streamed = reads.get("d", lambda: 3 * one, read("d"))
+    for name in "bcdef":
+        get(name)
+    get("a")  # a is now the most recent
+    get("g")  # a seventh: b, the least recent, is dropped
+    calls.clear()
+    for name in "acdefg":
+        get(name)
+    assert calls == []
+    get("b")
+    assert calls == ["b"]
+    # a read of more than budget / 6, or without a key: streamed as read, never kept
+    streamed = reads.get("big", lambda: one + 1, read("big"))
     assert not isinstance(streamed, list) and len(list(streamed)) == 1
-    list(reads.get("d", lambda: 3 * one, read("d")))
-    list(reads.get(None, lambda: one, read("e")))
-    list(reads.get(None, lambda: one, read("e")))
-    assert calls[-3:] == ["d", "e", "e"] and calls.count("d") == 2
-    # the estimate counts the batches' floats
+    get("big", one + 1)
+    get(None)
+    get(None)
+    assert calls == ["b", "big", "big", None, None]
+    # what is kept lives on the CPU; the estimate counts the batches' floats
+    assert all(t.device.type == "cpu" for t in reads.get("a", lambda: one, read("a"))[0].__dict__.values())
     assert states.read_bytes([[1, 2, 3, 4, 5]] * 2, [2, 2], vocab=5, hidden=4, batch_size=2) == one
 
 
@@ -611,26 +653,45 @@ def test_a_checkpoints_task_reads_only_its_own_model_when_the_references_are_kep
     tok, base, moved, seqs, n = tiny
     base.save_pretrained(tmp_path / "base")
     moved.save_pretrained(tmp_path / "moved")
-    ckpts = {c: {"ckpt_id": c, "stage": "base" if c == "base" else "sft", "step": i, "path": str(tmp_path / ("base" if c == "base" else "moved")), "content_hash": f"h{i}"} for i, c in enumerate(["base", "sft-1", "sft-2"])}
-    answers = pl.DataFrame({"split": ["id"] * len(seqs) + ["ood"] * len(seqs), "index": [*range(len(seqs))] * 2, "ids": seqs * 2, "n_prompt": n * 2})
+    names = ["base", "sft-1", "sft-2", "sft-3", "sft-4"]
+    ckpts = {c: {"ckpt_id": c, "stage": "base" if c == "base" else "sft", "step": i, "path": str(tmp_path / ("base" if i % 2 == 0 else "moved")), "content_hash": f"h{i}"} for i, c in enumerate(names)}
+    ood = slice(0, len(seqs) - 2)  # other sequences than the ID split's: a key without them would mix the splits
+    answers = pl.DataFrame({"split": ["id"] * len(seqs) + ["ood"] * (len(seqs) - 2), "index": [*range(len(seqs)), *range(len(seqs) - 2)], "ids": seqs + seqs[ood], "n_prompt": n + n[ood]})
     cfg = parse_config({"name": "t", "drift": {"enabled": True, "batch_size": 3}})
     loads = []
     real = drift.load
     monkeypatch.setattr(drift, "load", lambda cfg, c: loads.append(c["ckpt_id"]) or real(cfg, c))
-    monkeypatch.setattr(drift, "READS", states.Reads(256 * 2**20))
-    first = {"base": ckpts["base"], "previous": ckpts["base"]}
-    want = drift.measure(drift.reading({"base": base, "sft-1": moved}, tok.pad_token_id, 3), answers, ckpts["sft-1"], first)
-    got = drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-1"], first)
-    assert got.equals(want)  # a kept read changes no value
+    config = base.config.get_text_config()
+    one = max(states.read_bytes(s, k, config.vocab_size, config.hidden_size, 3) for s, k in ((seqs, n), (seqs[ood], n[ood])))
+    # the budget of exactly one task's six reads: a chain of tasks must not thrash
+    monkeypatch.setattr(drift, "READS", states.Reads(states.Reads.WORKING_SET * one))
+
+    def task(i: int) -> pl.DataFrame:
+        loads.clear()
+        return drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts[names[i]], {"base": ckpts["base"], "previous": ckpts[names[i - 1]]})
+
+    first = task(1)
+    want = drift.measure(drift.reading({"base": base, "sft-1": moved}, tok.pad_token_id, 3), answers, ckpts["sft-1"], {"base": ckpts["base"], "previous": ckpts["base"]})
+    assert first.equals(want)  # a kept read changes no value
     assert sorted(loads) == ["base", "sft-1"]
-    # the next checkpoint: the base and its previous are kept, only its own weights are read
-    # (same folder, other content: the key is the content hash, not the path or the id)
-    loads.clear()
-    second = drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-2"], {"base": ckpts["base"], "previous": ckpts["sft-1"]})
-    assert loads == ["sft-2"] and second.filter(pl.col("reference") == "previous")["js"].max() < 1e-6
+    by_split = {r["split"]: r for r in first.filter(pl.col("reference") == "base").iter_rows(named=True)}
+    assert (by_split["id"]["n_prompts"], by_split["ood"]["n_prompts"]) == (len(seqs), len(seqs) - 2)
+    assert by_split["id"]["js"] != by_split["ood"]["js"]
+    for i in (2, 3, 4):  # each next task: the base and its previous are kept, only its own weights read
+        table = task(i)
+        assert loads == [names[i]], (i, loads)
+    assert table.equals(drift.measure(drift.reading({"base": base, "sft-3": moved, "sft-4": base}, tok.pad_token_id, 3), answers, ckpts["sft-4"], {"base": ckpts["base"], "previous": ckpts["sft-3"]}))
+    # the key is the content: the same id with new weights is read again, the same weights
+    # under another id are not
+    ckpts["sft-4"] = {**ckpts["sft-4"], "content_hash": "retrained"}
+    task(4)
+    assert loads == ["sft-4"]
+    ckpts["sft-5"] = {**ckpts["sft-3"], "ckpt_id": "sft-5", "step": 5}
+    names.append("sft-5")
+    drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-5"], {"base": ckpts["base"], "previous": ckpts["sft-4"]})
+    assert loads == ["sft-4"]  # loads cleared by task(4) only: sft-5 (= sft-3's weights) and the rest were kept
     # a budget too small keeps nothing: every task loads what it reads
-    monkeypatch.setattr(drift, "READS", states.Reads(1000))
-    loads.clear()
-    for _ in range(2):
-        drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-2"], {"base": ckpts["base"], "previous": ckpts["sft-1"]})
-    assert sorted(loads) == sorted(["base", "sft-1", "sft-2"] * 2)
+    monkeypatch.setattr(drift, "READS", states.Reads(states.Reads.WORKING_SET * one - 1))
+    task(2)
+    task(3)
+    assert sorted(loads) == ["base", "sft-2", "sft-3"]

@@ -165,7 +165,7 @@ class Reader:
         c, bs = self.ckpts[ckpt_id], self.cfg.drift.batch_size
         dtype, device = placement()
         # the weights by content, the exact sequences, and how they are read
-        key = None if not c.get("content_hash") else (c["content_hash"], str(dtype), device, self.pad_id, bs, hash((tuple(map(tuple, seqs)), tuple(n))))
+        key = None if not c.get("content_hash") else (c["content_hash"], str(dtype), device, self.pad_id, bs, tuple(map(tuple, seqs)), tuple(n))
 
         def size() -> int:
             config = self.model(ckpt_id).config.get_text_config()
@@ -182,7 +182,9 @@ def measure(read: Read, answers: pl.DataFrame, ckpt: dict, refs: dict[str, dict]
         part = answers.filter(pl.col("split") == split).sort("index")
         seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
 
-        readers = {c: read(c, seqs, n) for c in dict.fromkeys([ckpt["ckpt_id"], *(r["ckpt_id"] for r in refs.values())])}
+        # the references first: kept by the task before, they are the most recent when this
+        # checkpoint's own read is inserted (states.Reads)
+        readers = {c: read(c, seqs, n) for c in dict.fromkeys([*(r["ckpt_id"] for r in refs.values()), ckpt["ckpt_id"]])}
         pairs = states.compare(readers, [(r["ckpt_id"], ckpt["ckpt_id"]) for r in refs.values()])
         for reference, ref in refs.items():
             out.append(signal_row(ckpt, split, reference, ref["ckpt_id"], pairs[ref["ckpt_id"], ckpt["ckpt_id"]]))

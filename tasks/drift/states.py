@@ -87,11 +87,17 @@ def read_bytes(seqs: Sequence[Sequence[int]], n_prompt: Sequence[int], vocab: in
 
 class Reads:
     """Models' `forward` batches, kept in this process for the drift tasks that follow: the
-    base is every checkpoint's reference and each checkpoint the next one's previous, so on
-    one worker a checkpoint's task reads one model instead of three. At most `budget` bytes
-    are kept, the least recently used dropped first; a read larger than that is streamed as
-    `forward` gives it and not kept (a large vocabulary's per-position distributions). The
-    key must name everything the batches depend on."""
+    base is every checkpoint's reference and each checkpoint the next one's previous, so
+    once the task before has ended a checkpoint's task reads one model instead of three.
+
+    A task reads six entries (three models, two splits), references first: a read is kept
+    only when six of its size fit the `budget` (bytes), so the base's and the previous
+    checkpoint's reads outlive the task's own insertions under least-recently-used eviction;
+    a larger read (a large vocabulary's per-position distributions) is streamed as `forward`
+    gives it and not kept. Kept batches live on the CPU (GPU memory stays the GPU lease's).
+    The key must name everything the batches depend on."""
+
+    WORKING_SET = 6
 
     def __init__(self, budget: int):
         self.budget = budget
@@ -99,18 +105,19 @@ class Reads:
         self._lock = threading.Lock()
 
     def get(self, key: tuple | None, size: Callable[[], int], read: Callable[[], Iterator[Batch]]) -> Iterable[Batch]:
-        """The batches under `key` if kept, else `read()`'s, kept when `size()` fits the budget
-        (`key` None: never kept)."""
+        """The batches under `key` if kept, else `read()`'s, kept when `size()` is at most
+        budget / WORKING_SET (`key` None: never kept)."""
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key][0]
-        if key is None or size() > self.budget:
+        if key is None or size() * self.WORKING_SET > self.budget:
             return read()
-        batches = list(read())
+        batches = [Batch(*(t.cpu() for t in (b.hidden, b.anchor, b.answer, b.scored))) for b in read()]
         nbytes = sum(t.element_size() * t.nelement() for b in batches for t in (b.hidden, b.anchor, b.answer, b.scored))
         with self._lock:
             self._kept[key] = (batches, nbytes)
+            self._kept.move_to_end(key)  # a concurrent miss on the same key: the latest is the most recent
             while sum(n for _, n in self._kept.values()) > self.budget:
                 self._kept.popitem(last=False)
         return batches
@@ -147,6 +154,9 @@ def compare(readers: Mapping[str, Iterator[Batch]], pairs: Sequence[tuple[str, s
     parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {pair: {} for pair in pairs}
     names = list(readers)
     for batch in zip(*readers.values(), strict=True):
+        # a kept read is on the CPU, a fresh one on its model's device: compare on the latter
+        device = next((b.anchor.device for b in batch if b.anchor.device.type != "cpu"), torch.device("cpu"))
+        batch = [b if b.anchor.device == device else Batch(b.hidden, *(t.to(device) for t in (b.anchor, b.answer, b.scored))) for b in batch]
         read = dict(zip(names, batch))
         if any(not torch.equal(read[names[0]].scored, b.scored) for b in batch):
             raise ValueError("compare: the models were not read on the same sequences")
