@@ -14,6 +14,7 @@ of the study goes on, and the failure is raised where its stage's results are fi
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import polars as pl
@@ -134,14 +135,15 @@ def stages(cfg: StudyConfig) -> dict[str, str]:
 
     drift_dir = None
     if cfg.drift.enabled:  # the monitor's picks and correlations read eval and svd
-        with stage("drift"):
+        # closing: the model reads that drift tasks kept in this process (thread runner) are
+        # of no further use once the stage has ended or failed
+        with stage("drift"), contextlib.closing(drift.READS):
             paths, tables = stream.results("drift"), st.tables_dir(cfg.name)
             reads = [str(tables / f"{t}.parquet") for t in ("eval_summary", "checkpoints", "svd_vs_accuracy", "checkpoint_roles")]
             with gpu_slot(cfg.runner):  # B, S and R read on a worker, once the svd stage has named them
                 hidden_art = drift.hidden_artifact(st, cfg, pl.read_parquet(reads[3]), pl.read_parquet(reads[1]), Path(data_dir))
                 stream.submit("drift", "drift hidden", drift.hidden_stage.with_options(**cached), artifact=hidden_art, cfg=cfg, roles=reads[3], checkpoints=reads[1], data=data_dir)
                 stream.results("drift")
-            drift.READS.clear()  # the reads drift tasks kept in this process (thread runner) are of no further use
             drift_dir = sealed_or_run(drift.collect_stage.with_options(**cached), drift.collect_artifact(st, cfg, paths, hidden_art.path, reads[:3]), cfg=cfg, paths=paths, hidden_dir=str(hidden_art.path), eval_summary=reads[0], checkpoints=reads[1], svd_vs_accuracy=reads[2])
         st.publish_all(cfg.name, Path(drift_dir), drift.STAGE.tables)
     else:  # a study pointed at a config without the monitor (--force) keeps no stale picks

@@ -806,12 +806,12 @@ HIDDEN_METRICS = ("cosine_mean", "cka", "mmd2", "js", "kl_forward", "jaccard_top
 def hidden_table(pairs: pl.DataFrame, recovery: pl.DataFrame) -> str:
     """The drift stage's B / S / R comparison (analysis.md §5): each pair's values and RL's
     recovery Δ, for a few of the metrics. Described, not judged: no verdict reads it."""
-    ids = dict(pairs.select("model_x", "x_id").unique().rows())  # every model has its own rows (entropy, margin)
+    ids = dict(pairs.select("model_x", "x_id").rows()) | dict(pairs.select("model_y", "y_id").rows())
     shown = pairs.filter(pl.col("metric").is_in(HIDDEN_METRICS), pl.col("model_x") != pl.col("model_y"))
     wide = shown.with_columns(pair=pl.format("{}-{} {}", "model_x", "model_y", "split")).pivot(on="pair", index="metric", values="value", aggregate_function="first")
     rec = recovery.filter(pl.col("metric").is_in(HIDDEN_METRICS)).select("split", "metric", "delta", "delta_norm", "win_rate").sort("split", "metric")
     n = pairs["n_prompts"].max() if pairs.height else 0
-    same = " B = S (the last SFT checkpoint is the OOD-best): the (B, S) pair is one model, Δ norm divides by its zero distance." if ids.get("B") == ids.get("S") else ""
+    same = " B = S (the last SFT checkpoint is the OOD-best): the (B, S) pair is one model, whose distances are 0 up to rounding; Δ norm is left empty." if ids.get("B") == ids.get("S") else ""
     head = f"B = {ids.get('B')}, S = {ids.get('S')}, R = {ids.get('R', 'absent')}; {n} prompts per split, read at the answer anchor (docs/monitor.md).{same}\n\n"
     tail = "\n\nΔ > 0: R is closer to B than S is (similarity: s(B,R) − s(B,S); distance: δ(B,S) − δ(B,R)); Δ norm: over the (B,S) value; win-rate: the share of prompts where R is closer (ties ½). Not a verdict: a description of where RL moved the states.\n"
     return head + _md_table(wide, fmt=".4g") + "\n\n" + (_md_table(rec, fmt=".4g") if rec.height else "*No R: no recovery.*") + tail

@@ -1,6 +1,7 @@
 """tasks/drift/signals.py: the drift stage's label-free signals (issue 19, analysis.md §5),
 against values computed by hand or by a second, slower formula."""
 
+import copy
 import math
 
 import pytest
@@ -533,8 +534,6 @@ def test_mmd2_permutation_p_value_counts_the_observed_labelling_and_ties():
 
 
 def test_hidden_tables_compare_s_and_r_with_b_and_point_recovery_towards_b(tiny):
-    import copy
-
     import polars as pl
 
     from tasks import drift
@@ -590,6 +589,9 @@ def test_hidden_tables_compare_s_and_r_with_b_and_point_recovery_towards_b(tiny)
     _, away = hidden.tables(drift.reading({"b": base, "s": base, "r": moved}, tok.pad_token_id, 3), {"B": "b", "S": "s", "R": "r"}, answers, "t", "tiny")
     a = {(x["split"], x["metric"]): x for x in away.iter_rows(named=True)}
     assert a["ood", "js"]["delta"] < 0 and a["ood", "cosine_mean"]["delta"] < 0 and a["ood", "js"]["win_rate"] == 0.0
+    # B = S (the last SFT checkpoint is the OOD-best): distances 0 up to rounding, no Δ norm
+    _, same = hidden.tables(drift.reading({"b": base, "r": moved}, tok.pad_token_id, 3), {"B": "b", "S": "b", "R": "r"}, answers, "t", "tiny")
+    assert same["delta_norm"].null_count() == same.height and same.filter(pl.col("metric") == "js")["delta"].max() < 0
     # no R (no RL run from the configured start): the (B, S) pair alone, no recovery
     only, none = hidden.tables(drift.reading({"b": base, "s": moved}, tok.pad_token_id, 3), {"B": "b", "S": "s"}, answers, "t", "tiny")
     assert set(only.filter(pl.col("model_x") != pl.col("model_y"))["model_y"]) == {"S"} and none.height == 0
@@ -690,8 +692,43 @@ def test_a_checkpoints_task_reads_only_its_own_model_when_the_references_are_kep
     names.append("sft-5")
     drift.measure(drift.Reader(cfg, ckpts, tok.pad_token_id), answers, ckpts["sft-5"], {"base": ckpts["base"], "previous": ckpts["sft-4"]})
     assert loads == ["sft-4"]  # loads cleared by task(4) only: sft-5 (= sft-3's weights) and the rest were kept
-    # a budget too small keeps nothing: every task loads what it reads
-    monkeypatch.setattr(drift, "READS", states.Reads(states.Reads.WORKING_SET * one - 1))
+    # a budget too small for either split's six reads keeps nothing: every task loads what it reads
+    smallest = min(states.read_bytes(s, k, config.vocab_size, config.hidden_size, 3) for s, k in ((seqs, n), (seqs[ood], n[ood])))
+    monkeypatch.setattr(drift, "READS", states.Reads(states.Reads.WORKING_SET * smallest - 1))
     task(2)
     task(3)
-    assert sorted(loads) == ["base", "sft-2", "sft-3"]
+    assert sorted(loads) == ["base", "sft-2", "sft-3"] and not drift.READS._kept
+
+
+def test_measure_reads_the_references_before_the_checkpoint_on_each_split():
+    """The order `Reads` relies on: the base's and the previous checkpoint's kept reads are
+    the most recent when the checkpoint's own read is inserted."""
+    import polars as pl
+
+    from tasks import drift
+
+    calls = []
+
+    def read(c, seqs, n):
+        calls.append((c, len(seqs)))
+        return [_batch(vocab=64)]  # top-50 Jaccard needs 50 ids
+
+    answers = pl.DataFrame({"split": ["id", "id", "ood"], "index": [0, 1, 0], "ids": [[1, 2, 3]] * 3, "n_prompt": [2] * 3})
+    ckpt = {"ckpt_id": "sft-2", "stage": "sft", "step": 2}
+    drift.measure(read, answers, ckpt, {"base": {"ckpt_id": "base"}, "previous": {"ckpt_id": "sft-1"}})
+    assert calls == [("base", 2), ("sft-1", 2), ("sft-2", 2), ("base", 1), ("sft-1", 1), ("sft-2", 1)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_kept_read_on_the_cpu_compares_with_a_streamed_one_on_the_gpu(tiny):
+    from tasks.drift import states
+
+    tok, base, moved, seqs, n = tiny
+    gpu = {name: m.to("cuda") for name, m in (("base", copy.deepcopy(base)), ("moved", copy.deepcopy(moved)))}
+    reads = states.Reads(2**30)
+    kept = reads.get(("base",), lambda: 1, lambda: states.forward(gpu["base"], seqs, n, tok.pad_token_id, 3))
+    assert all(b.anchor.device.type == "cpu" for b in kept)
+    mixed = states.compare({"base": kept, "moved": states.forward(gpu["moved"], seqs, n, tok.pad_token_id, 3)}, [("base", "moved")])["base", "moved"]
+    streamed = states.compare({"base": states.forward(gpu["base"], seqs, n, tok.pad_token_id, 3), "moved": states.forward(gpu["moved"], seqs, n, tok.pad_token_id, 3)}, [("base", "moved")])["base", "moved"]
+    torch.testing.assert_close(mixed.js, streamed.js)
+    torch.testing.assert_close(mixed.sequence_kl, streamed.sequence_kl)

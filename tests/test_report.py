@@ -194,3 +194,27 @@ def test_the_reports_inputs_name_every_source_file_by_path(tmp_path):
     assert report.inputs(tables, "s", "generalpoints", root=root)["code"] != moved["code"]
     pl.DataFrame({"x": [2]}).write_parquet(tables / "t.parquet")
     assert report.inputs(tables, "s", "generalpoints", root=root)["tables"] != moved["tables"]
+
+
+def test_the_hidden_section_shows_small_values_names_b_equal_s_and_needs_rows(tmp_path):
+    from tasks.drift.hidden import PAIR_SCHEMA, RECOVERY_SCHEMA
+
+    def pair(x, y, xi, yi, metric, value):
+        return {"run_id": "t", "model_name": "m", "split": "ood", "model_x": x, "model_y": y, "x_id": xi, "y_id": yi, "n_prompts": 8, "metric": metric, "value": value}
+
+    ids = {"B": "sft-4", "S": "sft-8", "R": "rl-8-2"}
+    rows = [pair("B", y, ids["B"], ids[y], "js", v) for y, v in (("S", 2.5e-5), ("R", 1.25e-5))] + [pair(m, m, ids[m], ids[m], "entropy", 0.5) for m in ids]
+    rec = [{"run_id": "t", "model_name": "m", "split": "ood", "metric": "js", "n_prompts": 8, "delta": 1.25e-5, "delta_norm": 0.5, "win_rate": 0.75}]
+    md = report.hidden_table(pl.DataFrame(rows, schema=PAIR_SCHEMA), pl.DataFrame(rec, schema=RECOVERY_SCHEMA))
+    assert "B = sft-4, S = sft-8, R = rl-8-2; 8 prompts" in md and "2.5e-05" in md and "1.25e-05" in md and "B = S" not in md
+    assert "| js |" in md and "entropy" not in md  # pair metrics only; a model's own values stay in the table
+    same = [pair("B", y, "sft-8", "sft-8" if y == "S" else ids[y], "js", v) for y, v in (("S", 1e-10), ("R", 1e-3))]
+    assert "B = S (the last SFT checkpoint is the OOD-best)" in report.hidden_table(pl.DataFrame(same, schema=PAIR_SCHEMA), pl.DataFrame(rec, schema=RECOVERY_SCHEMA))
+    # no rows: the section says the tables are absent rather than print an empty table
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    pl.DataFrame([], schema=PAIR_SCHEMA).write_parquet(tables / "hidden_pair_metrics.parquet")
+    pl.DataFrame([], schema=RECOVERY_SCHEMA).write_parquet(tables / "hidden_recovery.parquet")
+    report.build(tables, tmp_path / "out", "t", GP)
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "## Hidden states of B, S and R\n\n*Absent" in text

@@ -15,6 +15,7 @@ The math is in `signals` (tensors in, numbers out) and `states` (what a model is
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Sequence
@@ -267,10 +268,8 @@ def make_hidden(art: Artifact, cfg: StudyConfig, roles_path: Path, checkpoints_p
 def hidden_stage(artifact: Artifact, cfg: StudyConfig, roles: str, checkpoints: str, data: str) -> str:
     """`hidden_pair_metrics` and `hidden_recovery` of B, S and R (analysis.md §5)."""
     with gpu_lease(cfg.runner):
-        try:
+        with contextlib.closing(READS):  # the study's last read: what this worker kept is of no further use
             return str(make_hidden(artifact, cfg, Path(roles), Path(checkpoints), Path(data)))
-        finally:  # the study's last read: what this worker kept is of no further use
-            READS.clear()
 
 
 # ---------------------------------------------------------------- watching it live

@@ -80,6 +80,8 @@ def tables(read, roles: Mapping[str, str], answers: pl.DataFrame, run_id: str, m
                 if metric == "mmd2_p_value":  # a test's p-value, neither closeness nor distance
                     continue
                 delta, norm = signals.recovery(metric, value, metrics["B", "R"][metric])
+                if roles["B"] == roles["S"]:  # (B, S) is one model: its distances are 0 up to rounding
+                    norm = None
                 base_name = "cosine" if metric == "cosine_mean" else metric
                 win = signals.win_rate(metric, prompts_bs[base_name], prompts_br[base_name]) if base_name in prompts_bs else None
                 recovered.append({"run_id": run_id, "model_name": model_name, "split": split, "metric": metric, "n_prompts": len(seqs), "delta": delta, "delta_norm": norm, "win_rate": win})

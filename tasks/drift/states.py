@@ -23,7 +23,7 @@ from tasks.drift import signals
 @dataclass
 class Batch:
     hidden: torch.Tensor  # (B, d) final hidden state at the anchor, fp32, on the CPU
-    anchor: torch.Tensor  # (B, V) log-probs at the anchor, fp32, on the model's device
+    anchor: torch.Tensor  # (B, V) log-probs at the anchor, fp32, on the model's device (the CPU once kept: Reads)
     answer: torch.Tensor  # (B, A, V) log-probs of each answer token's position, packed from the left
     scored: torch.Tensor  # (B, A) 1 where `answer` holds a position (answers differ in length)
 
@@ -126,6 +126,8 @@ class Reads:
         with self._lock:
             self._kept.clear()
 
+    close = clear  # contextlib.closing(reads): emptied when the block ends
+
 
 @dataclass
 class Pair:
@@ -154,7 +156,8 @@ def compare(readers: Mapping[str, Iterator[Batch]], pairs: Sequence[tuple[str, s
     parts: dict[tuple[str, str], dict[str, list[torch.Tensor]]] = {pair: {} for pair in pairs}
     names = list(readers)
     for batch in zip(*readers.values(), strict=True):
-        # a kept read is on the CPU, a fresh one on its model's device: compare on the latter
+        # a kept read is on the CPU; a streamed one (never kept: too large, or no key) on its
+        # model's device: compare there
         device = next((b.anchor.device for b in batch if b.anchor.device.type != "cpu"), torch.device("cpu"))
         batch = [b if b.anchor.device == device else Batch(b.hidden, *(t.to(device) for t in (b.anchor, b.answer, b.scored))) for b in batch]
         read = dict(zip(names, batch))
