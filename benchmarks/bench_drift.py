@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", type=Path, required=True, help="the store of a finished study (make demo: store/)")
     ap.add_argument("--config", type=Path, default=Path(__file__).resolve().parents[1] / "configs/toy.yaml", help="the study's config (its name names the study)")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts per split (default: all of the evaluation set)")
+    ap.add_argument("--prompts", type=int, default=None, help="drift.prompts: the drift stage's prompts per split (default: all of the evaluation set; evaluation always reads all of it)")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -93,14 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  drift / eval per checkpoint: {(t_drift + share) / t_eval:.3f} in a study, {(t_cold + share) / t_eval:.3f} cold")
     t0 = time.perf_counter()
     for split in drift.SPLITS:
-        part = answers.filter(pl.col("split") == split).sort("index")
-        for _ in states.forward(model, part["ids"].to_list(), part["n_prompt"].to_list(), tok.pad_token_id, args.batch_size):
+        for _ in states.forward(model, *states.sequences(answers, split), tok.pad_token_id, args.batch_size):
             pass
     t_floor = time.perf_counter() - t0
     print(f"  the floor, one forward of the checkpoint alone over both splits: {t_floor:.2f} s = {t_floor / t_eval:.3f} of eval")
 
-    ood = answers.filter(pl.col("split") == "ood").sort("index")
-    seqs, lens = ood["ids"].to_list(), ood["n_prompt"].to_list()
+    seqs, lens = states.sequences(answers, "ood")
     t0 = time.perf_counter()
     batched = torch.cat([b.hidden for b in states.forward(model, seqs, lens, tok.pad_token_id, args.batch_size)])
     t_batched = time.perf_counter() - t0

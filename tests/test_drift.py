@@ -456,6 +456,9 @@ def test_a_study_with_the_monitor_measures_every_checkpoint_once_and_reruns_cach
         sign = -1 if r["metric"] == "js" else 1
         assert r["delta"] == pytest.approx(sign * (value[r["split"], "R", r["metric"]] - value[r["split"], "S", r["metric"]])) and 0 <= r["win_rate"] <= 1
     assert "## Hidden states of B, S and R" in (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
+    from tasks import drift
+
+    assert not drift.READS._kept  # the thread runner's kept model reads are let go once the stage ends
     # the report judges the fifth finding from those tables (docs/verdicts.md, monitor)
     md = (copy.store / "studies" / "smoke-drift" / "report" / "report.md").read_text()
     line = next(x for x in md.splitlines() if x.startswith("| A label-free signal"))
@@ -640,8 +643,7 @@ def test_kept_reads_are_returned_without_reading_and_the_budget_drops_the_least_
     get(None)
     get(None)
     assert calls == ["b", "big", "big", None, None]
-    # what is kept lives on the CPU; the estimate counts the batches' floats
-    assert all(t.device.type == "cpu" for t in reads.get("a", lambda: one, read("a"))[0].__dict__.values())
+    # the estimate counts the batches' floats (that kept batches move to the CPU: the CUDA test)
     assert states.read_bytes([[1, 2, 3, 4, 5]] * 2, [2, 2], vocab=5, hidden=4, batch_size=2) == one
 
 

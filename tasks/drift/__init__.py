@@ -180,9 +180,7 @@ def measure(read: Read, answers: pl.DataFrame, ckpt: dict, refs: dict[str, dict]
     checkpoint row), per split; `read` gives a model's batches."""
     out = []
     for split in SPLITS:
-        part = answers.filter(pl.col("split") == split).sort("index")
-        seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
-
+        seqs, n = states.sequences(answers, split)
         # the references first: kept by the task before, they are the most recent when this
         # checkpoint's own read is inserted (states.Reads)
         readers = {c: read(c, seqs, n) for c in dict.fromkeys([*(r["ckpt_id"] for r in refs.values()), ckpt["ckpt_id"]])}
@@ -235,13 +233,19 @@ def stage(artifact: Artifact, cfg: StudyConfig, ckpt: dict, base: dict, previous
 ROLES = ("B", "S", "R")
 
 
+def role_checkpoints(roles: pl.DataFrame, checkpoints: pl.DataFrame) -> tuple[dict[str, dict], dict, dict[str, str]]:
+    """(ckpt_id -> checkpoint row, the base's row, role B / S / R -> ckpt_id) of the svd
+    stage's `checkpoint_roles` and the study's `checkpoints`."""
+    by_id = {c["ckpt_id"]: c for c in checkpoints.to_dicts()}
+    base = next(c for c in by_id.values() if c["stage"] == "base")
+    return by_id, base, {role: c for role, c in roles.select("role", "ckpt_id").rows() if role in ROLES}
+
+
 def hidden_artifact(store: Store, cfg: StudyConfig, roles: pl.DataFrame, checkpoints: pl.DataFrame, data_path: Path) -> Artifact:
     """The `hidden_*` tables' artifact: keyed by which checkpoints B, S and R are (the svd
     stage's roles: B moves when an evaluation does) and by the sequences they are read on."""
-    by_id = {c["ckpt_id"]: c for c in checkpoints.to_dicts()}
-    base = next(c for c in by_id.values() if c["stage"] == "base")
-    picked = {role: by_id[c] for role, c in roles.select("role", "ckpt_id").rows() if role in ROLES}
-    return STAGE.artifact(store, {"hidden": {role: {k: c.get(k) for k in ("ckpt_id", "content_hash")} for role, c in picked.items()}, "answers": answers_key(cfg, base, data_path)})
+    by_id, base, picked = role_checkpoints(roles, checkpoints)
+    return STAGE.artifact(store, {"hidden": {role: {k: by_id[c].get(k) for k in ("ckpt_id", "content_hash")} for role, c in picked.items()}, "answers": answers_key(cfg, base, data_path)})
 
 
 def make_hidden(art: Artifact, cfg: StudyConfig, roles_path: Path, checkpoints_path: Path, data_path: Path) -> Path:
@@ -249,9 +253,7 @@ def make_hidden(art: Artifact, cfg: StudyConfig, roles_path: Path, checkpoints_p
     roles, checkpoints = pl.read_parquet(roles_path), pl.read_parquet(checkpoints_path)
 
     def build(tmp: Path) -> dict:
-        by_id = {c["ckpt_id"]: c for c in checkpoints.to_dicts()}
-        base = next(c for c in by_id.values() if c["stage"] == "base")
-        picked = {role: c for role, c in roles.select("role", "ckpt_id").rows() if role in ROLES}
+        by_id, base, picked = role_checkpoints(roles, checkpoints)
         tok = load_tokenizer(base["path"], cfg.model.trust_remote_code)
         read = Reader(cfg, by_id, tok.pad_token_id)
         answers = base_answers(store, cfg, base, Path(data_path), lambda: read.model(base["ckpt_id"]), tok)
@@ -267,9 +269,9 @@ def make_hidden(art: Artifact, cfg: StudyConfig, roles_path: Path, checkpoints_p
 @task(name=f"{STAGE.name}-hidden", task_run_name="drift hidden")
 def hidden_stage(artifact: Artifact, cfg: StudyConfig, roles: str, checkpoints: str, data: str) -> str:
     """`hidden_pair_metrics` and `hidden_recovery` of B, S and R (analysis.md §5)."""
-    with gpu_lease(cfg.runner):
-        with contextlib.closing(READS):  # the study's last read: what this worker kept is of no further use
-            return str(make_hidden(artifact, cfg, Path(roles), Path(checkpoints), Path(data)))
+    # closing: the study's last read, after which what this worker kept is of no further use
+    with gpu_lease(cfg.runner), contextlib.closing(READS):
+        return str(make_hidden(artifact, cfg, Path(roles), Path(checkpoints), Path(data)))
 
 
 # ---------------------------------------------------------------- watching it live

@@ -38,12 +38,13 @@ def per_prompt(pair: states.Pair) -> dict:
     return {"cosine": pair.cosine, "js": pair.js, "kl_forward": pair.kl_forward, "kl_reverse": pair.kl_reverse, **{f"jaccard_top{k}": v for k, v in pair.jaccard.items()}}
 
 
-def pair_metrics(pair: states.Pair) -> dict[str, float]:
-    """Every §5 metric of a pair, as the mean over the prompts or the sample-level value."""
+def pair_metrics(pair: states.Pair, prompts: Mapping[str, object]) -> dict[str, float]:
+    """Every §5 metric of a pair (`prompts`: its `per_prompt`), as the mean over the prompts
+    or the sample-level value."""
     mmd2, p = signals.rbf_mmd2_permutation(pair.hidden_x, pair.hidden_y, PERMUTATIONS)
     out = {f"cosine_{k}": v for k, v in signals.quantiles(pair.cosine).items()}
     out |= {"cka": signals.linear_cka(pair.hidden_x, pair.hidden_y), "mmd2": mmd2, "mmd2_p_value": p}
-    out |= {name: float(v.mean()) for name, v in per_prompt(pair).items() if name != "cosine"}
+    out |= {name: float(v.mean()) for name, v in prompts.items() if name != "cosine"}
     return out
 
 
@@ -52,11 +53,10 @@ def tables(read, roles: Mapping[str, str], answers: pl.DataFrame, run_id: str, m
     gives a model's `states.forward` batches (tasks.drift.Reader); `roles`: role (B, S, R) ->
     ckpt_id (R may be absent: no recovery); `answers`: `answer_rows`."""
     pairs = [(x, y) for x, y in PAIRS if x in roles and y in roles]
+    ids = list(dict.fromkeys(roles[r] for x, y in pairs for r in (x, y)))
     rows, recovered = [], []
     for split in ("id", "ood"):
-        part = answers.filter(pl.col("split") == split).sort("index")
-        seqs, n = part["ids"].to_list(), part["n_prompt"].to_list()
-        ids = list(dict.fromkeys(roles[r] for x, y in pairs for r in (x, y)))
+        seqs, n = states.sequences(answers, split)
         readers = {c: read(c, seqs, n) for c in ids}
         compared = states.compare(readers, [(roles[x], roles[y]) for x, y in pairs], JACCARD_KS)
         got = {(x, y): compared[roles[x], roles[y]] for x, y in pairs}
@@ -64,18 +64,17 @@ def tables(read, roles: Mapping[str, str], answers: pl.DataFrame, run_id: str, m
         def row(x: str, y: str, metric: str, value: float) -> dict:
             return {"run_id": run_id, "model_name": model_name, "split": split, "model_x": x, "model_y": y, "x_id": roles[x], "y_id": roles[y], "n_prompts": len(seqs), "metric": metric, "value": value}
 
-        metrics = {}
-        for (x, y), pair in got.items():
-            metrics[x, y] = pair_metrics(pair)
-            rows += [row(x, y, m, v) for m, v in metrics[x, y].items()]
+        prompts = {xy: per_prompt(pair) for xy, pair in got.items()}
+        metrics = {xy: pair_metrics(pair, prompts[xy]) for xy, pair in got.items()}
+        for (x, y), values in metrics.items():
+            rows += [row(x, y, m, v) for m, v in values.items()]
         own = {}  # each model's entropy and margin, once, from the first pair it is in
         for (x, y), pair in got.items():
             own.setdefault(x, {"entropy": pair.entropy_x, "margin": pair.margin_x})
             own.setdefault(y, {"entropy": pair.entropy_y, "margin": pair.margin_y})
         rows += [row(m, m, name, float(v.mean())) for m, values in own.items() for name, v in values.items()]
         if ("B", "R") in got:
-            bs, br = got["B", "S"], got["B", "R"]
-            prompts_bs, prompts_br = per_prompt(bs), per_prompt(br)
+            prompts_bs, prompts_br = prompts["B", "S"], prompts["B", "R"]
             for metric, value in metrics["B", "S"].items():
                 if metric == "mmd2_p_value":  # a test's p-value, neither closeness nor distance
                     continue

@@ -20,6 +20,12 @@ import torch
 from tasks.drift import signals
 
 
+def sequences(answers, split: str) -> tuple[list[list[int]], list[int]]:
+    """A split's (token ids, prompt lengths) from the base's answer rows (tasks.drift.answer_rows), in prompt order."""
+    part = answers.filter(answers["split"] == split).sort("index")
+    return part["ids"].to_list(), part["n_prompt"].to_list()
+
+
 @dataclass
 class Batch:
     hidden: torch.Tensor  # (B, d) final hidden state at the anchor, fp32, on the CPU
