@@ -167,7 +167,13 @@ def test_running_now_names_this_flow_runs_running_tasks_by_their_stage_tag(prefe
             time.sleep(0.1)
         RELEASE.set()
         future.result()
-        return seen, running_now()
+        # the API learns the task ended a moment after its result is back here (the state is
+        # reported asynchronously): wait for it, as for RUNNING above
+        deadline, after = time.monotonic() + 20, running_now()
+        while time.monotonic() < deadline and after:
+            time.sleep(0.1)
+            after = running_now()
+        return seen, after
 
     STARTED.clear(), RELEASE.clear()
     seen, after = run()
